@@ -1,0 +1,4 @@
+//! silica-engine: the only crate that touches tensors and devices.
+pub mod error;
+
+pub use error::{EngineError, Result};
