@@ -1,0 +1,162 @@
+//! Device and dtype selection: `--device auto|cpu|cuda[:N]|metal`, `--dtype auto|f32|f16|bf16`.
+//!
+//! Metal and CUDA are reached only through candle's own `Device` abstraction; this crate holds
+//! no backend-specific logic beyond picking one.
+
+use std::str::FromStr;
+
+use candle_core::{DType, Device};
+
+use crate::error::{EngineError, Result};
+
+/// Which device the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum DeviceSpec {
+    /// CUDA if compiled in and present, else Metal likewise, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Metal,
+}
+
+impl FromStr for DeviceSpec {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            "metal" | "mps" => Ok(DeviceSpec::Metal),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(DeviceSpec::Cuda).map_err(|_| {
+                    EngineError::invalid("device", format!("bad CUDA ordinal in `{s}`"))
+                }),
+                None => Err(EngineError::invalid(
+                    "device",
+                    format!("`{s}` is not one of auto, cpu, cuda, cuda:N, metal"),
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Auto => write!(f, "auto"),
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+            DeviceSpec::Metal => write!(f, "metal"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Open the device. A backend not compiled into this binary, or absent on this machine,
+    /// is an error that says which.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(n) => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(EngineError::Device(
+                        "CUDA was requested but this binary was built without the `cuda` feature \
+                         (rebuild with `cargo build --release --features cuda`)"
+                            .into(),
+                    ));
+                }
+                Device::new_cuda(n)
+                    .map_err(|e| EngineError::Device(format!("cannot open CUDA device {n}: {e}")))
+            }
+            DeviceSpec::Metal => {
+                if !candle_core::utils::metal_is_available() {
+                    return Err(EngineError::Device(
+                        "Metal was requested but this binary was built without the `metal` \
+                         feature (rebuild with `cargo build --release --features metal`)"
+                            .into(),
+                    ));
+                }
+                Device::new_metal(0)
+                    .map_err(|e| EngineError::Device(format!("cannot open Metal device: {e}")))
+            }
+            DeviceSpec::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    match Device::new_cuda(0) {
+                        Ok(d) => return Ok(d),
+                        Err(e) => tracing::warn!("CUDA compiled in but unusable ({e}); trying next"),
+                    }
+                }
+                if candle_core::utils::metal_is_available() {
+                    match Device::new_metal(0) {
+                        Ok(d) => return Ok(d),
+                        Err(e) => tracing::warn!("Metal compiled in but unusable ({e}); using CPU"),
+                    }
+                }
+                Ok(Device::Cpu)
+            }
+        }
+    }
+}
+
+/// Which dtype the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum DTypeSpec {
+    /// F16 on CUDA/Metal; on the CPU F32 for safetensors and the file's own quantization for GGUF.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    BF16,
+}
+
+impl FromStr for DTypeSpec {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DTypeSpec::Auto),
+            "f32" | "float32" => Ok(DTypeSpec::F32),
+            "f16" | "float16" | "fp16" => Ok(DTypeSpec::F16),
+            "bf16" | "bfloat16" => Ok(DTypeSpec::BF16),
+            other => Err(EngineError::invalid(
+                "dtype",
+                format!("`{other}` is not one of auto, f32, f16, bf16"),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DTypeSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            DTypeSpec::Auto => "auto",
+            DTypeSpec::F32 => "f32",
+            DTypeSpec::F16 => "f16",
+            DTypeSpec::BF16 => "bf16",
+        };
+        f.write_str(s)
+    }
+}
+
+impl DTypeSpec {
+    /// The activation dtype for dense weights on `device`.
+    pub fn resolve(self, device: &Device) -> DType {
+        match self {
+            DTypeSpec::F32 => DType::F32,
+            DTypeSpec::F16 => DType::F16,
+            DTypeSpec::BF16 => DType::BF16,
+            DTypeSpec::Auto if device.is_cpu() => DType::F32,
+            DTypeSpec::Auto => DType::F16,
+        }
+    }
+}
+
+/// A short human name for a device ("cpu", "cuda:0", "metal").
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}

@@ -1,0 +1,96 @@
+//! The Qwen decoder and its loading: config, weights (safetensors or GGUF), layers.
+
+pub mod batch;
+pub mod config;
+pub mod layers;
+pub mod qwen;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+pub use batch::SeqInput;
+pub use config::{Arch, ModelConfig};
+pub use qwen::QwenModel;
+pub use weights::WeightSource;
+
+use crate::device::DTypeSpec;
+use crate::error::{EngineError, Result};
+
+/// The on-disk format of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Safetensors,
+    Gguf,
+}
+
+/// Where a model's files are, once resolved to local paths.
+#[derive(Debug, Clone)]
+pub enum ModelFiles {
+    /// A directory with `config.json`, safetensors weights and `tokenizer.json`.
+    Safetensors(PathBuf),
+    /// A GGUF file (tokenizer and chat template inside).
+    Gguf(PathBuf),
+}
+
+impl ModelFiles {
+    /// Detect the format of a local path: a `.gguf` file, or a checkpoint directory.
+    pub fn detect(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            if path.join("config.json").exists() {
+                return Ok(ModelFiles::Safetensors(path.into()));
+            }
+            let ggufs: Vec<_> = std::fs::read_dir(path)
+                .map_err(|e| EngineError::Io { path: path.into(), source: e })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+                .collect();
+            return match ggufs.as_slice() {
+                [one] => Ok(ModelFiles::Gguf(one.clone())),
+                [] => Err(EngineError::load(path, "directory has neither config.json nor a .gguf file")),
+                _ => Err(EngineError::load(path, "directory has several .gguf files; name one")),
+            };
+        }
+        if path.is_file() {
+            return Ok(ModelFiles::Gguf(path.into()));
+        }
+        Err(EngineError::load(path, "no such file or directory"))
+    }
+
+    pub fn format(&self) -> Format {
+        match self {
+            ModelFiles::Safetensors(_) => Format::Safetensors,
+            ModelFiles::Gguf(_) => Format::Gguf,
+        }
+    }
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelFiles::Safetensors(p) | ModelFiles::Gguf(p) => p,
+        }
+    }
+}
+
+/// Open the weights of `files` on `device`. For GGUF, `DTypeSpec::Auto` keeps the file's
+/// quantization; an explicit dtype dequantizes every tensor to it.
+pub fn open_weights(files: &ModelFiles, device: &Device, dtype: DTypeSpec) -> Result<(ModelConfig, WeightSource)> {
+    match files {
+        ModelFiles::Safetensors(dir) => {
+            let cfg = ModelConfig::from_hf_config(&dir.join("config.json"))?;
+            let w = WeightSource::safetensors(dir, dtype.resolve(device), device)?;
+            Ok((cfg, w))
+        }
+        ModelFiles::Gguf(path) => {
+            let dense = match dtype {
+                DTypeSpec::Auto => None,
+                d => Some(d.resolve(device)),
+            };
+            let w = WeightSource::gguf(path, device, dense)?;
+            let WeightSource::Gguf(g) = &w else { unreachable!("just built a GGUF source") };
+            let cfg = ModelConfig::from_gguf(g.metadata(), g.has_tensor("output.weight"), path)?;
+            tracing::info!(path = %path.display(), types = ?g.type_histogram(), "GGUF tensors");
+            Ok((cfg, w))
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! One decoder for Qwen2/Qwen2.5 and Qwen3. Module names mirror the Hugging Face checkpoint
+//! (`model.embed_tokens`, `model.layers.N.self_attn`, `model.norm`, `lm_head`).
+
+use candle_core::{DType, Device, Tensor};
+
+use super::batch::{BatchMeta, SeqInput};
+use super::config::ModelConfig;
+use super::layers::{DecoderLayer, Rope, RmsNorm};
+use super::weights::{Embedding, Linear, WeightSource};
+use crate::error::{EngineError, Result};
+use crate::kv::{KvCache, KvCacheConfig};
+
+/// The loaded decoder. Holds weights only: no per-request state (the KV cache is passed in).
+pub struct QwenModel {
+    cfg: ModelConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl QwenModel {
+    /// Build the decoder from any weight source.
+    pub fn load(cfg: ModelConfig, w: &mut WeightSource, device: &Device) -> Result<Self> {
+        let dtype = w.activation_dtype();
+        let embed_tokens = w.embedding("model.embed_tokens.weight", cfg.vocab_size, cfg.hidden_size)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            layers.push(DecoderLayer::load(w, i, &cfg)?);
+        }
+        let norm = RmsNorm::load(w, "model.norm", cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = w.lm_head(cfg.tie_word_embeddings, cfg.vocab_size, cfg.hidden_size)?;
+        let rope = Rope::new(&cfg, dtype, device)?;
+        Ok(QwenModel { cfg, embed_tokens, layers, norm, lm_head, rope, dtype, device: device.clone() })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A KV cache shaped for this model.
+    pub fn new_kv_cache(&self, cfg: KvCacheConfig) -> Result<KvCache> {
+        KvCache::new(cfg, self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, &self.device)
+    }
+
+    /// One batched forward pass over several sequences' new tokens.
+    ///
+    /// Each sequence's blocks must already be reserved for its new positions; this writes the
+    /// new K/V into them but does not advance `SeqCache::len` (the caller does, on success).
+    /// Returns F32 logits `[rows, vocab]`: one row per sequence (its last token), or one per
+    /// new token for sequences with `all_logits`.
+    pub fn forward(&self, batch: &[SeqInput<'_>], kv: &mut KvCache) -> Result<Tensor> {
+        if batch.is_empty() {
+            return Err(EngineError::invalid("batch", "empty forward batch"));
+        }
+        let max_pos = self.cfg.max_position_embeddings;
+        for s in batch {
+            if s.cache.len + s.tokens.len() > max_pos {
+                return Err(EngineError::invalid(
+                    "max_tokens",
+                    format!(
+                        "sequence would reach {} positions, the model's context is {max_pos}",
+                        s.cache.len + s.tokens.len()
+                    ),
+                ));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return Err(EngineError::invalid(
+                    "prompt",
+                    format!("token id {bad} is outside the vocabulary ({})", self.cfg.vocab_size),
+                ));
+            }
+        }
+        let groups = self.cfg.num_heads / self.cfg.num_kv_heads;
+        let meta = BatchMeta::build(batch, kv, groups, self.dtype, &self.device)?;
+        // 1. Embed: [rows, hidden].
+        let mut x = self.embed_tokens.forward(&meta.ids, self.dtype)?;
+        // 2. RoPE tables for every row's position.
+        let (cos, sin) = self.rope.tables(&meta.positions)?;
+        // 3. The decoder blocks.
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &meta, (&cos, &sin), &kv.k[i], &kv.v[i])?;
+        }
+        // 4. Final norm and head, only on the rows whose logits are wanted.
+        let x = if meta.num_logit_rows == x.dim(0)? { x } else { x.index_select(&meta.logit_rows, 0)? };
+        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+}

@@ -1,0 +1,452 @@
+//! Weight loading: Hugging Face safetensors directories and GGUF files behind one interface.
+//!
+//! The decoder asks for tensors by their Hugging Face names (`model.layers.3.self_attn.q_proj`);
+//! the GGUF backend translates them (`blk.3.attn_q`). Linear layers come back as [`Linear`],
+//! which is either dense (any float dtype) or quantized (candle's `QMatMul`), so one decoder
+//! serves every format.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::error::{EngineError, Result};
+
+/// A linear layer `y = x W^T + b`, dense or quantized.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// `[out, in]` in the activation dtype.
+    Dense(Tensor),
+    Quant(QMatMul),
+}
+
+impl Linear {
+    /// `x: [rows, in]` → `[rows, out]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Quant(q) => q.forward(x)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// A token-embedding table, dense or quantized (rows looked up without dequantizing it all).
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Dense(Tensor),
+    Quant(Arc<QTensor>),
+}
+
+impl Embedding {
+    /// `ids: [n] u32` → `[n, hidden]` in `dtype`.
+    pub fn forward(&self, ids: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        match self {
+            Embedding::Dense(w) => w.index_select(ids, 0),
+            Embedding::Quant(q) => q.embedding(ids)?.to_dtype(dtype),
+        }
+    }
+}
+
+/// Where the weights come from.
+pub enum WeightSource {
+    Safetensors { vb: VarBuilder<'static>, dir: PathBuf },
+    Gguf(GgufWeights),
+}
+
+/// A GGUF file opened for reading tensors.
+pub struct GgufWeights {
+    pub path: PathBuf,
+    pub content: Content,
+    reader: BufReader<File>,
+    device: Device,
+    /// `Some(dtype)`: dequantize every tensor to this dense dtype. `None`: keep quantized.
+    dense: Option<DType>,
+    /// Re-pack Q5_0 blocks as Q8_0 (lossless) so candle's SIMD Q8_0 kernels apply.
+    repack_q5_0: bool,
+}
+
+impl GgufWeights {
+    /// Open a GGUF file and read its header and metadata. Checks that every tensor lies
+    /// inside the file, so a truncated download is reported here, naming the file.
+    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        let file = File::open(path).map_err(|e| EngineError::Io { path: path.into(), source: e })?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| EngineError::Io { path: path.into(), source: e })?
+            .len();
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader)
+            .map_err(|e| EngineError::load(path, format!("not a readable GGUF file: {e}")))?;
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let bs = info.ggml_dtype.block_size();
+            let bytes = (elems / bs.max(1) * info.ggml_dtype.type_size()) as u64;
+            let end = content.tensor_data_offset + info.offset + bytes;
+            if end > file_len {
+                return Err(EngineError::load(
+                    path,
+                    format!(
+                        "file is truncated or corrupt: tensor `{name}` ends at byte {end} but the \
+                         file has {file_len} bytes"
+                    ),
+                ));
+            }
+        }
+        Ok(GgufWeights {
+            path: path.into(),
+            content,
+            reader,
+            device: device.clone(),
+            dense: None,
+            repack_q5_0: false,
+        })
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Counts of tensors per GGML type, for logs and `/models`.
+    pub fn type_histogram(&self) -> Vec<(String, usize)> {
+        let mut m: HashMap<String, usize> = HashMap::new();
+        for info in self.content.tensor_infos.values() {
+            *m.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
+        }
+        let mut v: Vec<_> = m.into_iter().collect();
+        v.sort();
+        v
+    }
+
+    fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+        let t = self
+            .content
+            .tensor(&mut self.reader, name, &self.device)
+            .map_err(|e| EngineError::load(&self.path, format!("tensor `{name}`: {e}")))?;
+        if self.repack_q5_0 && t.dtype() == GgmlDType::Q5_0 && self.device.is_cpu() {
+            return repack_q5_0_as_q8_0(&t)
+                .map_err(|e| EngineError::load(&self.path, format!("tensor `{name}`: {e}")));
+        }
+        Ok(t)
+    }
+}
+
+/// Q5_0 stores `d: f16, qh: u32, qs: [u8; 16]` per 32 values, value = d * (q5 - 16).
+/// Q8_0 stores `d: f16, qs: [i8; 32]`, value = d * q8. With q8 = q5 - 16 in [-16, 15] the
+/// conversion is exact, and candle has AVX2/NEON kernels for Q8_0 but not for Q5_0.
+fn repack_q5_0_as_q8_0(t: &QTensor) -> candle_core::Result<QTensor> {
+    const Q5_BLOCK: usize = 22;
+    const Q8_BLOCK: usize = 34;
+    let src = t.data()?;
+    if src.len() % Q5_BLOCK != 0 {
+        candle_core::bail!("Q5_0 data length {} is not a multiple of {Q5_BLOCK}", src.len());
+    }
+    let nblocks = src.len() / Q5_BLOCK;
+    let mut dst = vec![0u8; nblocks * Q8_BLOCK];
+    for (b, out) in src.chunks_exact(Q5_BLOCK).zip(dst.chunks_exact_mut(Q8_BLOCK)) {
+        out[0..2].copy_from_slice(&b[0..2]);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        for j in 0..16 {
+            let lo = (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+            let hi = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            out[2 + j] = (lo as i8 - 16) as u8;
+            out[2 + j + 16] = (hi as i8 - 16) as u8;
+        }
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(dst), &Device::Cpu, GgmlDType::Q8_0)?;
+    QTensor::new(storage, t.shape().clone())
+}
+
+/// Translate a Hugging Face tensor name to its GGUF name.
+pub fn gguf_name(hf: &str) -> String {
+    if hf == "model.embed_tokens.weight" {
+        return "token_embd.weight".into();
+    }
+    if hf == "model.norm.weight" {
+        return "output_norm.weight".into();
+    }
+    if hf == "lm_head.weight" {
+        return "output.weight".into();
+    }
+    if let Some(rest) = hf.strip_prefix("model.layers.") {
+        if let Some((idx, tail)) = rest.split_once('.') {
+            let mapped = [
+                ("self_attn.q_proj.", "attn_q."),
+                ("self_attn.k_proj.", "attn_k."),
+                ("self_attn.v_proj.", "attn_v."),
+                ("self_attn.o_proj.", "attn_output."),
+                ("self_attn.q_norm.", "attn_q_norm."),
+                ("self_attn.k_norm.", "attn_k_norm."),
+                ("mlp.gate_proj.", "ffn_gate."),
+                ("mlp.up_proj.", "ffn_up."),
+                ("mlp.down_proj.", "ffn_down."),
+                ("input_layernorm.", "attn_norm."),
+                ("post_attention_layernorm.", "ffn_norm."),
+            ];
+            for (from, to) in mapped {
+                if let Some(suffix) = tail.strip_prefix(from) {
+                    return format!("blk.{idx}.{to}{suffix}");
+                }
+            }
+        }
+    }
+    hf.to_string()
+}
+
+impl WeightSource {
+    /// Open a safetensors checkpoint directory (single file or sharded with an index).
+    pub fn safetensors(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let files = safetensors_files(dir)?;
+        for f in &files {
+            check_safetensors_header(f)?;
+        }
+        // SAFETY: the files are memory-mapped read-only; the caller must not modify them
+        // while the model is loaded (the same contract as every mmap-based loader).
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+            .map_err(|e| EngineError::load(dir, e))?;
+        Ok(WeightSource::Safetensors { vb, dir: dir.into() })
+    }
+
+    /// Open a GGUF file; `dense` dequantizes everything to that dtype, `None` keeps the
+    /// file's quantization (with the lossless Q5_0→Q8_0 repack on the CPU).
+    pub fn gguf(path: &Path, device: &Device, dense: Option<DType>) -> Result<Self> {
+        let mut g = GgufWeights::open(path, device)?;
+        g.dense = dense;
+        g.repack_q5_0 = dense.is_none() && device.is_cpu();
+        Ok(WeightSource::Gguf(g))
+    }
+
+    /// The dtype activations flow in (quantized matmuls take F32 input).
+    pub fn activation_dtype(&self) -> DType {
+        match self {
+            WeightSource::Safetensors { vb, .. } => vb.dtype(),
+            WeightSource::Gguf(g) => g.dense.unwrap_or(DType::F32),
+        }
+    }
+
+    pub fn location(&self) -> &Path {
+        match self {
+            WeightSource::Safetensors { dir, .. } => dir,
+            WeightSource::Gguf(g) => &g.path,
+        }
+    }
+
+    /// Whether a tensor with this Hugging Face name exists.
+    pub fn contains(&self, hf: &str) -> bool {
+        match self {
+            WeightSource::Safetensors { vb, .. } => vb.contains_tensor(hf),
+            WeightSource::Gguf(g) => g.has_tensor(&gguf_name(hf)),
+        }
+    }
+
+    /// A dense tensor (norm weights, biases) of `shape` in the activation dtype.
+    pub fn dense(&mut self, hf: &str, shape: &[usize]) -> Result<Tensor> {
+        let dtype = self.activation_dtype();
+        match self {
+            WeightSource::Safetensors { vb, dir } => vb
+                .get(shape, hf)
+                .map_err(|e| EngineError::load(dir.as_path(), format!("tensor `{hf}`: {e}"))),
+            WeightSource::Gguf(g) => {
+                let name = gguf_name(hf);
+                let t = g.qtensor(&name)?;
+                let t = t
+                    .dequantize(&g.device)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .and_then(|t| t.reshape(shape))
+                    .map_err(|e| EngineError::load(&g.path, format!("tensor `{name}`: {e}")))?;
+                Ok(t)
+            }
+        }
+    }
+
+    /// A linear layer with weight `[out, in]` and an optional bias `[out]`.
+    pub fn linear(&mut self, hf_prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+        let wname = format!("{hf_prefix}.weight");
+        let weight = match self {
+            WeightSource::Safetensors { .. } => LinearWeight::Dense(self.dense(&wname, &[out_dim, in_dim])?),
+            WeightSource::Gguf(g) => {
+                let name = gguf_name(&wname);
+                let q = g.qtensor(&name)?;
+                check_shape(&g.path, &name, q.shape().dims(), &[out_dim, in_dim])?;
+                match g.dense {
+                    Some(dtype) => LinearWeight::Dense(
+                        q.dequantize(&g.device)
+                            .and_then(|t| t.to_dtype(dtype))
+                            .map_err(|e| EngineError::load(&g.path, format!("tensor `{name}`: {e}")))?,
+                    ),
+                    None => LinearWeight::Quant(
+                        QMatMul::from_qtensor(q)
+                            .map_err(|e| EngineError::load(&g.path, format!("tensor `{name}`: {e}")))?,
+                    ),
+                }
+            }
+        };
+        let bias = if bias { Some(self.dense(&format!("{hf_prefix}.bias"), &[out_dim])?) } else { None };
+        Ok(Linear { weight, bias })
+    }
+
+    /// The token embedding table `[vocab, hidden]`.
+    pub fn embedding(&mut self, hf: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        match self {
+            WeightSource::Safetensors { .. } => Ok(Embedding::Dense(self.dense(hf, &[vocab, hidden])?)),
+            WeightSource::Gguf(g) => {
+                let name = gguf_name(hf);
+                let q = g.qtensor(&name)?;
+                check_shape(&g.path, &name, q.shape().dims(), &[vocab, hidden])?;
+                let quantized = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+                if g.dense.is_none() && quantized {
+                    Ok(Embedding::Quant(Arc::new(q)))
+                } else {
+                    let dtype = g.dense.unwrap_or(DType::F32);
+                    let t = q
+                        .dequantize(&g.device)
+                        .and_then(|t| t.to_dtype(dtype))
+                        .map_err(|e| EngineError::load(&g.path, format!("tensor `{name}`: {e}")))?;
+                    Ok(Embedding::Dense(t))
+                }
+            }
+        }
+    }
+
+    /// The output head; with tied embeddings it reuses `model.embed_tokens.weight`.
+    pub fn lm_head(&mut self, tied: bool, vocab: usize, hidden: usize) -> Result<Linear> {
+        let name = if tied || !self.contains("lm_head.weight") {
+            "model.embed_tokens"
+        } else {
+            "lm_head"
+        };
+        self.linear(name, hidden, vocab, false)
+    }
+}
+
+fn check_shape(path: &Path, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(EngineError::load(
+            path,
+            format!("tensor `{name}` has shape {got:?}, the config implies {want:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The safetensors files of a checkpoint directory: `model.safetensors`, or the shards listed
+/// in `model.safetensors.index.json`.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)
+            .map_err(|e| EngineError::Io { path: index.clone(), source: e })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| EngineError::load(&index, e))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| EngineError::load(&index, "no `weight_map` object"))?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|f| f.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        if files.is_empty() {
+            return Err(EngineError::load(&index, "`weight_map` lists no files"));
+        }
+        for f in &files {
+            if !f.exists() {
+                return Err(EngineError::load(f, "shard listed in the index is missing"));
+            }
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(EngineError::load(dir, "no model.safetensors or model.safetensors.index.json"))
+}
+
+/// Parse a safetensors header and check that every tensor lies inside the file, so a
+/// truncated or corrupt file is reported naming the file instead of failing later.
+fn check_safetensors_header(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = File::open(path).map_err(|e| EngineError::Io { path: path.into(), source: e })?;
+    let len = f.metadata().map_err(|e| EngineError::Io { path: path.into(), source: e })?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .map_err(|_| EngineError::load(path, "file is too short to be safetensors"))?;
+    let hlen = u64::from_le_bytes(n);
+    if hlen > 100_000_000 || 8 + hlen > len {
+        return Err(EngineError::load(path, format!("corrupt safetensors header (length {hlen}, file {len} bytes)")));
+    }
+    let mut header = vec![0u8; hlen as usize];
+    f.read_exact(&mut header).map_err(|e| EngineError::load(path, e))?;
+    let v: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| EngineError::load(path, format!("corrupt safetensors header: {e}")))?;
+    let data_len = len - 8 - hlen;
+    if let Some(obj) = v.as_object() {
+        for (name, t) in obj {
+            if name == "__metadata__" {
+                continue;
+            }
+            let end = t
+                .get("data_offsets")
+                .and_then(|o| o.as_array())
+                .and_then(|o| o.get(1))
+                .and_then(|e| e.as_u64())
+                .ok_or_else(|| EngineError::load(path, format!("tensor `{name}` has no data_offsets")))?;
+            if end > data_len {
+                return Err(EngineError::load(
+                    path,
+                    format!("file is truncated: tensor `{name}` ends at {end}, data section has {data_len} bytes"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q5_0_repacks_to_q8_0_losslessly() {
+        let data: Vec<f32> = (0..32 * 64).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0).collect();
+        let t = Tensor::from_vec(data, (32, 64), &Device::Cpu).unwrap();
+        let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
+        let q8 = repack_q5_0_as_q8_0(&q5).unwrap();
+        assert_eq!(q8.dtype(), GgmlDType::Q8_0);
+        let a = q5.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = q8.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a, b, "repack must be exact");
+    }
+
+    #[test]
+    fn gguf_names_follow_llama_cpp() {
+        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.bias"), "blk.3.attn_q.bias");
+        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight"), "blk.0.ffn_norm.weight");
+        assert_eq!(gguf_name("model.layers.12.self_attn.k_norm.weight"), "blk.12.attn_k_norm.weight");
+        assert_eq!(gguf_name("lm_head.weight"), "output.weight");
+    }
+}
