@@ -3,6 +3,8 @@ pub mod device;
 pub mod error;
 pub mod kv;
 pub mod model;
+pub mod registry;
+pub mod sampling;
 pub mod testing;
 
 pub use error::{EngineError, Result};
