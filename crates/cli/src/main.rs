@@ -1,1 +1,297 @@
-fn main() {}
+//! The `silica` binary: wires the engine to the command line. Holds no logic of its own.
+
+mod bench;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use silica_engine::device::{DTypeSpec, DeviceSpec};
+use silica_engine::generate::{generate, GenerateRequest, Prompt, StopParams};
+use silica_engine::loaded::LoadedModel;
+use silica_engine::registry::Registry;
+use silica_engine::sampling::beam::BeamSearchParams;
+use silica_engine::sampling::SamplingParams;
+use silica_engine::scheduler::{EngineHandle, SchedulerConfig};
+use silica_engine::tokenizer::{ChatMessage, ChatOptions};
+
+#[derive(Parser)]
+#[command(name = "silica", version, about = "Silica: a fast Qwen serving engine")]
+struct Cli {
+    /// The model registry.
+    #[arg(long, global = true, default_value = "models.toml", env = "SILICA_MODELS")]
+    models: PathBuf,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streamed to stdout; statistics go to stderr.
+    Generate(GenerateArgs),
+    /// Measure a model through its engine loop at several concurrency levels.
+    Bench(BenchArgs),
+    /// List the models in the registry.
+    Models,
+    /// Download or assemble a model's files without running it.
+    Pull { name: String },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "qwen2.5-coder-0.5b")]
+    model: String,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Comma-separated numbers of concurrent streams.
+    #[arg(long, default_value = "1,4,16,64", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// New tokens per request (end-of-turn ignored so every request does the same work).
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// greedy | sample | top-k | top-p | beam
+    #[arg(long, default_value = "greedy")]
+    strategy: String,
+    #[arg(long, default_value_t = 4)]
+    num_beams: usize,
+    /// Engine settings (the `[engine]` table).
+    #[arg(long, default_value = "configs/default.toml")]
+    config: PathBuf,
+    /// Print the rows as JSON instead of a markdown table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A model name or alias from the registry, or a path to a GGUF file or checkpoint directory.
+    #[arg(long, default_value = "qwen2.5-coder-0.5b")]
+    model: String,
+    #[arg(long)]
+    prompt: String,
+    /// A system message (chat mode only).
+    #[arg(long)]
+    system: Option<String>,
+    /// Send the prompt as raw text, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Qwen3: turn thinking off (`enable_thinking=false` in the chat template).
+    #[arg(long)]
+    no_thinking: bool,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Most new tokens (default: to the end of the context).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print the top-N log-probabilities of each chosen token to stderr.
+    #[arg(long)]
+    logprobs: Option<usize>,
+    /// Beam search with this many beams.
+    #[arg(long)]
+    num_beams: Option<usize>,
+    #[arg(long, default_value_t = 1.0)]
+    length_penalty: f32,
+    #[arg(long)]
+    early_stopping: bool,
+    /// Print the request's output as JSON on stdout instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,silica=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn registry(path: &PathBuf) -> Result<Registry> {
+    if path.exists() {
+        Ok(Registry::load(path)?)
+    } else {
+        Ok(Registry::parse("", "<none>", &std::env::current_dir()?)?)
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let reg = registry(&cli.models)?;
+    match cli.cmd {
+        Command::Models => {
+            for e in &reg.entries {
+                println!(
+                    "{:<24} {:<8} {:<8} {:<40} aliases: {}",
+                    e.name,
+                    e.tier.map(|t| format!("{t:?}").to_lowercase()).unwrap_or_default(),
+                    if e.enabled { "enabled" } else { "disabled" },
+                    serde_json::to_string(&e.source)?,
+                    e.aliases.join(", ")
+                );
+            }
+            Ok(())
+        }
+        Command::Pull { name } => {
+            let entry = reg.lookup(&name)?;
+            let files = reg.resolve(&entry, true)?;
+            println!("{}", files.path().display());
+            Ok(())
+        }
+        Command::Generate(a) => run_generate(&reg, a),
+        Command::Bench(a) => run_bench(&reg, a),
+    }
+}
+
+fn run_bench(reg: &Registry, a: BenchArgs) -> Result<()> {
+    if !["greedy", "sample", "top-k", "top-p", "beam"].contains(&a.strategy.as_str()) {
+        anyhow::bail!("--strategy must be one of greedy, sample, top-k, top-p, beam; got `{}`", a.strategy);
+    }
+    let cfg = if a.config.exists() { SchedulerConfig::from_file(&a.config)? } else { SchedulerConfig::default() };
+    let entry = reg.lookup(&a.model)?;
+    let device: DeviceSpec = if a.device == "auto" { entry.device } else { a.device.parse()? };
+    let dtype: DTypeSpec = if a.dtype == "auto" { entry.dtype } else { a.dtype.parse()? };
+    let files = reg.resolve(&entry, true)?;
+    let m = LoadedModel::load(&entry.name, &files, device, dtype)?;
+    let info = m.info.clone();
+    let handle = EngineHandle::start(m, cfg)?;
+    let spec = bench::BenchSpec { concurrency: a.concurrency.clone(), max_tokens: a.max_tokens, strategy: a.strategy.clone(), num_beams: a.num_beams };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rows = rt.block_on(bench::run(&handle, &spec));
+    handle.shutdown();
+    let rows = rows?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "model {} ({}, {}, {}), {} new tokens per request, strategy {}\n",
+            info.name, info.weights, info.device, info.dtype, a.max_tokens, a.strategy
+        );
+        print!("{}", bench::table(&rows));
+    }
+    Ok(())
+}
+
+fn run_generate(reg: &Registry, a: GenerateArgs) -> Result<()> {
+    let entry = reg.lookup(&a.model)?;
+    let device: DeviceSpec = if a.device == "auto" { entry.device } else { a.device.parse()? };
+    let dtype: DTypeSpec = if a.dtype == "auto" { entry.dtype } else { a.dtype.parse()? };
+    let files = reg.resolve(&entry, true)?;
+    let m = LoadedModel::load(&entry.name, &files, device, dtype).with_context(|| format!("loading {}", entry.name))?;
+
+    let prompt = if a.raw {
+        if a.system.is_some() {
+            anyhow::bail!("--system needs the chat template; drop --raw");
+        }
+        Prompt::Text(a.prompt.clone())
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(ChatMessage::new("system", s));
+        }
+        messages.push(ChatMessage::new("user", &a.prompt));
+        let mut options = ChatOptions { add_generation_prompt: true, ..Default::default() };
+        if a.no_thinking {
+            options.extra.insert("enable_thinking".into(), false.into());
+        }
+        Prompt::Chat { messages, options }
+    };
+    let req = GenerateRequest {
+        prompt,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repetition_penalty: a.repetition_penalty,
+            presence_penalty: a.presence_penalty,
+            frequency_penalty: a.frequency_penalty,
+            seed: a.seed,
+            top_logprobs: a.logprobs,
+            ..Default::default()
+        },
+        stop: StopParams { stop: a.stop.clone(), max_tokens: a.max_tokens, ..Default::default() },
+        beam: a.num_beams.map(|n| BeamSearchParams {
+            num_beams: n,
+            length_penalty: a.length_penalty,
+            early_stopping: a.early_stopping,
+            ..Default::default()
+        }),
+    };
+    let prompt_tokens = silica_engine::generate::prepare_prompt(&m, &req.prompt)?.len();
+    let budget = silica_engine::generate::token_budget(prompt_tokens, a.max_tokens, m.config().max_position_embeddings)?;
+    let beams = a.num_beams.unwrap_or(1);
+    let mut kv = m.kv_cache_for_tokens((prompt_tokens + budget + 16) * beams + 16 * beams, 16)?;
+    let stdout = std::io::stdout();
+    let stream = !a.json && a.num_beams.is_none();
+    let out = generate(&m, &mut kv, &req, &mut |piece| {
+        if stream {
+            let mut lock = stdout.lock();
+            let _ = lock.write_all(piece.as_bytes());
+            let _ = lock.flush();
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        if !stream {
+            print!("{}", out.text);
+        }
+        println!();
+        for (i, b) in out.beams.iter().enumerate().skip(1) {
+            eprintln!("beam {i} (score {:.4}): {:?}", b.score, b.text);
+        }
+    }
+    if let Some(n) = a.logprobs.filter(|n| *n > 0) {
+        for lp in &out.logprobs {
+            let top: Vec<String> = lp
+                .top
+                .iter()
+                .take(n)
+                .map(|(t, p)| format!("{:?}={p:.3}", m.tokenizer.decode(&[*t], false).unwrap_or_default()))
+                .collect();
+            eprintln!("{:?} {:.4} [{}]", m.tokenizer.decode(&[lp.token], false).unwrap_or_default(), lp.logprob, top.join(" "));
+        }
+    }
+    let t = &out.timings;
+    eprintln!(
+        "prompt tokens: {} | generated: {} ({}) | time to first token: {:.1} ms | prefill: {:.1} tok/s | decode: {:.1} tok/s{}",
+        out.usage.prompt_tokens,
+        out.usage.completion_tokens,
+        out.finish_reason.as_str(),
+        t.time_to_first_token.as_secs_f64() * 1e3,
+        t.prefill_tokens_per_s(&out.usage),
+        t.decode_tokens_per_s(&out.usage),
+        out.seed.map(|s| format!(" | seed: {s}")).unwrap_or_default(),
+    );
+    Ok(())
+}

@@ -30,6 +30,12 @@ pub enum EngineError {
     /// Configuration (models.toml, configs/) is invalid; names the file and key.
     #[error("configuration error: {0}")]
     Config(String),
+    /// The engine's waiting queue is full; retry later (HTTP 429).
+    #[error("server overloaded: {waiting} requests waiting (limit {limit}); retry later")]
+    Overloaded { waiting: usize, limit: usize },
+    /// The engine is shutting down or its thread has stopped.
+    #[error("engine is not running: {0}")]
+    Unavailable(String),
     #[error("i/o error on {}: {source}", path.display())]
     Io { path: PathBuf, #[source] source: std::io::Error },
 }

@@ -171,6 +171,15 @@ impl KvCache {
         seq.clone()
     }
 
+    /// Add a reference to a block in use (prefix cache, forks).
+    pub fn retain_block(&mut self, b: u32) {
+        self.alloc.retain(b);
+    }
+    /// Drop a reference taken with [`retain_block`](Self::retain_block).
+    pub fn release_block(&mut self, b: u32) {
+        self.alloc.release(b);
+    }
+
     /// Return a sequence's blocks to the pool.
     pub fn free(&mut self, seq: &mut SeqCache) {
         for b in seq.blocks.drain(..) {

@@ -1,0 +1,157 @@
+//! `silica bench`: load one model behind its engine thread and measure it at several
+//! concurrency levels: aggregate generated tokens/s, time to first token and inter-token
+//! latency percentiles, as seen by a client of the engine handle.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use silica_engine::generate::{GenerateRequest, Prompt, StopParams};
+use silica_engine::sampling::beam::BeamSearchParams;
+use silica_engine::sampling::SamplingParams;
+use silica_engine::scheduler::{EngineHandle, Event};
+use silica_engine::tokenizer::{ChatMessage, ChatOptions};
+
+/// What one bench run measures.
+pub struct BenchSpec {
+    pub concurrency: Vec<usize>,
+    pub max_tokens: usize,
+    pub strategy: String,
+    pub num_beams: usize,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct BenchRow {
+    pub concurrency: usize,
+    pub requests: usize,
+    pub generated_tokens: usize,
+    pub wall_s: f64,
+    pub aggregate_tokens_per_s: f64,
+    pub per_stream_tokens_per_s: f64,
+    pub ttft_ms_p50: f64,
+    pub ttft_ms_p95: f64,
+    pub itl_ms_p50: f64,
+    pub itl_ms_p95: f64,
+}
+
+const QUESTIONS: &[&str] = &[
+    "Explain how a hash map works.",
+    "Write a Python function that reverses a linked list.",
+    "What are the main differences between TCP and UDP?",
+    "Describe the water cycle in detail.",
+    "Write a short story about a lighthouse keeper.",
+    "How does garbage collection work in Java?",
+    "List ten uses of a paperclip.",
+    "Explain recursion to a child.",
+];
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+fn request(i: usize, spec: &BenchSpec) -> GenerateRequest {
+    let sampling = match spec.strategy.as_str() {
+        "greedy" | "beam" => SamplingParams::default(),
+        "top-k" => SamplingParams { temperature: 0.8, top_k: Some(40), seed: Some(i as u64), ..Default::default() },
+        "top-p" => SamplingParams { temperature: 0.8, top_p: 0.9, seed: Some(i as u64), ..Default::default() },
+        _ => SamplingParams { temperature: 0.8, seed: Some(i as u64), ..Default::default() },
+    };
+    GenerateRequest {
+        prompt: Prompt::Chat {
+            messages: vec![ChatMessage::new("user", QUESTIONS[i % QUESTIONS.len()])],
+            options: ChatOptions { add_generation_prompt: true, ..Default::default() },
+        },
+        sampling,
+        // Fixed-length outputs so every level does the same work.
+        stop: StopParams { max_tokens: Some(spec.max_tokens), ignore_eos: true, ..Default::default() },
+        beam: (spec.strategy == "beam").then(|| BeamSearchParams { num_beams: spec.num_beams, ..Default::default() }),
+    }
+}
+
+/// Run every concurrency level; returns one row per level.
+pub async fn run(handle: &EngineHandle, spec: &BenchSpec) -> Result<Vec<BenchRow>> {
+    // Warm-up: one short request (first-touch allocations, thread pools).
+    let warm = BenchSpec { concurrency: vec![1], max_tokens: 4, strategy: spec.strategy.clone(), num_beams: spec.num_beams };
+    run_level(handle, &warm, 1).await?;
+    let mut rows = Vec::new();
+    for &c in &spec.concurrency {
+        let row = run_level(handle, spec, c).await?;
+        tracing::info!(?row, "bench level done");
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+async fn run_level(handle: &EngineHandle, spec: &BenchSpec, c: usize) -> Result<BenchRow> {
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(c);
+    for i in 0..c {
+        let mut rx = handle.submit(request(i, spec))?;
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let mut first: Option<Duration> = None;
+            let mut last = t0;
+            let mut itl = Vec::new();
+            let mut tokens = 0usize;
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    Event::Token(t) => {
+                        let now = Instant::now();
+                        match first {
+                            None => first = Some(now - t0),
+                            Some(_) => itl.push((now - last).as_secs_f64() * 1e3),
+                        }
+                        last = now;
+                        tokens += t.token_ids.len().max(1);
+                    }
+                    Event::Finished(f) => {
+                        return Ok::<_, anyhow::Error>((first.unwrap_or_default(), itl, f.usage.completion_tokens.max(tokens)))
+                    }
+                    Event::Error(e) => return Err(e.into()),
+                }
+            }
+            anyhow::bail!("stream ended without a result")
+        }));
+    }
+    let mut ttft = Vec::new();
+    let mut itl = Vec::new();
+    let mut generated = 0;
+    for t in tasks {
+        let (f, i, n) = t.await??;
+        ttft.push(f.as_secs_f64() * 1e3);
+        itl.extend(i);
+        generated += n;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    Ok(BenchRow {
+        concurrency: c,
+        requests: c,
+        generated_tokens: generated,
+        wall_s: wall,
+        aggregate_tokens_per_s: generated as f64 / wall,
+        per_stream_tokens_per_s: generated as f64 / wall / c as f64,
+        ttft_ms_p50: percentile(&mut ttft, 50.0),
+        ttft_ms_p95: percentile(&mut ttft, 95.0),
+        itl_ms_p50: percentile(&mut itl, 50.0),
+        itl_ms_p95: percentile(&mut itl, 95.0),
+    })
+}
+
+/// A markdown table of the rows.
+pub fn table(rows: &[BenchRow]) -> String {
+    let mut s = String::from(
+        "| concurrency | generated tokens | wall s | aggregate tok/s | per-stream tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |\n",
+            r.concurrency, r.generated_tokens, r.wall_s, r.aggregate_tokens_per_s, r.per_stream_tokens_per_s,
+            r.ttft_ms_p50, r.ttft_ms_p95, r.itl_ms_p50, r.itl_ms_p95
+        ));
+    }
+    s
+}

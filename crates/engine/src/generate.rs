@@ -1,0 +1,456 @@
+//! Running one request to completion on a loaded model: prompt preparation (chat template or
+//! raw text), chunked prefill, the decode loop with sampling or beam search, incremental
+//! detokenization, stop handling, and timings.
+//!
+//! The per-request state lives in [`SequenceOutput`] (text, stop matching, limits) so that the
+//! batching scheduler can drive many of them with the same rules.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+use crate::kv::{KvCache, SeqCache};
+use crate::loaded::LoadedModel;
+use crate::model::SeqInput;
+use crate::sampling::beam::{BeamSearch, BeamSearchParams};
+use crate::sampling::{Sampled, Sampler, SamplingParams};
+use crate::tokenizer::{IncrementalDecoder, StopMatcher};
+use crate::tokenizer::{ChatMessage, ChatOptions};
+
+/// What to run: a chat conversation, raw text, or token ids.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prompt {
+    /// Rendered with the model's chat template, with the generation prompt appended.
+    Chat { messages: Vec<ChatMessage>, options: ChatOptions },
+    /// Used as is (no template).
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// When to stop.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StopParams {
+    /// Stop strings: generation ends before the first occurrence, which is not returned.
+    pub stop: Vec<String>,
+    /// Extra token ids that end generation (besides the model's end-of-turn tokens).
+    pub stop_token_ids: Vec<u32>,
+    /// Most new tokens; `None` runs to the end of the model's context.
+    pub max_tokens: Option<usize>,
+    /// Keep going past end-of-turn tokens.
+    pub ignore_eos: bool,
+}
+
+/// A request to the engine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    pub sampling: SamplingParams,
+    pub stop: StopParams,
+    /// Beam search instead of sampling.
+    pub beam: Option<BeamSearchParams>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-turn token, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` or the context's end.
+    Length,
+    /// The client went away.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The log-probability of a generated token and its top alternatives.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Where the time went.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Timings {
+    pub prefill: Duration,
+    pub time_to_first_token: Duration,
+    pub decode: Duration,
+    pub total: Duration,
+}
+
+impl Timings {
+    pub fn prefill_tokens_per_s(&self, usage: &Usage) -> f64 {
+        usage.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
+    }
+    /// Decode speed over the tokens after the first (the first comes out of the prefill).
+    pub fn decode_tokens_per_s(&self, usage: &Usage) -> f64 {
+        usage.completion_tokens.saturating_sub(1) as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+}
+
+/// One finished beam.
+#[derive(Debug, Clone, Serialize)]
+pub struct BeamResult {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    /// `sum_logprob / len^length_penalty`, `len` counting a final end-of-turn token.
+    pub score: f32,
+    /// Ended by an end-of-turn token (rather than by the token budget).
+    pub finished: bool,
+}
+
+/// The result of a request.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateOutput {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    pub timings: Timings,
+    pub logprobs: Vec<TokenLogprob>,
+    /// With beam search: every returned beam, best first (`text` is the best one's).
+    pub beams: Vec<BeamResult>,
+    /// The seed the sampler used (reported so a run can be repeated).
+    pub seed: Option<u64>,
+}
+
+/// Prompt tokens after template rendering and tokenization.
+pub fn prepare_prompt(m: &LoadedModel, prompt: &Prompt) -> Result<Vec<u32>> {
+    let ids = match prompt {
+        Prompt::Chat { messages, options } => {
+            let text = m.tokenizer.apply_chat_template(messages, options)?;
+            m.tokenizer.encode(&text, false)?
+        }
+        Prompt::Text(t) => m.tokenizer.encode(t, false)?,
+        Prompt::Tokens(t) => t.clone(),
+    };
+    if ids.is_empty() {
+        return Err(EngineError::invalid("prompt", "the prompt is empty"));
+    }
+    let vocab = m.config().vocab_size;
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(EngineError::invalid("prompt", format!("token id {bad} is outside the vocabulary (size {vocab})")));
+    }
+    Ok(ids)
+}
+
+/// The number of new tokens a request may generate: `max_tokens` if it fits in the context,
+/// else an error that gives the numbers (nothing is truncated silently).
+pub fn token_budget(prompt_len: usize, max_tokens: Option<usize>, context: usize) -> Result<usize> {
+    if prompt_len >= context {
+        return Err(EngineError::invalid(
+            "prompt",
+            format!("the prompt has {prompt_len} tokens; the model's context is {context} tokens"),
+        ));
+    }
+    match max_tokens {
+        Some(0) => Err(EngineError::invalid("max_tokens", "must be at least 1, got 0")),
+        Some(n) if prompt_len + n > context => Err(EngineError::invalid(
+            "max_tokens",
+            format!(
+                "prompt ({prompt_len} tokens) + max_tokens ({n}) = {} exceeds the model's context of {context} tokens",
+                prompt_len + n
+            ),
+        )),
+        Some(n) => Ok(n),
+        None => Ok(context - prompt_len),
+    }
+}
+
+/// Output bookkeeping of one sequence: detokenization, stop strings and tokens, limits.
+pub struct SequenceOutput {
+    detok: IncrementalDecoder,
+    stop: StopMatcher,
+    stop_ids: HashSet<u32>,
+    budget: usize,
+    /// Tokens that make up the text (stop tokens excluded).
+    pub generated: Vec<u32>,
+    /// Tokens sampled, stop tokens included (what usage counts).
+    pub num_sampled: usize,
+    pub text: String,
+    pub finish: Option<FinishReason>,
+}
+
+impl SequenceOutput {
+    pub fn new(m: &LoadedModel, stop: &StopParams, budget: usize) -> Result<Self> {
+        let mut stop_ids: HashSet<u32> = stop.stop_token_ids.iter().copied().collect();
+        if !stop.ignore_eos {
+            stop_ids.extend(m.tokenizer.eos_token_ids().iter().copied());
+        }
+        Ok(SequenceOutput {
+            detok: m.tokenizer.incremental_decoder(),
+            stop: StopMatcher::new(stop.stop.clone())?,
+            stop_ids,
+            budget,
+            generated: Vec::new(),
+            num_sampled: 0,
+            text: String::new(),
+            finish: None,
+        })
+    }
+
+    /// Take one sampled token; returns the text it releases (possibly empty).
+    pub fn push(&mut self, token: u32) -> Result<String> {
+        debug_assert!(self.finish.is_none(), "push after finish is a bug");
+        self.num_sampled += 1;
+        let mut out = String::new();
+        if self.stop_ids.contains(&token) {
+            self.finish = Some(FinishReason::Stop);
+            self.flush(&mut out);
+        } else {
+            self.generated.push(token);
+            if let Some(delta) = self.detok.push(token)? {
+                let o = self.stop.push(&delta);
+                out.push_str(&o.emit);
+                if o.stopped {
+                    self.finish = Some(FinishReason::Stop);
+                }
+            }
+            if self.finish.is_none() && self.generated.len() >= self.budget {
+                self.finish = Some(FinishReason::Length);
+                self.flush(&mut out);
+            }
+        }
+        self.text.push_str(&out);
+        Ok(out)
+    }
+
+    /// At the end of generation, release what was held back: an incomplete UTF-8 tail and a
+    /// partial stop-string candidate (a stop string completed here still ends the text).
+    fn flush(&mut self, out: &mut String) {
+        // A decode error at the very end loses at most an undecodable tail; report it.
+        let rest = match self.detok.finish() {
+            Ok(r) => r.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not decode the last tokens");
+                String::new()
+            }
+        };
+        let o = self.stop.push(&rest);
+        out.push_str(&o.emit);
+        if o.stopped {
+            self.finish = Some(FinishReason::Stop);
+            return;
+        }
+        out.push_str(&self.stop.finish());
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finish.is_some()
+    }
+}
+
+/// Largest prefill chunk per forward pass (bounds the attention mask's memory).
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Run one request to completion, calling `on_text` with each streamed piece of text.
+/// `kv` must be large enough for the prompt plus the budget (times the beams for beam search).
+pub fn generate(
+    m: &LoadedModel,
+    kv: &mut KvCache,
+    req: &GenerateRequest,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<GenerateOutput> {
+    let t0 = Instant::now();
+    let vocab = m.config().vocab_size;
+    req.sampling.validate(vocab)?;
+    let prompt = prepare_prompt(m, &req.prompt)?;
+    let budget = token_budget(prompt.len(), req.stop.max_tokens, m.config().max_position_embeddings)?;
+    match &req.beam {
+        Some(b) => beam_search(m, kv, req, b, prompt, budget, t0, on_text),
+        None => sample_loop(m, kv, req, prompt, budget, t0, on_text),
+    }
+}
+
+/// Prefill `tokens` into `seq` in chunks; returns the last position's logits.
+fn prefill(m: &LoadedModel, kv: &mut KvCache, seq: &mut SeqCache, tokens: &[u32]) -> Result<Vec<f32>> {
+    let mut last = Vec::new();
+    for chunk in tokens.chunks(PREFILL_CHUNK) {
+        kv.reserve(seq, seq.len + chunk.len())?;
+        let logits = m.model.forward(&[SeqInput { tokens: chunk, cache: seq, all_logits: false }], kv)?;
+        seq.len += chunk.len();
+        last = logits.squeeze(0)?.to_vec1::<f32>()?;
+    }
+    Ok(last)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sample_loop(
+    m: &LoadedModel,
+    kv: &mut KvCache,
+    req: &GenerateRequest,
+    prompt: Vec<u32>,
+    budget: usize,
+    t0: Instant,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<GenerateOutput> {
+    let mut sampler = Sampler::new(req.sampling.clone(), m.config().vocab_size);
+    let mut out = SequenceOutput::new(m, &req.stop, budget)?;
+    let mut seq = SeqCache::default();
+    let result = (|| -> Result<(Timings, Vec<TokenLogprob>)> {
+        let mut logits = prefill(m, kv, &mut seq, &prompt)?;
+        let prefill_t = t0.elapsed();
+        let mut ttft = Duration::ZERO;
+        let mut logprobs = Vec::new();
+        let decode_start = Instant::now();
+        loop {
+            let s: Sampled = sampler.sample(&logits, &prompt, &out.generated)?;
+            if req.sampling.top_logprobs.is_some() {
+                logprobs.push(TokenLogprob { token: s.token, logprob: s.logprob, top: s.top_logprobs.clone() });
+            }
+            let piece = out.push(s.token)?;
+            if ttft.is_zero() {
+                ttft = t0.elapsed();
+            }
+            if !piece.is_empty() {
+                on_text(&piece);
+            }
+            if out.is_finished() {
+                break;
+            }
+            let next_len = seq.len + 1;
+            kv.reserve(&mut seq, next_len)?;
+            let l = m.model.forward(&[SeqInput { tokens: &[s.token], cache: &seq, all_logits: false }], kv)?;
+            seq.len += 1;
+            logits = l.squeeze(0)?.to_vec1::<f32>()?;
+        }
+        let timings = Timings { prefill: prefill_t, time_to_first_token: ttft, decode: decode_start.elapsed(), total: t0.elapsed() };
+        Ok((timings, logprobs))
+    })();
+    kv.free(&mut seq);
+    let (timings, logprobs) = result?;
+    Ok(GenerateOutput {
+        text: out.text.clone(),
+        token_ids: out.generated.clone(),
+        finish_reason: out.finish.unwrap_or(FinishReason::Length),
+        usage: Usage { prompt_tokens: prompt.len(), completion_tokens: out.num_sampled },
+        timings,
+        logprobs,
+        beams: Vec::new(),
+        seed: Some(sampler.seed()),
+    })
+}
+
+/// Cut `text` before the first occurrence of any stop string.
+fn cut_at_stop(text: &str, stops: &[String]) -> (String, bool) {
+    match stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+        Some(i) => (text[..i].to_string(), true),
+        None => (text.to_string(), false),
+    }
+}
+
+/// Beam search: all live beams run as one batched forward per step; a beam's cache is forked
+/// from its parent's (full blocks shared, the partial block copied on write).
+#[allow(clippy::too_many_arguments)]
+fn beam_search(
+    m: &LoadedModel,
+    kv: &mut KvCache,
+    req: &GenerateRequest,
+    params: &BeamSearchParams,
+    prompt: Vec<u32>,
+    budget: usize,
+    t0: Instant,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<GenerateOutput> {
+    if !req.sampling.is_greedy() {
+        return Err(EngineError::invalid(
+            "temperature",
+            "beam search is deterministic; sampling parameters (temperature > 0) cannot be combined with num_beams",
+        ));
+    }
+    let mut eos: Vec<u32> = req.stop.stop_token_ids.clone();
+    if !req.stop.ignore_eos {
+        eos.extend(m.tokenizer.eos_token_ids().iter().copied());
+    }
+    let params = BeamSearchParams { max_new_tokens: budget, ..params.clone() };
+    let mut search = BeamSearch::new(params, eos)?;
+    let vocab = m.config().vocab_size;
+    let mut live: Vec<SeqCache> = vec![SeqCache::default()];
+    let mut ttft = Duration::ZERO;
+    let mut prefill_t = Duration::ZERO;
+    let decode_start = Instant::now();
+    let result = (|| -> Result<()> {
+        let mut logits = prefill(m, kv, &mut live[0], &prompt)?;
+        prefill_t = t0.elapsed();
+        let mut logprobs = Vec::with_capacity(vocab);
+        let mut row = Vec::with_capacity(vocab);
+        loop {
+            logprobs.clear();
+            for r in logits.chunks(vocab) {
+                crate::sampling::log_softmax(r, &mut row);
+                logprobs.extend_from_slice(&row);
+            }
+            let step = search.step(&logprobs, vocab)?;
+            if ttft.is_zero() {
+                ttft = t0.elapsed();
+            }
+            if step.done || step.beams.is_empty() {
+                break;
+            }
+            let next: Vec<SeqCache> = step.beams.iter().map(|b| kv.fork(&live[b.parent])).collect();
+            for mut s in std::mem::replace(&mut live, next) {
+                kv.free(&mut s);
+            }
+            for s in live.iter_mut() {
+                kv.reserve(s, s.len + 1)?;
+            }
+            let tokens: Vec<u32> = step.beams.iter().map(|b| b.token).collect();
+            let inputs: Vec<SeqInput<'_>> = live
+                .iter()
+                .zip(&tokens)
+                .map(|(s, t)| SeqInput { tokens: std::slice::from_ref(t), cache: s, all_logits: false })
+                .collect();
+            logits = m.model.forward(&inputs, kv)?.flatten_all()?.to_vec1::<f32>()?;
+            for s in live.iter_mut() {
+                s.len += 1;
+            }
+        }
+        Ok(())
+    })();
+    for s in live.iter_mut() {
+        kv.free(s);
+    }
+    result?;
+    let hyps = search.finish();
+    let mut beams = Vec::with_capacity(hyps.len());
+    for h in &hyps {
+        let text = m.tokenizer.decode(&h.tokens, true)?;
+        let (text, _) = cut_at_stop(&text, &req.stop.stop);
+        beams.push(BeamResult { text, token_ids: h.tokens.clone(), score: h.score, finished: h.eos_token.is_some() });
+    }
+    let best = beams.first().cloned().ok_or_else(|| EngineError::invalid("num_beams", "beam search produced no hypothesis"))?;
+    let (_, hit_stop) = cut_at_stop(&m.tokenizer.decode(&best.token_ids, true)?, &req.stop.stop);
+    let finish = if best.finished || hit_stop { FinishReason::Stop } else { FinishReason::Length };
+    on_text(&best.text);
+    Ok(GenerateOutput {
+        text: best.text.clone(),
+        token_ids: best.token_ids.clone(),
+        finish_reason: finish,
+        usage: Usage { prompt_tokens: prompt.len(), completion_tokens: best.token_ids.len() + usize::from(best.finished) },
+        timings: Timings { prefill: prefill_t, time_to_first_token: ttft, decode: decode_start.elapsed(), total: t0.elapsed() },
+        logprobs: Vec::new(),
+        beams,
+        seed: None,
+    })
+}

@@ -1,0 +1,615 @@
+//! The engine thread: `loop { admit → schedule → forward → postprocess }`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::prefix::PrefixCache;
+use super::stats::{EngineStats, Windows};
+use super::{Command, Event, FinishedEvent, RequestTimings, SchedulerConfig, Submission, TokenEvent};
+use crate::error::{EngineError, Result};
+use crate::generate::{prepare_prompt, token_budget, BeamResult, FinishReason, SequenceOutput, TokenLogprob, Usage};
+use crate::kv::{KvCache, KvCacheConfig, ReserveError, SeqCache};
+use crate::loaded::LoadedModel;
+use crate::model::SeqInput;
+use crate::sampling::beam::{BeamSearch, BeamSearchParams};
+use crate::sampling::Sampler;
+
+/// A sampled (non-beam) sequence.
+struct Single {
+    seq: SeqCache,
+    /// Prompt followed by every sampled token; positions `seq.len..` still need computing.
+    tokens: Vec<u32>,
+    sampler: Sampler,
+    out: SequenceOutput,
+    want_logprobs: bool,
+}
+
+/// A beam-search group: its beams run as rows of the same batched forward.
+struct Beams {
+    params: BeamSearchParams,
+    eos: Vec<u32>,
+    search: BeamSearch,
+    /// Live beams' caches; before the first step, one sequence holding the prompt.
+    live: Vec<SeqCache>,
+    /// The token each live beam must feed next (empty while prefilling).
+    next: Vec<u32>,
+}
+
+enum Body {
+    Single(Box<Single>),
+    Beams(Box<Beams>),
+}
+
+struct Request {
+    tx: UnboundedSender<Event>,
+    arrived: Instant,
+    admitted: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    prompt: Vec<u32>,
+    stops: Vec<String>,
+    prompt_cached: usize,
+    prompt_inserted: bool,
+    body: Body,
+}
+
+impl Request {
+    fn caches_mut(&mut self) -> Vec<&mut SeqCache> {
+        match &mut self.body {
+            Body::Single(s) => vec![&mut s.seq],
+            Body::Beams(b) => b.live.iter_mut().collect(),
+        }
+    }
+    fn cancelled(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// One row group of the step: a request's tokens to compute for one of its sequences.
+struct Row {
+    req: usize,
+    /// Beam index (0 for single sequences).
+    beam: usize,
+    start: usize,
+    len: usize,
+    /// The chunk reaches the end of what must be computed: its logits are used.
+    samples: bool,
+}
+
+pub(crate) struct Engine {
+    model: LoadedModel,
+    kv: KvCache,
+    prefix: Option<PrefixCache>,
+    cfg: SchedulerConfig,
+    rx: Receiver<Command>,
+    pending: Arc<AtomicUsize>,
+    stats: Arc<Mutex<EngineStats>>,
+    counters: EngineStats,
+    windows: Windows,
+    waiting: VecDeque<Request>,
+    running: Vec<Request>,
+}
+
+impl Engine {
+    pub fn new(
+        model: LoadedModel,
+        cfg: SchedulerConfig,
+        rx: Receiver<Command>,
+        pending: Arc<AtomicUsize>,
+        stats: Arc<Mutex<EngineStats>>,
+    ) -> Result<Self> {
+        let c = model.config();
+        let dsize = model.model.dtype().size_in_bytes();
+        let num_blocks = cfg.num_blocks(c.kv_bytes_per_token(dsize));
+        let kv = model.model.new_kv_cache(KvCacheConfig { block_size: cfg.block_size, num_blocks })?;
+        tracing::info!(model = %model.info.name, num_blocks, block_size = cfg.block_size,
+            mib = (num_blocks * cfg.block_size * c.kv_bytes_per_token(dsize)) as f64 / 1048576.0, "KV cache allocated");
+        let prefix = cfg.prefix_caching.then(PrefixCache::default);
+        Ok(Engine {
+            model,
+            kv,
+            prefix,
+            cfg,
+            rx,
+            pending,
+            stats,
+            counters: EngineStats::default(),
+            windows: Windows::default(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        })
+    }
+
+    pub fn run(mut self) {
+        loop {
+            if !self.receive() {
+                break;
+            }
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            match step {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => self.fail_running(&e),
+                Err(_) => self.fail_running(&EngineError::Unavailable("internal error in the engine step".into())),
+            }
+            self.publish();
+        }
+        let err = || EngineError::Unavailable("the engine is shutting down".into());
+        for r in std::mem::take(&mut self.running).into_iter().chain(std::mem::take(&mut self.waiting)) {
+            let _ = r.tx.send(Event::Error(err()));
+        }
+        while let Ok(Command::Submit(s)) = self.rx.try_recv() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            let _ = s.tx.send(Event::Error(err()));
+        }
+        self.publish();
+    }
+
+    /// Take new commands; block when idle. Returns false when the engine must stop.
+    fn receive(&mut self) -> bool {
+        loop {
+            let idle = self.running.is_empty() && self.waiting.is_empty();
+            let cmd = if idle {
+                match self.rx.recv() {
+                    Ok(c) => c,
+                    Err(_) => return false, // every handle dropped and nothing in flight
+                }
+            } else {
+                match self.rx.try_recv() {
+                    Ok(c) => c,
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => return true,
+                }
+            };
+            match cmd {
+                Command::Submit(s) => self.accept(s),
+                Command::Shutdown => return false,
+            }
+        }
+    }
+
+    /// Prepare a submission on the engine thread (template, tokenization, limits).
+    fn accept(&mut self, s: Submission) {
+        self.counters.requests_total += 1;
+        match self.prepare(&s) {
+            Ok(body_prompt) => self.waiting.push_back(body_prompt),
+            Err(e) => {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+                self.counters.requests_failed += 1;
+                let _ = s.tx.send(Event::Error(e));
+            }
+        }
+    }
+
+    fn prepare(&self, s: &Submission) -> Result<Request> {
+        let m = &self.model;
+        let req = &s.req;
+        req.sampling.validate(m.config().vocab_size)?;
+        let prompt = prepare_prompt(m, &req.prompt)?;
+        let budget = token_budget(prompt.len(), req.stop.max_tokens, m.config().max_position_embeddings)?;
+        let beams = req.beam.as_ref().map_or(1, |b| b.num_beams);
+        let need = self.kv.blocks_for(prompt.len() + budget.min(256)) * beams;
+        if need > self.kv.num_blocks() {
+            return Err(EngineError::invalid(
+                "prompt",
+                format!(
+                    "the request needs {} KV-cache tokens, the cache holds {}",
+                    need * self.kv.block_size(),
+                    self.kv.num_blocks() * self.kv.block_size()
+                ),
+            ));
+        }
+        let body = match &req.beam {
+            None => Body::Single(Box::new(Single {
+                seq: SeqCache::default(),
+                tokens: prompt.clone(),
+                sampler: Sampler::new(req.sampling.clone(), m.config().vocab_size),
+                out: SequenceOutput::new(m, &req.stop, budget)?,
+                want_logprobs: req.sampling.top_logprobs.is_some(),
+            })),
+            Some(b) => {
+                if !req.sampling.is_greedy() {
+                    return Err(EngineError::invalid(
+                        "temperature",
+                        "beam search is deterministic; temperature > 0 cannot be combined with num_beams",
+                    ));
+                }
+                let mut eos = req.stop.stop_token_ids.clone();
+                if !req.stop.ignore_eos {
+                    eos.extend(m.tokenizer.eos_token_ids().iter().copied());
+                }
+                let params = BeamSearchParams { max_new_tokens: budget, ..b.clone() };
+                let search = BeamSearch::new(params.clone(), eos.clone())?;
+                Body::Beams(Box::new(Beams { params, eos, search, live: vec![SeqCache::default()], next: Vec::new() }))
+            }
+        };
+        Ok(Request {
+            tx: s.tx.clone(),
+            arrived: s.arrived,
+            admitted: None,
+            first_token: None,
+            last_token: None,
+            prompt,
+            stops: req.stop.stop.clone(),
+            prompt_cached: 0,
+            prompt_inserted: false,
+            body,
+        })
+    }
+
+    /// One step: drop cancelled requests, schedule rows, run one forward, postprocess.
+    fn step(&mut self) -> Result<()> {
+        self.reap_cancelled();
+        let rows = self.schedule()?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let logits = {
+            let mut inputs = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let req = &self.running[r.req];
+                let (tokens, cache): (&[u32], &SeqCache) = match &req.body {
+                    Body::Single(s) => (&s.tokens[r.start..r.start + r.len], &s.seq),
+                    Body::Beams(b) if b.next.is_empty() => (&req.prompt[r.start..r.start + r.len], &b.live[0]),
+                    Body::Beams(b) => (std::slice::from_ref(&b.next[r.beam]), &b.live[r.beam]),
+                };
+                inputs.push(SeqInput { tokens, cache, all_logits: false });
+            }
+            self.model.model.forward(&inputs, &mut self.kv)?
+        };
+        let vocab = self.model.config().vocab_size;
+        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        self.postprocess(&rows, &logits, vocab)
+    }
+
+    fn reap_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].cancelled() {
+                let mut r = self.running.swap_remove(i);
+                self.release(&mut r);
+                self.counters.requests_cancelled += 1;
+            } else {
+                i += 1;
+            }
+        }
+        let before = self.waiting.len();
+        self.waiting.retain(|r| !r.tx.is_closed());
+        let gone = before - self.waiting.len();
+        if gone > 0 {
+            self.pending.fetch_sub(gone, Ordering::SeqCst);
+            self.counters.requests_cancelled += gone as u64;
+        }
+    }
+
+    fn release(&mut self, r: &mut Request) {
+        for c in r.caches_mut() {
+            self.kv.free(c);
+        }
+    }
+
+    /// Reserve blocks for `seq` to reach `len`, evicting idle prefix blocks and preempting
+    /// younger running requests (never `keep`) when the pool is short. Returns false when
+    /// nothing more can be freed.
+    fn reserve(&mut self, req: usize, beam: usize, len: usize, may_preempt: bool) -> Result<bool> {
+        loop {
+            let r = &mut self.running[req];
+            let seq = match &mut r.body {
+                Body::Single(s) => &mut s.seq,
+                Body::Beams(b) => &mut b.live[beam],
+            };
+            match self.kv.reserve(seq, len) {
+                Ok(()) => return Ok(true),
+                Err(ReserveError::Tensor(e)) => return Err(e.into()),
+                Err(ReserveError::OutOfBlocks(o)) => {
+                    if let Some(p) = &mut self.prefix {
+                        if p.evict(&mut self.kv, o.needed) > 0 {
+                            continue;
+                        }
+                    }
+                    if !may_preempt || !self.preempt_youngest(req) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Preempt the most recently admitted running request younger than `keep` (recompute
+    /// later: its blocks are freed and it goes back to the front of the queue). Requests are
+    /// planned oldest first, so a younger one has no rows in this step yet.
+    fn preempt_youngest(&mut self, keep: usize) -> bool {
+        if self.running.len() <= keep + 1 {
+            return false;
+        }
+        let v = self.running.len() - 1;
+        let mut r = self.running.remove(v);
+        self.release(&mut r);
+        match &mut r.body {
+            Body::Single(s) => s.seq = SeqCache::default(),
+            Body::Beams(b) => {
+                // Restart the (deterministic) beam search from the prompt.
+                b.search = BeamSearch::new(b.params.clone(), b.eos.clone()).expect("params were validated");
+                b.live = vec![SeqCache::default()];
+                b.next.clear();
+            }
+        }
+        r.prompt_cached = 0;
+        self.counters.preemptions += 1;
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        self.waiting.push_front(r);
+        tracing::debug!(victim = v, "preempted a sequence (KV cache full); it will be recomputed");
+        true
+    }
+
+    /// Decide this step's rows: every running sequence's decode row (or its next prefill
+    /// chunk), then new requests' prefill chunks while the token budget and blocks allow.
+    fn schedule(&mut self) -> Result<Vec<Row>> {
+        let mut rows = Vec::new();
+        let mut budget = self.cfg.max_batch_tokens;
+        let mut i = 0;
+        let mut starved = None;
+        while i < self.running.len() && budget > 0 {
+            // A request that cannot get blocks even after preempting every younger one
+            // waits (keeping its blocks) until older ones finish.
+            if !self.plan_request(i, &mut budget, &mut rows, true)? && starved.is_none() {
+                starved = Some(i);
+            }
+            i += 1;
+        }
+        while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(mut r) = self.waiting.pop_front() else { break };
+            if let (Some(p), Body::Single(s)) = (&mut self.prefix, &mut r.body) {
+                if s.seq.blocks.is_empty() {
+                    let reused = p.attach(&mut self.kv, &s.tokens, &mut s.seq);
+                    r.prompt_cached = reused.min(r.prompt.len());
+                }
+            }
+            self.running.push(r);
+            let idx = self.running.len() - 1;
+            let n_before = rows.len();
+            if !self.plan_request(idx, &mut budget, &mut rows, false)? || rows.len() == n_before {
+                // Not enough blocks for its first chunk: back to the queue, untouched.
+                rows.truncate(n_before);
+                let mut r = self.running.pop().expect("just pushed");
+                self.release(&mut r);
+                if let Body::Single(s) = &mut r.body {
+                    s.seq = SeqCache::default();
+                }
+                r.prompt_cached = 0;
+                self.waiting.push_front(r);
+                break;
+            }
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            self.running[idx].admitted.get_or_insert_with(Instant::now);
+        }
+        if rows.is_empty() {
+            if let Some(i) = starved {
+                // Nothing can run and nothing older will free blocks: this request needs
+                // more KV cache than the pool has.
+                let mut r = self.running.remove(i);
+                let held: usize = r.caches_mut().iter().map(|c| c.len).sum();
+                self.release(&mut r);
+                self.counters.requests_failed += 1;
+                let _ = r.tx.send(Event::Error(EngineError::invalid(
+                    "max_tokens",
+                    format!(
+                        "the KV cache ({} tokens) is too small to continue this request at {held} tokens; \
+                         lower max_tokens or raise engine.kv_cache",
+                        self.kv.num_blocks() * self.kv.block_size()
+                    ),
+                )));
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Add request `i`'s rows. Returns false when its blocks could not be reserved.
+    fn plan_request(&mut self, i: usize, budget: &mut usize, rows: &mut Vec<Row>, may_preempt: bool) -> Result<bool> {
+        let (pending, beams_decoding) = match &self.running[i].body {
+            Body::Single(s) => (vec![(0usize, s.seq.len, s.tokens.len() - s.seq.len)], false),
+            Body::Beams(b) if b.next.is_empty() => (vec![(0, b.live[0].len, self.running[i].prompt.len() - b.live[0].len)], false),
+            Body::Beams(b) => (b.live.iter().enumerate().map(|(k, c)| (k, c.len, 1)).collect(), true),
+        };
+        let need: usize = if beams_decoding { pending.len() } else { 1 };
+        if *budget < need {
+            return Ok(true);
+        }
+        let first_row = rows.len();
+        let budget_before = *budget;
+        for (beam, start, remaining) in pending {
+            if remaining == 0 || *budget == 0 {
+                continue;
+            }
+            let len = remaining.min(*budget);
+            if !self.reserve(i, beam, start + len, may_preempt)? {
+                // All of a request's rows or none (beam groups step together).
+                rows.truncate(first_row);
+                *budget = budget_before;
+                return Ok(false);
+            }
+            *budget -= len;
+            rows.push(Row { req: i, beam, start, len, samples: len == remaining });
+        }
+        Ok(true)
+    }
+
+    fn postprocess(&mut self, rows: &[Row], logits: &[f32], vocab: usize) -> Result<()> {
+        let now = Instant::now();
+        let mut generated = 0usize;
+        let mut done: Vec<usize> = Vec::new();
+        let mut r = 0;
+        while r < rows.len() {
+            let req_idx = rows[r].req;
+            // All rows of one request are adjacent.
+            let end = (r..rows.len()).find(|&k| rows[k].req != req_idx).unwrap_or(rows.len());
+            let group = &rows[r..end];
+            let req = &mut self.running[req_idx];
+            match &mut req.body {
+                Body::Single(s) => {
+                    let row = &group[0];
+                    s.seq.len += row.len;
+                    if !req.prompt_inserted && s.seq.len >= req.prompt.len() {
+                        if let Some(p) = &mut self.prefix {
+                            p.insert(&mut self.kv, &req.prompt, &s.seq);
+                        }
+                        req.prompt_inserted = true;
+                    }
+                    if row.samples {
+                        let lr = &logits[r * vocab..(r + 1) * vocab];
+                        let sampled = s.sampler.sample(lr, &req.prompt, &s.tokens[req.prompt.len()..])?;
+                        s.tokens.push(sampled.token);
+                        let text = s.out.push(sampled.token)?;
+                        generated += 1;
+                        if let Some(prev) = req.last_token {
+                            self.windows.record_itl(now.duration_since(prev));
+                        } else {
+                            req.first_token = Some(now);
+                            self.windows.record_ttft(now.duration_since(req.arrived));
+                        }
+                        req.last_token = Some(now);
+                        let logprobs = if s.want_logprobs {
+                            vec![TokenLogprob { token: sampled.token, logprob: sampled.logprob, top: sampled.top_logprobs }]
+                        } else {
+                            Vec::new()
+                        };
+                        let _ = req.tx.send(Event::Token(TokenEvent { text, token_ids: vec![sampled.token], logprobs }));
+                        if s.out.is_finished() {
+                            done.push(req_idx);
+                        }
+                    }
+                }
+                Body::Beams(b) => {
+                    if b.next.is_empty() {
+                        b.live[0].len += group[0].len;
+                        if !group[0].samples {
+                            r = end;
+                            continue;
+                        }
+                    } else {
+                        for (k, c) in b.live.iter_mut().enumerate() {
+                            debug_assert_eq!(group[k].beam, k);
+                            c.len += 1;
+                        }
+                    }
+                    let mut lp = Vec::with_capacity(group.len() * vocab);
+                    let mut row = Vec::with_capacity(vocab);
+                    for k in 0..group.len() {
+                        crate::sampling::log_softmax(&logits[(r + k) * vocab..(r + k + 1) * vocab], &mut row);
+                        lp.extend_from_slice(&row);
+                    }
+                    let step = b.search.step(&lp, vocab)?;
+                    if req.first_token.is_none() {
+                        req.first_token = Some(now);
+                        self.windows.record_ttft(now.duration_since(req.arrived));
+                    }
+                    req.last_token = Some(now);
+                    generated += group.len();
+                    if step.done || step.beams.is_empty() {
+                        done.push(req_idx);
+                    } else {
+                        let next: Vec<SeqCache> = step.beams.iter().map(|c| self.kv.fork(&b.live[c.parent])).collect();
+                        for mut old in std::mem::replace(&mut b.live, next) {
+                            self.kv.free(&mut old);
+                        }
+                        b.next = step.beams.iter().map(|c| c.token).collect();
+                    }
+                }
+            }
+            r = end;
+        }
+        self.windows.record_step(now, generated);
+        self.counters.tokens_generated += generated as u64;
+        done.sort_unstable();
+        for idx in done.into_iter().rev() {
+            let mut req = self.running.swap_remove(idx);
+            self.finish(&mut req, now)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, req: &mut Request, now: Instant) -> Result<()> {
+        self.release(req);
+        let first = req.first_token.unwrap_or(now);
+        let (text, reason, completion, beams, seed) = match &mut req.body {
+            Body::Single(s) => (
+                s.out.text.clone(),
+                s.out.finish.unwrap_or(FinishReason::Length),
+                s.out.num_sampled,
+                Vec::new(),
+                Some(s.sampler.seed()),
+            ),
+            Body::Beams(b) => {
+                let search = std::mem::replace(
+                    &mut b.search,
+                    BeamSearch::new(b.params.clone(), b.eos.clone()).expect("params were validated"),
+                );
+                let mut beams = Vec::new();
+                for h in search.finish() {
+                    let full = self.model.tokenizer.decode(&h.tokens, true)?;
+                    let cut = req.stops.iter().filter_map(|s| full.find(s.as_str())).min();
+                    let text = cut.map_or(full.clone(), |i| full[..i].to_string());
+                    beams.push(BeamResult { text, token_ids: h.tokens, score: h.score, finished: h.eos_token.is_some() || cut.is_some() });
+                }
+                let best = beams.first().cloned().ok_or_else(|| EngineError::invalid("num_beams", "beam search produced no hypothesis"))?;
+                let reason = if best.finished { FinishReason::Stop } else { FinishReason::Length };
+                let completion = best.token_ids.len() + usize::from(best.finished);
+                if !best.text.is_empty() {
+                    let _ = req.tx.send(Event::Token(TokenEvent { text: best.text.clone(), token_ids: best.token_ids.clone(), logprobs: Vec::new() }));
+                }
+                (best.text, reason, completion, beams, None)
+            }
+        };
+        let computed = req.prompt.len() - req.prompt_cached;
+        self.counters.prompt_tokens_computed += computed as u64;
+        self.counters.prompt_tokens_cached += req.prompt_cached as u64;
+        self.counters.requests_finished += 1;
+        let last = req.last_token.unwrap_or(now);
+        let decode_s = last.duration_since(first).as_secs_f64();
+        let timings = RequestTimings {
+            queue: req.admitted.unwrap_or(now).duration_since(req.arrived),
+            time_to_first_token: first.duration_since(req.arrived),
+            total: now.duration_since(req.arrived),
+            decode_tokens_per_s: if decode_s > 0.0 { completion.saturating_sub(1) as f64 / decode_s } else { 0.0 },
+            prompt_tokens_computed: computed,
+            prompt_tokens_cached: req.prompt_cached,
+        };
+        let _ = req.tx.send(Event::Finished(FinishedEvent {
+            reason,
+            usage: Usage { prompt_tokens: req.prompt.len(), completion_tokens: completion },
+            timings,
+            text,
+            beams,
+            seed,
+        }));
+        Ok(())
+    }
+
+    /// A step failed: every running request gets the error and its blocks back.
+    fn fail_running(&mut self, e: &EngineError) {
+        tracing::error!(error = %e, "engine step failed; failing the running requests");
+        for mut r in std::mem::take(&mut self.running) {
+            self.release(&mut r);
+            self.counters.requests_failed += 1;
+            let _ = r.tx.send(Event::Error(EngineError::Unavailable(format!("generation failed: {e}"))));
+        }
+    }
+
+    fn publish(&mut self) {
+        let now = Instant::now();
+        let mut s = self.counters.clone();
+        s.running = self.running.len();
+        s.waiting = self.waiting.len();
+        s.kv_blocks_total = self.kv.num_blocks();
+        s.kv_blocks_free = self.kv.num_free_blocks();
+        s.kv_blocks_used = s.kv_blocks_total - s.kv_blocks_free;
+        s.prefix_cache_blocks = self.prefix.as_ref().map_or(0, |p| p.len());
+        self.windows.fill(&mut s, now);
+        if let Ok(mut g) = self.stats.lock() {
+            *g = s;
+        }
+    }
+}

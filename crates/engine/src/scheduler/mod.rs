@@ -1,0 +1,275 @@
+//! The engine loop: one OS thread per loaded model serves all of its requests together,
+//! step by step (schedule → one batched forward → sample → postprocess), with continuous
+//! batching, chunked prefill under a per-step token budget, a paged KV cache with prefix
+//! reuse, preemption by recompute, cancellation and backpressure.
+//!
+//! ```text
+//! EngineHandle::submit(request) ──mpsc──▶ engine thread ──▶ Event::Token … Event::Finished | Event::Error
+//! ```
+//! Every accepted request receives exactly one terminal event. Dropping the receiver cancels
+//! the request; its KV blocks return to the pool at the next step.
+
+mod engine_loop;
+pub mod prefix;
+pub mod stats;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use crate::error::{EngineError, Result};
+use crate::generate::{BeamResult, FinishReason, GenerateRequest, TokenLogprob, Usage};
+use crate::loaded::{LoadedModel, ModelInfo};
+pub use stats::EngineStats;
+
+/// How much memory the KV cache may take.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvBudget {
+    /// A number of blocks.
+    Blocks(usize),
+    /// Bytes of K and V across all layers.
+    Bytes(u64),
+    /// Tokens of context across all sequences.
+    Tokens(usize),
+}
+
+/// Scheduler settings (`configs/default.toml`, `[engine]`).
+#[derive(Debug, Clone, serde::Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    pub kv_cache: KvBudget,
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+    /// Most tokens (decode rows + prefill chunks) in one forward pass.
+    pub max_batch_tokens: usize,
+    /// Most requests waiting for admission; beyond it `submit` fails with `Overloaded`.
+    pub max_waiting: usize,
+    /// Reuse KV blocks of identical prompt prefixes across requests.
+    pub prefix_caching: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            block_size: 16,
+            kv_cache: KvBudget::Tokens(65_536),
+            max_num_seqs: 64,
+            max_batch_tokens: 512,
+            max_waiting: 256,
+            prefix_caching: true,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Read the `[engine]` table of a settings file (other tables are other crates'), then
+    /// validate it. Errors name the file and the key.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| EngineError::Io { path: path.into(), source: e })?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
+        let cfg: SchedulerConfig = match table.get("engine") {
+            Some(v) => v.clone().try_into().map_err(|e| EngineError::Config(format!("{}: [engine]: {e}", path.display())))?,
+            None => SchedulerConfig::default(),
+        };
+        cfg.validate().map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |k: &str, m: String| Err(EngineError::Config(format!("engine.{k}: {m}")));
+        if self.block_size == 0 || self.block_size > 1024 {
+            return bad("block_size", format!("must be in 1..=1024, got {}", self.block_size));
+        }
+        if self.max_num_seqs == 0 {
+            return bad("max_num_seqs", "must be at least 1".into());
+        }
+        if self.max_batch_tokens < self.max_num_seqs.min(64) {
+            return bad("max_batch_tokens", format!("must be at least min(max_num_seqs, 64), got {}", self.max_batch_tokens));
+        }
+        Ok(())
+    }
+
+    /// Number of blocks for a model with `bytes_per_token` of KV per position.
+    pub fn num_blocks(&self, bytes_per_token: usize) -> usize {
+        let blocks = match self.kv_cache {
+            KvBudget::Blocks(n) => n,
+            KvBudget::Tokens(t) => t.div_ceil(self.block_size),
+            KvBudget::Bytes(b) => (b / (bytes_per_token * self.block_size).max(1) as u64) as usize,
+        };
+        blocks.max(1)
+    }
+}
+
+/// A piece of generated output.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenEvent {
+    /// Text released by this token (may be empty while a UTF-8 character or a possible stop
+    /// string is held back).
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// Per-request timings.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RequestTimings {
+    /// From submission to admission into the running batch.
+    pub queue: Duration,
+    pub time_to_first_token: Duration,
+    pub total: Duration,
+    /// Generated tokens after the first, per second of decoding.
+    pub decode_tokens_per_s: f64,
+    /// Prompt tokens actually computed (the rest came from the prefix cache).
+    pub prompt_tokens_computed: usize,
+    pub prompt_tokens_cached: usize,
+}
+
+/// The end of a request.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinishedEvent {
+    pub reason: FinishReason,
+    pub usage: Usage,
+    pub timings: RequestTimings,
+    /// The full text (for beam search, the best beam).
+    pub text: String,
+    /// Beam search: every returned beam, best first.
+    pub beams: Vec<BeamResult>,
+    pub seed: Option<u64>,
+}
+
+/// What a request's stream carries: tokens, then exactly one `Finished` or `Error`.
+#[derive(Debug)]
+pub enum Event {
+    Token(TokenEvent),
+    Finished(FinishedEvent),
+    Error(EngineError),
+}
+
+/// The receiving end of a request's events; drop it to cancel.
+pub type EventStream = UnboundedReceiver<Event>;
+
+pub(crate) enum Command {
+    Submit(Submission),
+    Shutdown,
+}
+
+pub(crate) struct Submission {
+    pub req: GenerateRequest,
+    pub tx: UnboundedSender<Event>,
+    pub arrived: Instant,
+}
+
+/// A cheap, cloneable handle to a model's engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: std::sync::mpsc::Sender<Command>,
+    pending: Arc<AtomicUsize>,
+    max_waiting: usize,
+    stats: Arc<Mutex<EngineStats>>,
+    info: Arc<ModelInfo>,
+    vocab_size: usize,
+    context_length: usize,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl EngineHandle {
+    /// Start the engine thread for `model`.
+    pub fn start(model: LoadedModel, cfg: SchedulerConfig) -> Result<Self> {
+        cfg.validate()?;
+        let info = Arc::new(model.info.clone());
+        let vocab_size = model.config().vocab_size;
+        let context_length = model.config().max_position_embeddings;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(Mutex::new(EngineStats::default()));
+        let engine = engine_loop::Engine::new(model, cfg.clone(), rx, pending.clone(), stats.clone())?;
+        let thread = std::thread::Builder::new()
+            .name(format!("engine-{}", info.name))
+            .spawn(move || engine.run())
+            .map_err(|e| EngineError::Unavailable(format!("cannot start the engine thread: {e}")))?;
+        Ok(EngineHandle {
+            tx,
+            pending,
+            max_waiting: cfg.max_waiting,
+            stats,
+            info,
+            vocab_size,
+            context_length,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    /// Queue a request. Fails at once with `Overloaded` when the waiting queue is full;
+    /// everything else (template, tokenization, limits) is checked on the engine thread and
+    /// reported as an `Event::Error` on the stream. Never blocks.
+    pub fn submit(&self, req: GenerateRequest) -> Result<EventStream> {
+        let waiting = self.pending.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.max_waiting {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Overloaded { waiting, limit: self.max_waiting });
+        }
+        let (tx, rx) = unbounded_channel();
+        let sub = Submission { req, tx, arrived: Instant::now() };
+        if self.tx.send(Command::Submit(sub)).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Unavailable("the engine thread has stopped".into()));
+        }
+        Ok(rx)
+    }
+
+    /// A snapshot of the live statistics.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// Stop the engine: requests still queued or running end with an `Unavailable` error.
+    /// Waits for the thread to exit.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(t) = self.thread.lock().ok().and_then(|mut g| g.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Collect a request's events into its final result (for callers that do not stream).
+pub async fn collect(mut rx: EventStream) -> Result<(Vec<TokenEvent>, FinishedEvent)> {
+    let mut tokens = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token(t) => tokens.push(t),
+            Event::Finished(f) => return Ok((tokens, f)),
+            Event::Error(e) => return Err(e),
+        }
+    }
+    Err(EngineError::Unavailable("the engine ended the stream without a result".into()))
+}
+
+/// Blocking variant of [`collect`] for threads outside an async runtime.
+pub fn collect_blocking(mut rx: EventStream) -> Result<(Vec<TokenEvent>, FinishedEvent)> {
+    let mut tokens = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Token(t) => tokens.push(t),
+            Event::Finished(f) => return Ok((tokens, f)),
+            Event::Error(e) => return Err(e),
+        }
+    }
+    Err(EngineError::Unavailable("the engine ended the stream without a result".into()))
+}
