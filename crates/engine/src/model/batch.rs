@@ -22,6 +22,10 @@ pub(crate) struct AttnSeq {
     pub row: usize,
     /// Number of new tokens.
     pub n: usize,
+    /// Position of the first new token.
+    pub start: usize,
+    /// Cache slots of positions `0..start + n` (host copy of `read_slots`).
+    pub slots: Vec<u32>,
     /// Cache slots of positions `0..start + n`, for gathering K and V.
     pub read_slots: Tensor,
     /// Contiguous runs `(row offset in sequence, first slot, count)` to write new K/V to.
@@ -103,7 +107,9 @@ impl BatchMeta {
             seqs.push(AttnSeq {
                 row,
                 n,
-                read_slots: Tensor::from_vec(read, start + n, device)?,
+                start,
+                read_slots: Tensor::from_vec(read.clone(), start + n, device)?,
+                slots: read,
                 write_runs,
                 mask,
             });

@@ -78,6 +78,8 @@ struct RawHfConfig {
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers ≥ 5 writes `{"rope_theta": …, "rope_type": "default"}` here.
+    rope_parameters: Option<serde_json::Value>,
 }
 
 impl ModelConfig {
@@ -87,12 +89,20 @@ impl ModelConfig {
             .map_err(|e| EngineError::Io { path: path.to_path_buf(), source: e })?;
         let raw: RawHfConfig =
             serde_json::from_str(&text).map_err(|e| EngineError::load(path, e))?;
-        if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-            return Err(EngineError::Unsupported(format!(
-                "{}: rope_scaling {scaling} is not implemented",
-                path.display()
-            )));
+        for (key, v) in [("rope_scaling", &raw.rope_scaling), ("rope_parameters", &raw.rope_parameters)] {
+            let Some(v) = v.as_ref().filter(|v| !v.is_null()) else { continue };
+            let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+            if kind != "default" {
+                return Err(EngineError::Unsupported(format!(
+                    "{}: {key} of type `{kind}` is not implemented (only plain RoPE)",
+                    path.display()
+                )));
+            }
         }
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| raw.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(|t| t.as_f64()))
+            .unwrap_or(10_000.0);
         let cfg = ModelConfig {
             arch: Arch::parse(&raw.model_type)?,
             vocab_size: raw.vocab_size,
@@ -104,7 +114,7 @@ impl ModelConfig {
             head_dim: raw
                 .head_dim
                 .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(32_768),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),

@@ -130,7 +130,12 @@ impl Attention {
                 v_pool.slice_set(&v.narrow(0, s.row + off, count)?, 0, slot)?;
             }
         }
-        // 5. Attention per sequence over its gathered blocks.
+        // 5. Attention per sequence over its blocks: on the CPU straight from the pools,
+        //    elsewhere by gathering each sequence's K/V.
+        if super::attention_cpu::applies(&q, k_pool) {
+            let o = super::attention_cpu::attend(&q, k_pool, v_pool, meta, nkv, 1.0 / (hd as f32).sqrt())?;
+            return self.o_proj.forward(&o);
+        }
         let scale = 1.0 / (hd as f64).sqrt();
         let mut outs = Vec::with_capacity(meta.seqs.len());
         for s in &meta.seqs {

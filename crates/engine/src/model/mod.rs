@@ -1,5 +1,6 @@
 //! The Qwen decoder and its loading: config, weights (safetensors or GGUF), layers.
 
+mod attention_cpu;
 pub mod batch;
 pub mod config;
 pub mod layers;

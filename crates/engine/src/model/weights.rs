@@ -23,6 +23,10 @@ use crate::error::{EngineError, Result};
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// candle's CPU Q6K kernel for a single row rounds differently from its multi-row kernel;
+    /// single rows go through the multi-row kernel so that a sequence's logits do not depend
+    /// on how many other sequences share the step (batch invariance).
+    single_row_via_batch: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +41,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Quant(q) if self.single_row_via_batch && x.dim(0)? == 1 => {
+                q.forward(&Tensor::cat(&[x, x], 0)?)?.narrow(0, 0, 1)?
+            }
             LinearWeight::Quant(q) => q.forward(x)?,
         };
         match &self.bias {
@@ -282,6 +289,7 @@ impl WeightSource {
     /// A linear layer with weight `[out, in]` and an optional bias `[out]`.
     pub fn linear(&mut self, hf_prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
         let wname = format!("{hf_prefix}.weight");
+        let mut single_row_via_batch = false;
         let weight = match self {
             WeightSource::Safetensors { .. } => LinearWeight::Dense(self.dense(&wname, &[out_dim, in_dim])?),
             WeightSource::Gguf(g) => {
@@ -294,15 +302,16 @@ impl WeightSource {
                             .and_then(|t| t.to_dtype(dtype))
                             .map_err(|e| EngineError::load(&g.path, format!("tensor `{name}`: {e}")))?,
                     ),
-                    None => LinearWeight::Quant(
+                    None => LinearWeight::Quant({
+                        single_row_via_batch = q.dtype() == GgmlDType::Q6K && g.device.is_cpu();
                         QMatMul::from_qtensor(q)
-                            .map_err(|e| EngineError::load(&g.path, format!("tensor `{name}`: {e}")))?,
-                    ),
+                            .map_err(|e| EngineError::load(&g.path, format!("tensor `{name}`: {e}")))?
+                    }),
                 }
             }
         };
         let bias = if bias { Some(self.dense(&format!("{hf_prefix}.bias"), &[out_dim])?) } else { None };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, single_row_via_batch })
     }
 
     /// The token embedding table `[vocab, hidden]`.
@@ -440,6 +449,25 @@ mod tests {
         let a = q5.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = q8.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(a, b, "repack must be exact");
+    }
+
+    #[test]
+    fn quantized_linear_rows_do_not_depend_on_the_batch() {
+        for dt in [GgmlDType::Q6K, GgmlDType::Q4K, GgmlDType::Q8_0, GgmlDType::Q5K] {
+            let w = Tensor::randn(0f32, 1., (256, 512), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let lin = Linear {
+                single_row_via_batch: dt == GgmlDType::Q6K,
+                weight: LinearWeight::Quant(QMatMul::from_qtensor(q).unwrap()),
+                bias: None,
+            };
+            let x = Tensor::randn(0f32, 1., (5, 512), &Device::Cpu).unwrap();
+            let batch = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            for r in 0..5 {
+                let one = lin.forward(&x.narrow(0, r, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(one[0], batch[r], "{dt:?}: row {r} alone differs from the same row in a batch");
+            }
+        }
     }
 
     #[test]

@@ -223,9 +223,12 @@ impl EngineHandle {
         Ok(rx)
     }
 
-    /// A snapshot of the live statistics.
+    /// A snapshot of the live statistics. `waiting` counts every submitted request not yet
+    /// admitted, including those the engine thread has not picked up yet.
     pub fn stats(&self) -> EngineStats {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        let mut s = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        s.waiting = self.pending.load(Ordering::SeqCst);
+        s
     }
 
     pub fn info(&self) -> &ModelInfo {
