@@ -360,6 +360,20 @@ fn cut_at_stop(text: &str, stops: &[String]) -> (String, bool) {
     }
 }
 
+/// Finished beam hypotheses (best first) as results: text decoded and cut at the first stop
+/// string; a beam ended by an end-of-turn token or a stop string counts as finished.
+pub fn beam_results(m: &LoadedModel, hyps: Vec<crate::sampling::beam::BeamHypothesis>, stops: &[String]) -> Result<Vec<BeamResult>> {
+    let mut beams = Vec::with_capacity(hyps.len());
+    for h in hyps {
+        let (text, hit_stop) = cut_at_stop(&m.tokenizer.decode(&h.tokens, true)?, stops);
+        beams.push(BeamResult { text, finished: h.eos_token.is_some() || hit_stop, token_ids: h.tokens, score: h.score });
+    }
+    if beams.is_empty() {
+        return Err(EngineError::invalid("num_beams", "beam search produced no hypothesis"));
+    }
+    Ok(beams)
+}
+
 /// Beam search: all live beams run as one batched forward per step; a beam's cache is forked
 /// from its parent's (full blocks shared, the partial block copied on write).
 #[allow(clippy::too_many_arguments)]
@@ -432,16 +446,9 @@ fn beam_search(
         kv.free(s);
     }
     result?;
-    let hyps = search.finish();
-    let mut beams = Vec::with_capacity(hyps.len());
-    for h in &hyps {
-        let text = m.tokenizer.decode(&h.tokens, true)?;
-        let (text, _) = cut_at_stop(&text, &req.stop.stop);
-        beams.push(BeamResult { text, token_ids: h.tokens.clone(), score: h.score, finished: h.eos_token.is_some() });
-    }
-    let best = beams.first().cloned().ok_or_else(|| EngineError::invalid("num_beams", "beam search produced no hypothesis"))?;
-    let (_, hit_stop) = cut_at_stop(&m.tokenizer.decode(&best.token_ids, true)?, &req.stop.stop);
-    let finish = if best.finished || hit_stop { FinishReason::Stop } else { FinishReason::Length };
+    let beams = beam_results(m, search.finish(), &req.stop.stop)?;
+    let best = beams[0].clone();
+    let finish = if best.finished { FinishReason::Stop } else { FinishReason::Length };
     on_text(&best.text);
     Ok(GenerateOutput {
         text: best.text.clone(),

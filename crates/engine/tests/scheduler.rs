@@ -96,7 +96,7 @@ fn random_requests_and_cancellations_return_every_block() {
     };
     let h = engine(cfg);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1234);
-    let n = 120;
+    let n = 200;
     let mut threads = Vec::new();
     for i in 0..n {
         let max_tokens = rng.random_range(1..40);

@@ -34,6 +34,8 @@ enum LinearWeight {
     /// `[out, in]` in the activation dtype.
     Dense(Tensor),
     Quant(QMatMul),
+    /// Q8_0 on the CPU: Silica's own multi-row kernel.
+    Q8(Arc<super::q8::Q8Matrix>),
 }
 
 impl Linear {
@@ -45,6 +47,7 @@ impl Linear {
                 q.forward(&Tensor::cat(&[x, x], 0)?)?.narrow(0, 0, 1)?
             }
             LinearWeight::Quant(q) => q.forward(x)?,
+            LinearWeight::Q8(q) => q.forward(x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -302,6 +305,10 @@ impl WeightSource {
                             .and_then(|t| t.to_dtype(dtype))
                             .map_err(|e| EngineError::load(&g.path, format!("tensor `{name}`: {e}")))?,
                     ),
+                    None if q.dtype() == GgmlDType::Q8_0 && g.device.is_cpu() => LinearWeight::Q8(Arc::new(
+                        super::q8::Q8Matrix::from_qtensor(&q)
+                            .map_err(|e| EngineError::load(&g.path, format!("tensor `{name}`: {e}")))?,
+                    )),
                     None => LinearWeight::Quant({
                         single_row_via_batch = q.dtype() == GgmlDType::Q6K && g.device.is_cpu();
                         QMatMul::from_qtensor(q)

@@ -12,7 +12,7 @@ use super::prefix::PrefixCache;
 use super::stats::{EngineStats, Windows};
 use super::{Command, Event, FinishedEvent, RequestTimings, SchedulerConfig, Submission, TokenEvent};
 use crate::error::{EngineError, Result};
-use crate::generate::{prepare_prompt, token_budget, BeamResult, FinishReason, SequenceOutput, TokenLogprob, Usage};
+use crate::generate::{beam_results, prepare_prompt, token_budget, FinishReason, SequenceOutput, TokenLogprob, Usage};
 use crate::kv::{KvCache, KvCacheConfig, ReserveError, SeqCache};
 use crate::loaded::LoadedModel;
 use crate::model::SeqInput;
@@ -526,7 +526,12 @@ impl Engine {
         done.sort_unstable();
         for idx in done.into_iter().rev() {
             let mut req = self.running.swap_remove(idx);
-            self.finish(&mut req, now)?;
+            // The request has left `running`: it must get its terminal event here.
+            if let Err(e) = self.finish(&mut req, now) {
+                self.release(&mut req);
+                self.counters.requests_failed += 1;
+                let _ = req.tx.send(Event::Error(e));
+            }
         }
         Ok(())
     }
@@ -547,14 +552,8 @@ impl Engine {
                     &mut b.search,
                     BeamSearch::new(b.params.clone(), b.eos.clone()).expect("params were validated"),
                 );
-                let mut beams = Vec::new();
-                for h in search.finish() {
-                    let full = self.model.tokenizer.decode(&h.tokens, true)?;
-                    let cut = req.stops.iter().filter_map(|s| full.find(s.as_str())).min();
-                    let text = cut.map_or(full.clone(), |i| full[..i].to_string());
-                    beams.push(BeamResult { text, token_ids: h.tokens, score: h.score, finished: h.eos_token.is_some() || cut.is_some() });
-                }
-                let best = beams.first().cloned().ok_or_else(|| EngineError::invalid("num_beams", "beam search produced no hypothesis"))?;
+                let beams = beam_results(&self.model, search.finish(), &req.stops)?;
+                let best = beams[0].clone();
                 let reason = if best.finished { FinishReason::Stop } else { FinishReason::Length };
                 let completion = best.token_ids.len() + usize::from(best.finished);
                 if !best.text.is_empty() {
