@@ -250,7 +250,8 @@ fn run_generate(reg: &Registry, a: GenerateArgs) -> Result<()> {
     let prompt_tokens = silica_engine::generate::prepare_prompt(&m, &req.prompt)?.len();
     let budget = silica_engine::generate::token_budget(prompt_tokens, a.max_tokens, m.config().max_position_embeddings)?;
     let beams = a.num_beams.unwrap_or(1);
-    let mut kv = m.kv_cache_for_tokens((prompt_tokens + budget + 16) * beams + 16 * beams, 16)?;
+    // Beams share the prompt's blocks (copy on write); each needs room for its own tokens.
+    let mut kv = m.kv_cache_for_tokens(prompt_tokens + beams * (budget + 32), 16)?;
     let stdout = std::io::stdout();
     let stream = !a.json && a.num_beams.is_none();
     let out = generate(&m, &mut kv, &req, &mut |piece| {

@@ -46,6 +46,19 @@ const QUESTIONS: [&str; 16] = [
     "Name an ocean.", "What is Python?", "Write one word.", "What does CPU stand for?",
 ];
 
+/// Statistics once the engine has published a step with nothing running or waiting (they are
+/// published after each step, so they can trail the events by one step).
+fn settled(h: &EngineHandle) -> silica_engine::scheduler::EngineStats {
+    for _ in 0..600 {
+        let s = h.stats();
+        if s.running + s.waiting == 0 {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("the engine did not settle: {:?}", h.stats());
+}
+
 fn run_all(h: &EngineHandle, reqs: Vec<GenerateRequest>) -> Vec<(Vec<u32>, FinishedEvent)> {
     let streams: Vec<_> = reqs.into_iter().map(|r| h.submit(r).expect("submit")).collect();
     streams
@@ -77,8 +90,7 @@ fn concurrent_outputs_equal_outputs_alone() {
             assert_eq!(a.1.text, t.1.text);
         }
     }
-    let s = h.stats();
-    assert_eq!(s.running + s.waiting, 0);
+    let s = settled(&h);
     assert_eq!(s.kv_blocks_used, s.prefix_cache_blocks, "only the prefix cache holds blocks");
     h.shutdown();
 }
@@ -145,14 +157,7 @@ fn random_requests_and_cancellations_return_every_block() {
         }
     }
     // Let the engine notice the last cancellations.
-    let mut s = h.stats();
-    for _ in 0..100 {
-        s = h.stats();
-        if s.running + s.waiting == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let s = settled(&h);
     println!("stats after {n} requests ({cancelled} cancelled by the client): {s:?}");
     assert_eq!(s.running + s.waiting, 0);
     assert_eq!(s.kv_blocks_used, s.prefix_cache_blocks, "every block not held by the prefix cache is free");
@@ -204,12 +209,7 @@ fn full_queue_is_refused_and_bad_requests_get_one_error_event() {
     assert!(refused >= 2, "a full queue refuses with Overloaded");
     drop((a, b, extra));
     // Dropped receivers cancel: the engine reaps them at its next step and frees the queue.
-    let mut waited = 0;
-    while h.stats().running + h.stats().waiting > 0 {
-        assert!(waited < 600, "cancelled requests were not reaped: {:?}", h.stats());
-        std::thread::sleep(Duration::from_millis(50));
-        waited += 1;
-    }
+    settled(&h);
     // Over-long max_tokens: one Error event naming the field and the numbers.
     let rx = h.submit(req(chat(None, "hi"), SamplingParams::default(), 100_000)).unwrap();
     let err = collect_blocking(rx).unwrap_err().to_string();

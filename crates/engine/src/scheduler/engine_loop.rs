@@ -105,7 +105,7 @@ impl Engine {
     ) -> Result<Self> {
         let c = model.config();
         let dsize = model.model.dtype().size_in_bytes();
-        let num_blocks = cfg.num_blocks(c.kv_bytes_per_token(dsize));
+        let num_blocks = cfg.num_blocks(c.kv_bytes_per_token(dsize), model.model.device())?;
         let kv = model.model.new_kv_cache(KvCacheConfig { block_size: cfg.block_size, num_blocks })?;
         tracing::info!(model = %model.info.name, num_blocks, block_size = cfg.block_size,
             mib = (num_blocks * cfg.block_size * c.kv_bytes_per_token(dsize)) as f64 / 1048576.0, "KV cache allocated");

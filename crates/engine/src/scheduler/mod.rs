@@ -35,6 +35,20 @@ pub enum KvBudget {
     Bytes(u64),
     /// Tokens of context across all sequences.
     Tokens(usize),
+    /// A share (0..1] of the memory available when the model has loaded (CPU: `MemAvailable`
+    /// of /proc/meminfo). Other devices need an explicit size.
+    ShareOfFreeMemory(f64),
+}
+
+/// Memory available for new allocations on the CPU, from /proc/meminfo.
+fn cpu_available_bytes() -> Result<u64> {
+    let path = std::path::Path::new("/proc/meminfo");
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::Io { path: path.into(), source: e })?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| EngineError::Config("engine.kv_cache: cannot read MemAvailable from /proc/meminfo".into()))
 }
 
 /// Scheduler settings (`configs/default.toml`, `[engine]`).
@@ -95,14 +109,27 @@ impl SchedulerConfig {
         Ok(())
     }
 
-    /// Number of blocks for a model with `bytes_per_token` of KV per position.
-    pub fn num_blocks(&self, bytes_per_token: usize) -> usize {
+    /// Number of blocks for a model with `bytes_per_token` of KV per position on `device`.
+    pub fn num_blocks(&self, bytes_per_token: usize, device: &candle_core::Device) -> Result<usize> {
+        let per_block = (bytes_per_token * self.block_size).max(1) as u64;
         let blocks = match self.kv_cache {
             KvBudget::Blocks(n) => n,
             KvBudget::Tokens(t) => t.div_ceil(self.block_size),
-            KvBudget::Bytes(b) => (b / (bytes_per_token * self.block_size).max(1) as u64) as usize,
+            KvBudget::Bytes(b) => (b / per_block) as usize,
+            KvBudget::ShareOfFreeMemory(f) => {
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(EngineError::Config(format!("engine.kv_cache.share_of_free_memory must be in (0, 1], got {f}")));
+                }
+                if !device.is_cpu() {
+                    return Err(EngineError::Config(
+                        "engine.kv_cache.share_of_free_memory is measured on the CPU only; give `bytes` or `tokens` for GPU devices".into(),
+                    ));
+                }
+                let avail = cpu_available_bytes()?;
+                ((avail as f64 * f) as u64 / per_block) as usize
+            }
         };
-        blocks.max(1)
+        Ok(blocks.max(1))
     }
 }
 
@@ -275,4 +302,30 @@ pub fn collect_blocking(mut rx: EventStream) -> Result<(Vec<TokenEvent>, Finishe
         }
     }
     Err(EngineError::Unavailable("the engine ended the stream without a result".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_budget_forms_and_config_errors() {
+        let dev = candle_core::Device::Cpu;
+        let c = |kv| SchedulerConfig { kv_cache: kv, block_size: 16, ..Default::default() };
+        assert_eq!(c(KvBudget::Tokens(100)).num_blocks(1024, &dev).unwrap(), 7);
+        assert_eq!(c(KvBudget::Bytes(16 * 1024 * 10)).num_blocks(1024, &dev).unwrap(), 10);
+        assert_eq!(c(KvBudget::Blocks(3)).num_blocks(1024, &dev).unwrap(), 3);
+        assert!(c(KvBudget::ShareOfFreeMemory(0.01)).num_blocks(1024, &dev).unwrap() >= 1);
+        let err = c(KvBudget::ShareOfFreeMemory(1.5)).num_blocks(1024, &dev).unwrap_err().to_string();
+        assert!(err.contains("share_of_free_memory") && err.contains("1.5"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.toml");
+        std::fs::write(&p, "[engine]\nkv_cache = { share_of_free_memory = 0.25 }\nmax_num_seqs = 8\n[server]\nport = 1\n").unwrap();
+        let cfg = SchedulerConfig::from_file(&p).unwrap();
+        assert_eq!(cfg.kv_cache, KvBudget::ShareOfFreeMemory(0.25));
+        assert_eq!(cfg.max_num_seqs, 8);
+        std::fs::write(&p, "[engine]\nmax_num_sequences = 8\n").unwrap();
+        let err = SchedulerConfig::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains("s.toml") && err.contains("max_num_sequences"), "{err}");
+    }
 }
