@@ -160,3 +160,28 @@ pub fn device_name(device: &Device) -> String {
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsing_and_backends_not_compiled_in() {
+        assert_eq!("cuda:1".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(1));
+        assert_eq!("CPU".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        let err = "tpu".parse::<DeviceSpec>().unwrap_err().to_string();
+        assert!(err.contains("device") && err.contains("tpu"), "{err}");
+        assert!("bf8".parse::<DTypeSpec>().unwrap_err().to_string().contains("dtype"));
+        #[cfg(not(feature = "cuda"))]
+        {
+            let err = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+            assert!(err.contains("without the `cuda` feature"), "{err}");
+        }
+        #[cfg(not(feature = "metal"))]
+        {
+            let err = DeviceSpec::Metal.open().unwrap_err().to_string();
+            assert!(err.contains("without the `metal` feature"), "{err}");
+        }
+        assert!(DeviceSpec::Auto.open().is_ok(), "auto always finds at least the CPU");
+    }
+}
