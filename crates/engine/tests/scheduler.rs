@@ -189,6 +189,37 @@ fn prefix_cache_skips_the_shared_system_prompt() {
 }
 
 #[test]
+fn a_long_prompt_does_not_stall_a_short_request() {
+    // A 64-token step budget: the long prompt needs ~20 steps of prefill.
+    let h = engine(SchedulerConfig { max_batch_tokens: 64, prefix_caching: false, ..Default::default() });
+    let long_q = format!("Summarize this text: {}", "The quick brown fox jumps over the lazy dog. ".repeat(120));
+    let long = h.submit(req(chat(None, &long_q), SamplingParams::default(), 4)).unwrap();
+    let short = h.submit(req(chat(None, "Name a color."), SamplingParams::default(), 8)).unwrap();
+    let t_long = std::thread::spawn(move || {
+        let mut rx = long;
+        let mut first = None;
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                Event::Token(_) if first.is_none() => first = Some(std::time::Instant::now()),
+                Event::Finished(f) => return (first.expect("tokens before the end"), f),
+                Event::Error(e) => panic!("{e}"),
+                _ => {}
+            }
+        }
+        panic!("no terminal event");
+    });
+    let (short_tokens, short_done) = collect_blocking(short).expect("short request");
+    assert_eq!(short_tokens.len(), short_done.usage.completion_tokens, "one token event per sampled token");
+    let short_end = std::time::Instant::now();
+    let (long_first, long_done) = t_long.join().unwrap();
+    println!("long prompt {} tokens; short finished {:?} before the long one's first token",
+        long_done.usage.prompt_tokens, long_first.saturating_duration_since(short_end));
+    assert!(long_done.usage.prompt_tokens > 1000);
+    assert!(short_end < long_first, "the short request waited for the long prompt's prefill");
+    h.shutdown();
+}
+
+#[test]
 fn full_queue_is_refused_and_bad_requests_get_one_error_event() {
     let h = engine(SchedulerConfig { max_waiting: 2, max_num_seqs: 1, ..Default::default() });
     let long = req(chat(None, "Count from 1 to 100."), SamplingParams::default(), 64);

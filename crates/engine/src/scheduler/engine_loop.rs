@@ -350,15 +350,27 @@ impl Engine {
     fn schedule(&mut self) -> Result<Vec<Row>> {
         let mut rows = Vec::new();
         let mut budget = self.cfg.max_batch_tokens;
-        let mut i = 0;
         let mut starved = None;
-        while i < self.running.len() && budget > 0 {
-            // A request that cannot get blocks even after preempting every younger one
-            // waits (keeping its blocks) until older ones finish.
-            if !self.plan_request(i, &mut budget, &mut rows, true)? && starved.is_none() {
-                starved = Some(i);
+        // Decode rows first, so that a long prompt being prefilled never holds back the
+        // decoding sequences; prefill chunks then share what is left of the budget. Only the
+        // decode pass preempts, and only requests younger than the one being planned (which
+        // have no rows yet).
+        for decode_pass in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() && budget > 0 {
+                // While requests wait, a prefill takes at most half of what is left, so new
+                // requests are admitted beside a long prompt instead of after it.
+                let max_chunk = if decode_pass || self.waiting.is_empty() { budget } else { budget.div_ceil(2) };
+                if self.is_decoding(i) == decode_pass
+                    && !self.plan_request(i, &mut budget, max_chunk, &mut rows, decode_pass)?
+                    && starved.is_none()
+                {
+                    // Cannot get blocks even after preempting every younger request: it
+                    // waits (keeping its blocks) until older ones finish.
+                    starved = Some(i);
+                }
+                i += 1;
             }
-            i += 1;
         }
         while budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(mut r) = self.waiting.pop_front() else { break };
@@ -371,7 +383,8 @@ impl Engine {
             self.running.push(r);
             let idx = self.running.len() - 1;
             let n_before = rows.len();
-            if !self.plan_request(idx, &mut budget, &mut rows, false)? || rows.len() == n_before {
+            let max_chunk = budget;
+            if !self.plan_request(idx, &mut budget, max_chunk, &mut rows, false)? || rows.len() == n_before {
                 // Not enough blocks for its first chunk: back to the queue, untouched.
                 rows.truncate(n_before);
                 let mut r = self.running.pop().expect("just pushed");
@@ -407,8 +420,16 @@ impl Engine {
         Ok(rows)
     }
 
+    /// Whether request `i` only needs decode rows (one token per sequence) this step.
+    fn is_decoding(&self, i: usize) -> bool {
+        match &self.running[i].body {
+            Body::Single(s) => s.tokens.len() - s.seq.len == 1,
+            Body::Beams(b) => !b.next.is_empty(),
+        }
+    }
+
     /// Add request `i`'s rows. Returns false when its blocks could not be reserved.
-    fn plan_request(&mut self, i: usize, budget: &mut usize, rows: &mut Vec<Row>, may_preempt: bool) -> Result<bool> {
+    fn plan_request(&mut self, i: usize, budget: &mut usize, max_chunk: usize, rows: &mut Vec<Row>, may_preempt: bool) -> Result<bool> {
         let (pending, beams_decoding) = match &self.running[i].body {
             Body::Single(s) => (vec![(0usize, s.seq.len, s.tokens.len() - s.seq.len)], false),
             Body::Beams(b) if b.next.is_empty() => (vec![(0, b.live[0].len, self.running[i].prompt.len() - b.live[0].len)], false),
@@ -424,7 +445,7 @@ impl Engine {
             if remaining == 0 || *budget == 0 {
                 continue;
             }
-            let len = remaining.min(*budget);
+            let len = remaining.min(*budget).min(max_chunk.max(1));
             if !self.reserve(i, beam, start + len, may_preempt)? {
                 // All of a request's rows or none (beam groups step together).
                 rows.truncate(first_row);
