@@ -15,6 +15,8 @@ use silica_engine::sampling::beam::BeamSearchParams;
 use silica_engine::sampling::SamplingParams;
 use silica_engine::scheduler::{EngineHandle, SchedulerConfig};
 use silica_engine::tokenizer::{ChatMessage, ChatOptions};
+use silica_router::{ModelPool, RouterConfig};
+use silica_server::{AppState, ServerConfig};
 
 #[derive(Parser)]
 #[command(name = "silica", version, about = "Silica: a fast Qwen serving engine")]
@@ -28,6 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the enabled models of the registry over HTTP (fetching demo models if missing).
+    Serve(ServeArgs),
     /// Generate text from a prompt, streamed to stdout; statistics go to stderr.
     Generate(GenerateArgs),
     /// Measure a model through its engine loop at several concurrency levels.
@@ -36,6 +40,25 @@ enum Command {
     Models,
     /// Download or assemble a model's files without running it.
     Pull { name: String },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (default: `[server] host` of the config, 127.0.0.1).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port (default: `[server] port` of the config, 8080; 0 picks a free one).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Settings file: `[server]`, `[router]` and `[engine]` tables.
+    #[arg(long, default_value = "configs/default.toml")]
+    config: PathBuf,
+    /// Serve only these registry models (repeatable; default: every enabled entry).
+    #[arg(long = "model")]
+    only: Vec<String>,
+    /// Do not download or assemble missing model files.
+    #[arg(long)]
+    no_fetch: bool,
 }
 
 #[derive(Args)]
@@ -167,9 +190,49 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", files.path().display());
             Ok(())
         }
+        Command::Serve(a) => run_serve(reg, a),
         Command::Generate(a) => run_generate(&reg, a),
         Command::Bench(a) => run_bench(&reg, a),
     }
+}
+
+fn run_serve(reg: Registry, a: ServeArgs) -> Result<()> {
+    let (mut server_cfg, router_cfg, engine_cfg) = if a.config.exists() {
+        (
+            ServerConfig::from_file(&a.config).map_err(anyhow::Error::msg)?,
+            RouterConfig::from_file(&a.config).map_err(anyhow::Error::msg)?,
+            SchedulerConfig::from_file(&a.config)?,
+        )
+    } else {
+        anyhow::bail!("settings file {} not found", a.config.display());
+    };
+    if let Some(h) = a.host {
+        server_cfg.host = h;
+    }
+    if let Some(p) = a.port {
+        server_cfg.port = p;
+    }
+    let entries: Vec<_> = if a.only.is_empty() {
+        reg.entries.iter().filter(|e| e.enabled).cloned().collect()
+    } else {
+        a.only.iter().map(|n| reg.lookup(n)).collect::<silica_engine::Result<_>>()?
+    };
+    if entries.is_empty() {
+        anyhow::bail!("no model to serve: enable one in {} or pass --model NAME", "models.toml");
+    }
+    let pool = ModelPool::new(entries, router_cfg);
+    let _loaders = pool.load_all(&reg, &engine_cfg, !a.no_fetch);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", server_cfg.host, server_cfg.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(%local, "listening");
+        eprintln!("silica: listening on http://{local} (OpenAI API at http://{local}/v1)");
+        let state = AppState::new(pool, server_cfg);
+        silica_server::serve(listener, state, silica_server::shutdown_signal()).await?;
+        Ok::<_, anyhow::Error>(())
+    })
 }
 
 fn run_bench(reg: &Registry, a: BenchArgs) -> Result<()> {

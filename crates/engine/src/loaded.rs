@@ -24,6 +24,8 @@ pub struct ModelInfo {
     pub device: String,
     pub num_parameters: u64,
     pub context_length: usize,
+    /// Size of the weight files on disk (the weights' memory, give or take re-packing).
+    pub weights_file_bytes: u64,
     pub load_seconds: f64,
 }
 
@@ -62,6 +64,7 @@ impl LoadedModel {
             device: device_name(&device),
             num_parameters: cfg.num_parameters(),
             context_length: cfg.max_position_embeddings,
+            weights_file_bytes: files.weights_bytes(),
             load_seconds: t0.elapsed().as_secs_f64(),
         };
         tracing::info!(model = name, arch = %info.architecture, device = %info.device, dtype = %info.dtype,

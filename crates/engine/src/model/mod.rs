@@ -61,6 +61,23 @@ impl ModelFiles {
         Err(EngineError::load(path, "no such file or directory"))
     }
 
+    /// Bytes of the weight files: the GGUF file, or every `*.safetensors` of the directory.
+    pub fn weights_bytes(&self) -> u64 {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        match self {
+            ModelFiles::Gguf(p) => size(p),
+            ModelFiles::Safetensors(dir) => std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                        .map(|p| size(&p))
+                        .sum()
+                })
+                .unwrap_or(0),
+        }
+    }
+
     pub fn format(&self) -> Format {
         match self {
             ModelFiles::Safetensors(_) => Format::Safetensors,

@@ -110,6 +110,10 @@ impl Engine {
         tracing::info!(model = %model.info.name, num_blocks, block_size = cfg.block_size,
             mib = (num_blocks * cfg.block_size * c.kv_bytes_per_token(dsize)) as f64 / 1048576.0, "KV cache allocated");
         let prefix = cfg.prefix_caching.then(PrefixCache::default);
+        let counters = EngineStats {
+            kv_cache_bytes: (num_blocks * cfg.block_size * c.kv_bytes_per_token(dsize)) as u64,
+            ..Default::default()
+        };
         Ok(Engine {
             model,
             kv,
@@ -118,7 +122,7 @@ impl Engine {
             rx,
             pending,
             stats,
-            counters: EngineStats::default(),
+            counters,
             windows: Windows::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -597,6 +601,7 @@ impl Engine {
             prompt_tokens_computed: computed,
             prompt_tokens_cached: req.prompt_cached,
         };
+        self.windows.record_latency(timings.total);
         let _ = req.tx.send(Event::Finished(FinishedEvent {
             reason,
             usage: Usage { prompt_tokens: req.prompt.len(), completion_tokens: completion },

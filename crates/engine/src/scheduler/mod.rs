@@ -23,6 +23,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::error::{EngineError, Result};
 use crate::generate::{BeamResult, FinishReason, GenerateRequest, TokenLogprob, Usage};
 use crate::loaded::{LoadedModel, ModelInfo};
+use crate::tokenizer::TokenTable;
 pub use stats::EngineStats;
 
 /// How much memory the KV cache may take.
@@ -200,9 +201,16 @@ pub struct EngineHandle {
     max_waiting: usize,
     stats: Arc<Mutex<EngineStats>>,
     info: Arc<ModelInfo>,
+    tokens: TokenTable,
     vocab_size: usize,
     context_length: usize,
     thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle").field("model", &self.info.name).finish_non_exhaustive()
+    }
 }
 
 impl EngineHandle {
@@ -210,6 +218,7 @@ impl EngineHandle {
     pub fn start(model: LoadedModel, cfg: SchedulerConfig) -> Result<Self> {
         cfg.validate()?;
         let info = Arc::new(model.info.clone());
+        let tokens = TokenTable::new(&model.tokenizer);
         let vocab_size = model.config().vocab_size;
         let context_length = model.config().max_position_embeddings;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -226,6 +235,7 @@ impl EngineHandle {
             max_waiting: cfg.max_waiting,
             stats,
             info,
+            tokens,
             vocab_size,
             context_length,
             thread: Arc::new(Mutex::new(Some(thread))),
@@ -250,6 +260,11 @@ impl EngineHandle {
         Ok(rx)
     }
 
+    /// Whether the waiting queue is full (the next `submit` would fail with `Overloaded`).
+    pub fn is_overloaded(&self) -> bool {
+        self.pending.load(Ordering::SeqCst) >= self.max_waiting
+    }
+
     /// A snapshot of the live statistics. `waiting` counts every submitted request not yet
     /// admitted, including those the engine thread has not picked up yet.
     pub fn stats(&self) -> EngineStats {
@@ -260,6 +275,10 @@ impl EngineHandle {
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+    /// Every token's bytes, for reporting logprobs without the tokenizer.
+    pub fn tokens(&self) -> &TokenTable {
+        &self.tokens
     }
     pub fn vocab_size(&self) -> usize {
         self.vocab_size

@@ -30,6 +30,11 @@ pub struct EngineStats {
     /// Inter-token latency.
     pub itl_ms_p50: f64,
     pub itl_ms_p95: f64,
+    /// End-to-end latency of finished requests (submission to last token).
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    /// Bytes of the KV-cache pools (allocated once at start).
+    pub kv_cache_bytes: u64,
 }
 
 /// Rolling windows the engine thread keeps to fill [`EngineStats`].
@@ -38,6 +43,7 @@ pub(crate) struct Windows {
     steps: VecDeque<(Instant, usize)>,
     ttft: VecDeque<f64>,
     itl: VecDeque<f64>,
+    latency: VecDeque<f64>,
 }
 
 const WINDOW: Duration = Duration::from_secs(10);
@@ -74,6 +80,9 @@ impl Windows {
     pub fn record_itl(&mut self, d: Duration) {
         push_bounded(&mut self.itl, d.as_secs_f64() * 1e3);
     }
+    pub fn record_latency(&mut self, d: Duration) {
+        push_bounded(&mut self.latency, d.as_secs_f64() * 1e3);
+    }
     pub fn fill(&self, s: &mut EngineStats, now: Instant) {
         let tokens: usize = self.steps.iter().map(|(_, n)| n).sum();
         s.recent_decode_tokens_per_s = match self.steps.front() {
@@ -87,5 +96,7 @@ impl Windows {
         s.ttft_ms_p95 = percentile(&self.ttft, 95.0);
         s.itl_ms_p50 = percentile(&self.itl, 50.0);
         s.itl_ms_p95 = percentile(&self.itl, 95.0);
+        s.latency_ms_p50 = percentile(&self.latency, 50.0);
+        s.latency_ms_p95 = percentile(&self.latency, 95.0);
     }
 }

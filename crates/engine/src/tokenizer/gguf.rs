@@ -250,23 +250,7 @@ impl TextTokenizer {
 pub(crate) mod tests {
     use super::*;
 
-    /// GPT-2's byte → printable char table (as in `bytes_to_unicode`).
-    pub(crate) fn byte_chars() -> Vec<char> {
-        let mut direct: Vec<u32> = (b'!' as u32..=b'~' as u32).collect();
-        direct.extend(0xA1..=0xAC);
-        direct.extend(0xAE..=0xFF);
-        let mut n = 0;
-        (0u32..256)
-            .map(|b| {
-                if direct.contains(&b) {
-                    char::from_u32(b).unwrap_or('?')
-                } else {
-                    n += 1;
-                    char::from_u32(255 + n).unwrap_or('?')
-                }
-            })
-            .collect()
-    }
+    pub(crate) use crate::tokenizer::byte_chars;
 
     /// A tiny Qwen-like GGUF tokenizer: the 256 byte tokens, a few merges, 4 added tokens and
     /// one unused pad entry.
@@ -359,6 +343,19 @@ pub(crate) mod tests {
         assert_eq!(t.vocab_size(), 270);
         assert_eq!(t.bos_token(), Some("<|endoftext|>"));
         assert_eq!(t.eos_token(), Some("<|im_end|>"));
+    }
+
+    #[test]
+    fn token_table_gives_each_tokens_bytes() {
+        let t = tiny();
+        let table = crate::tokenizer::TokenTable::new(&t);
+        assert_eq!(table.bytes(260), b" w");
+        assert_eq!(table.bytes(259), b"hello");
+        assert_eq!(table.bytes(b'\n' as u32), b"\n");
+        assert_eq!(table.bytes(265), "你".as_bytes()[..2].to_vec().as_slice());
+        assert_eq!(table.text(265), "\u{FFFD}");
+        assert_eq!(table.text(268), "<|im_end|>");
+        assert_eq!(table.bytes(100_000), b"");
     }
 
     #[test]

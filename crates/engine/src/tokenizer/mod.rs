@@ -10,7 +10,7 @@ mod gguf;
 mod stop;
 mod stream;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -268,6 +268,63 @@ impl TextTokenizer {
     /// A streaming detokenizer for one sequence.
     pub fn incremental_decoder(&self) -> IncrementalDecoder {
         IncrementalDecoder::new(self)
+    }
+}
+
+/// GPT-2's byte → printable char table (`bytes_to_unicode`), used by byte-level BPE
+/// vocabularies such as Qwen's: entry `b` is the character that stands for byte `b`.
+pub(crate) fn byte_chars() -> Vec<char> {
+    let mut direct: Vec<u32> = (b'!' as u32..=b'~' as u32).collect();
+    direct.extend(0xA1..=0xAC);
+    direct.extend(0xAE..=0xFF);
+    let mut n = 0;
+    (0u32..256)
+        .map(|b| {
+            if direct.contains(&b) {
+                char::from_u32(b).unwrap_or('?')
+            } else {
+                n += 1;
+                char::from_u32(255 + n).unwrap_or('?')
+            }
+        })
+        .collect()
+}
+
+/// The raw bytes of every token id, for reporting logprobs (`token`, `bytes`) without running
+/// the tokenizer: byte-level vocabulary entries are mapped back to their bytes, added tokens
+/// (e.g. `<|im_end|>`) are their own text. Built once per model.
+#[derive(Debug, Clone, Default)]
+pub struct TokenTable {
+    bytes: std::sync::Arc<Vec<Box<[u8]>>>,
+}
+
+impl TokenTable {
+    pub fn new(t: &TextTokenizer) -> Self {
+        let inv: HashMap<char, u8> = byte_chars().into_iter().enumerate().map(|(b, c)| (c, b as u8)).collect();
+        let added: HashMap<u32, String> =
+            t.inner().get_added_tokens_decoder().into_iter().map(|(id, tok)| (id, tok.content)).collect();
+        let n = t.vocab_size().max(added.keys().map(|&i| i as usize + 1).max().unwrap_or(0));
+        let bytes = (0..n as u32)
+            .map(|id| match added.get(&id) {
+                Some(s) => s.as_bytes().into(),
+                None => match t.id_to_token(id) {
+                    Some(tok) if tok.chars().all(|c| inv.contains_key(&c)) => tok.chars().map(|c| inv[&c]).collect(),
+                    Some(tok) => tok.into_bytes().into(),
+                    None => Box::default(),
+                },
+            })
+            .collect();
+        TokenTable { bytes: std::sync::Arc::new(bytes) }
+    }
+
+    /// The bytes of token `id` (empty for ids outside the vocabulary).
+    pub fn bytes(&self, id: u32) -> &[u8] {
+        self.bytes.get(id as usize).map_or(&[], |b| b)
+    }
+
+    /// The token as text (invalid UTF-8, e.g. half a character, is replaced by U+FFFD).
+    pub fn text(&self, id: u32) -> String {
+        String::from_utf8_lossy(self.bytes(id)).into_owned()
     }
 }
 
