@@ -52,7 +52,8 @@ pub fn typed<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiErro
         let inner = e.inner().to_string();
         if let Some(rest) = inner.strip_prefix("unknown field `") {
             let name = rest.split('`').next().unwrap_or_default();
-            let field = if path == "." { name.to_string() } else { format!("{path}.{name}") };
+            // The path already ends with the unknown key.
+            let field = if path == "." { name.to_string() } else if path.ends_with(name) { path } else { format!("{path}.{name}") };
             return ApiError::unsupported(field.clone(), format!("unrecognized request argument `{field}`"));
         }
         let field = if path == "." { "body".to_string() } else { path };
