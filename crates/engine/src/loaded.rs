@@ -29,6 +29,46 @@ pub struct ModelInfo {
     pub load_seconds: f64,
 }
 
+/// What a model will take in memory once loaded: its weights and its KV-cache pools.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct MemoryEstimate {
+    pub weights_bytes: u64,
+    pub kv_cache_bytes: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.weights_bytes + self.kv_cache_bytes
+    }
+
+    /// Estimate from the model's configuration alone (GGUF header or `config.json`), without
+    /// loading the weights: quantized GGUF weights take their file size; dense weights take
+    /// parameters × dtype size; the KV cache takes what `engine` gives it.
+    pub fn of(files: &ModelFiles, device: DeviceSpec, dtype: DTypeSpec, engine: &crate::scheduler::SchedulerConfig) -> Result<Self> {
+        let device: Device = device.open()?;
+        let cfg = match files {
+            ModelFiles::Safetensors(dir) => crate::model::ModelConfig::from_hf_config(&dir.join("config.json"))?,
+            ModelFiles::Gguf(path) => {
+                let mut f = std::fs::File::open(path).map_err(|e| crate::EngineError::Io { path: path.clone(), source: e })?;
+                let c = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| crate::EngineError::load(path, e))?;
+                ModelConfig::from_gguf(&c.metadata, c.tensor_infos.contains_key("output.weight"), path)?
+            }
+        };
+        let act = dtype.resolve(&device);
+        let weights_bytes = match (files, dtype) {
+            (ModelFiles::Gguf(_), DTypeSpec::Auto) => files.weights_bytes(),
+            _ => cfg.num_parameters() * act.size_in_bytes() as u64,
+        };
+        let kv_dtype_size = match (files, dtype) {
+            (ModelFiles::Gguf(_), DTypeSpec::Auto) if device.is_cpu() => 4,
+            _ => act.size_in_bytes(),
+        };
+        let per_token = cfg.kv_bytes_per_token(kv_dtype_size);
+        let blocks = engine.num_blocks(per_token, &device)?;
+        Ok(MemoryEstimate { weights_bytes, kv_cache_bytes: (blocks * engine.block_size * per_token) as u64 })
+    }
+}
+
 /// Decoder + tokenizer.
 pub struct LoadedModel {
     pub model: QwenModel,

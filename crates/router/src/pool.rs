@@ -1,11 +1,13 @@
 //! The models a server runs: one slot per enabled registry entry, loaded concurrently.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use silica_engine::loaded::{LoadedModel, ModelInfo};
+use silica_engine::device::DeviceSpec;
+use silica_engine::loaded::{LoadedModel, MemoryEstimate, ModelInfo};
 use silica_engine::registry::{ModelEntry, Registry};
-use silica_engine::scheduler::{EngineHandle, EngineStats, SchedulerConfig};
+use silica_engine::scheduler::{cpu_available_bytes, EngineHandle, EngineStats, SchedulerConfig};
+use silica_engine::EngineError;
 
 use crate::policy::{self, Candidate, CandidateStatus, Decision, RouteError, RouteRequest, RouterConfig};
 
@@ -48,6 +50,37 @@ impl ModelSlot {
             ModelStatus::Ready(h) => Some(h),
             _ => None,
         }
+    }
+}
+
+/// Memory reserved by the models loading so far, against what was available at the start.
+struct MemoryGate {
+    available: Option<u64>,
+    reserved: Mutex<u64>,
+}
+
+impl MemoryGate {
+    fn reserve(&self, name: &str, need: &MemoryEstimate, device: DeviceSpec) -> silica_engine::Result<()> {
+        let on_cpu = device.open().map(|d| d.is_cpu()).unwrap_or(false);
+        let (Some(avail), true) = (self.available, on_cpu) else {
+            tracing::info!(model = name, weights = need.weights_bytes, kv = need.kv_cache_bytes, "memory not checked on this device");
+            return Ok(());
+        };
+        let mut r = self.reserved.lock().map_err(|_| EngineError::Config("memory reservation lock poisoned".into()))?;
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        if *r + need.total() > avail {
+            return Err(EngineError::Config(format!(
+                "not enough memory for `{name}`: it needs {:.2} GiB (weights {:.2} GiB + KV cache {:.2} GiB) but only {:.2} GiB of the \
+                 {:.2} GiB available are left after the other models; lower `engine.kv_cache` in the settings or disable a model",
+                gib(need.total()),
+                gib(need.weights_bytes),
+                gib(need.kv_cache_bytes),
+                gib(avail.saturating_sub(*r)),
+                gib(avail)
+            )));
+        }
+        *r += need.total();
+        Ok(())
     }
 }
 
@@ -102,22 +135,29 @@ impl ModelPool {
 
     /// Load every model on its own thread (fetching files when `fetch`), then start its
     /// engine. Returns at once; the threads' handles let a caller wait for the end.
+    ///
+    /// Before loading, each model's weights plus KV budget ([`MemoryEstimate`]) are reserved
+    /// against the memory available when loading began (CPU models; GPU memory is not
+    /// queried); a model that does not fit fails with the numbers and the others go on.
     pub fn load_all(self: &Arc<Self>, registry: &Registry, engine: &SchedulerConfig, fetch: bool) -> Vec<std::thread::JoinHandle<()>> {
+        let gate = Arc::new(MemoryGate { available: cpu_available_bytes().ok(), reserved: Mutex::new(0) });
         self.slots
             .iter()
             .map(|slot| {
                 let slot = slot.clone();
                 let reg = registry.clone();
                 let engine = engine.clone();
+                let gate = gate.clone();
                 std::thread::Builder::new()
                     .name(format!("load-{}", slot.entry.name))
                     .spawn(move || {
                         let t0 = Instant::now();
                         let e = &slot.entry;
-                        let r = reg
-                            .resolve(e, fetch)
-                            .and_then(|files| LoadedModel::load(&e.name, &files, e.device, e.dtype))
-                            .and_then(|m| EngineHandle::start(m, engine));
+                        let r = reg.resolve(e, fetch).and_then(|files| {
+                            gate.reserve(&e.name, &MemoryEstimate::of(&files, e.device, e.dtype, &engine)?, e.device)?;
+                            let m = LoadedModel::load(&e.name, &files, e.device, e.dtype)?;
+                            EngineHandle::start(m, engine)
+                        });
                         match r {
                             Ok(h) => {
                                 tracing::info!(model = %e.name, secs = t0.elapsed().as_secs_f64(), "model ready");

@@ -42,7 +42,7 @@ pub enum KvBudget {
 }
 
 /// Memory available for new allocations on the CPU, from /proc/meminfo.
-fn cpu_available_bytes() -> Result<u64> {
+pub fn cpu_available_bytes() -> Result<u64> {
     let path = std::path::Path::new("/proc/meminfo");
     let text = std::fs::read_to_string(path).map_err(|e| EngineError::Io { path: path.into(), source: e })?;
     text.lines()
