@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-2} CANDLE_NUM_THREADS=${CANDLE_NUM_THREADS:-2}
 export HF_HUB_OFFLINE=1
 
-scripts/fetch-demo-models.sh qwen2.5-coder-0.5b
+scripts/fetch-demo-models.sh qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 scripts/ref/setup-venv.sh
 export SILICA_REF_PYTHON="$PWD/.venv/bin/python"
 

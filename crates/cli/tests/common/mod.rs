@@ -22,13 +22,20 @@ impl Server {
     /// Serve the demo model on a free port with `configs/default.toml` plus `extra` args, and
     /// wait until `/health` says ready.
     pub fn start(extra: &[&str]) -> Server {
+        Self::start_models(&["qwen2.5-coder-0.5b"], extra)
+    }
+
+    /// Serve the named demo models together.
+    pub fn start_models(models: &[&str], extra: &[&str]) -> Server {
         let repo = repo();
-        let model = repo.join("models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
-        assert!(model.exists(), "demo model missing at {}: run scripts/fetch-demo-models.sh", model.display());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_silica"));
-        cmd.current_dir(&repo)
-            .args(["serve", "--model", "qwen2.5-coder-0.5b", "--port", "0", "--no-fetch"])
-            .args(extra)
+        cmd.current_dir(&repo).args(["serve", "--port", "0", "--no-fetch"]);
+        for m in models {
+            let file = repo.join(format!("models/{m}-instruct-q4_k_m.gguf"));
+            assert!(file.exists(), "demo model missing at {}: run scripts/fetch-demo-models.sh", file.display());
+            cmd.args(["--model", m]);
+        }
+        cmd.args(extra)
             .env("RUST_LOG", "warn,silica=info,silica_server=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -53,8 +60,11 @@ impl Server {
         let s = Server { child, port };
         let t0 = Instant::now();
         loop {
-            if let Ok((200, _)) = s.try_request("GET", "/health", b"") {
-                break;
+            // Ready when /health says so and no model is still loading.
+            if let Ok((200, body)) = s.try_request("GET", "/health", b"") {
+                if !body.contains("\"loading\"") {
+                    break;
+                }
             }
             assert!(t0.elapsed() < Duration::from_secs(180), "the server did not become ready");
             std::thread::sleep(Duration::from_millis(200));

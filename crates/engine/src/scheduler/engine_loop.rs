@@ -623,7 +623,7 @@ impl Engine {
         }
     }
 
-    fn publish(&mut self) {
+    pub(crate) fn publish(&mut self) {
         let now = Instant::now();
         let mut s = self.counters.clone();
         s.running = self.running.len();

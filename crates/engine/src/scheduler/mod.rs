@@ -224,7 +224,9 @@ impl EngineHandle {
         let (tx, rx) = std::sync::mpsc::channel();
         let pending = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(Mutex::new(EngineStats::default()));
-        let engine = engine_loop::Engine::new(model, cfg.clone(), rx, pending.clone(), stats.clone())?;
+        let mut engine = engine_loop::Engine::new(model, cfg.clone(), rx, pending.clone(), stats.clone())?;
+        // Publish the initial figures (KV-cache size) before anyone reads them.
+        engine.publish();
         let thread = std::thread::Builder::new()
             .name(format!("engine-{}", info.name))
             .spawn(move || engine.run())
