@@ -294,6 +294,9 @@ pub struct GenerateBody {
     pub stop: Option<StopField>,
 }
 
+// The sampling fields are written out in both request types rather than `#[serde(flatten)]`ed:
+// serde does not support `flatten` together with `deny_unknown_fields`, and unknown fields
+// must be refused by name.
 macro_rules! sampling_of {
     ($t:ty) => {
         impl $t {

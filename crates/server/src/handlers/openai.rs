@@ -30,6 +30,20 @@ fn finish_str(r: FinishReason) -> &'static str {
     r.as_str()
 }
 
+/// A whole (non-streamed) OpenAI answer.
+fn completion_body(object: &str, id: &str, route: &Route, choices: Vec<Value>, usage: Value) -> Response {
+    Json(json!({
+        "id": id,
+        "object": object,
+        "created": unix_now(),
+        "model": route.model,
+        "choices": choices,
+        "usage": usage,
+        "system_fingerprint": format!("silica-{}", env!("CARGO_PKG_VERSION")),
+    }))
+    .into_response()
+}
+
 fn usage_json(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
@@ -195,16 +209,7 @@ pub async fn chat(State(state): State<AppState>, JsonObject(v): JsonObject) -> R
                 "finish_reason": finish,
             }));
         }
-        Json(json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": unix_now(),
-            "model": route.model,
-            "choices": out,
-            "usage": usage_json(prompt, completion),
-            "system_fingerprint": format!("silica-{}", env!("CARGO_PKG_VERSION")),
-        }))
-        .into_response()
+        completion_body("chat.completion", &id, &route, out, usage_json(prompt, completion))
     };
     resp.headers_mut().insert("x-silica-route", route_header(&route));
     Ok(resp)
@@ -455,16 +460,7 @@ pub async fn completions(State(state): State<AppState>, JsonObject(v): JsonObjec
                 "finish_reason": finish_str(f.reason),
             }));
         }
-        Json(json!({
-            "id": id,
-            "object": "text_completion",
-            "created": unix_now(),
-            "model": route.model,
-            "choices": out,
-            "usage": usage_json(prompt, completion),
-            "system_fingerprint": format!("silica-{}", env!("CARGO_PKG_VERSION")),
-        }))
-        .into_response()
+        completion_body("text_completion", &id, &route, out, usage_json(prompt, completion))
     };
     resp.headers_mut().insert("x-silica-route", route_header(&route));
     Ok(resp)
