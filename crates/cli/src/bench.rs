@@ -11,16 +11,26 @@ use silica_engine::sampling::SamplingParams;
 use silica_engine::scheduler::{EngineHandle, Event};
 use silica_engine::tokenizer::{ChatMessage, ChatOptions};
 
-/// What one bench run measures.
+/// What one bench level measures.
+#[derive(Clone)]
 pub struct BenchSpec {
     pub concurrency: Vec<usize>,
     pub max_tokens: usize,
     pub strategy: String,
     pub num_beams: usize,
+    /// Synthetic prompts of exactly this many tokens (distinct per request, so the prefix
+    /// cache cannot serve them) instead of the chat questions.
+    pub prompt_tokens: Option<usize>,
 }
+
+/// The strategies `silica bench --strategy` knows.
+pub const STRATEGIES: [&str; 5] = ["greedy", "sample", "top-k", "top-p", "beam"];
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct BenchRow {
+    pub strategy: String,
+    pub max_tokens: usize,
+    pub prompt_tokens: Option<usize>,
     pub concurrency: usize,
     pub requests: usize,
     pub generated_tokens: usize,
@@ -31,6 +41,10 @@ pub struct BenchRow {
     pub ttft_ms_p95: f64,
     pub itl_ms_p50: f64,
     pub itl_ms_p95: f64,
+    /// Decode steps per second of one stream (1000 / ITL p50).
+    pub decode_tokens_per_s: f64,
+    /// Weight bytes read per decode step × steps/s, over the device's bandwidth.
+    pub bandwidth_utilisation: Option<f64>,
 }
 
 const QUESTIONS: &[&str] = &[
@@ -60,11 +74,16 @@ fn request(i: usize, spec: &BenchSpec) -> GenerateRequest {
         "top-p" => SamplingParams { temperature: 0.8, top_p: 0.9, seed: Some(i as u64), ..Default::default() },
         _ => SamplingParams { temperature: 0.8, seed: Some(i as u64), ..Default::default() },
     };
-    GenerateRequest {
-        prompt: Prompt::Chat {
+    let prompt = match spec.prompt_tokens {
+        // Ordinary vocabulary ids (100..20100), different for every request.
+        Some(n) => Prompt::Tokens((0..n).map(|j| (100 + (i * 7919 + j * 31) % 20_000) as u32).collect()),
+        None => Prompt::Chat {
             messages: vec![ChatMessage::new("user", QUESTIONS[i % QUESTIONS.len()])],
             options: ChatOptions { add_generation_prompt: true, ..Default::default() },
         },
+    };
+    GenerateRequest {
+        prompt,
         sampling,
         // Fixed-length outputs so every level does the same work.
         stop: StopParams { max_tokens: Some(spec.max_tokens), ignore_eos: true, ..Default::default() },
@@ -75,7 +94,7 @@ fn request(i: usize, spec: &BenchSpec) -> GenerateRequest {
 /// Run every concurrency level; returns one row per level.
 pub async fn run(handle: &EngineHandle, spec: &BenchSpec) -> Result<Vec<BenchRow>> {
     // Warm-up: one short request (first-touch allocations, thread pools).
-    let warm = BenchSpec { concurrency: vec![1], max_tokens: 4, strategy: spec.strategy.clone(), num_beams: spec.num_beams };
+    let warm = BenchSpec { concurrency: vec![1], max_tokens: 4, ..spec.clone() };
     run_level(handle, &warm, 1).await?;
     let mut rows = Vec::new();
     for &c in &spec.concurrency {
@@ -127,7 +146,13 @@ async fn run_level(handle: &EngineHandle, spec: &BenchSpec, c: usize) -> Result<
         generated += n;
     }
     let wall = start.elapsed().as_secs_f64();
+    let itl_p50 = percentile(&mut itl, 50.0);
     Ok(BenchRow {
+        strategy: spec.strategy.clone(),
+        max_tokens: spec.max_tokens,
+        prompt_tokens: spec.prompt_tokens,
+        decode_tokens_per_s: if itl_p50 > 0.0 { 1e3 / itl_p50 } else { 0.0 },
+        bandwidth_utilisation: None,
         concurrency: c,
         requests: c,
         generated_tokens: generated,
@@ -136,21 +161,37 @@ async fn run_level(handle: &EngineHandle, spec: &BenchSpec, c: usize) -> Result<
         per_stream_tokens_per_s: generated as f64 / wall / c as f64,
         ttft_ms_p50: percentile(&mut ttft, 50.0),
         ttft_ms_p95: percentile(&mut ttft, 95.0),
-        itl_ms_p50: percentile(&mut itl, 50.0),
+        itl_ms_p50: itl_p50,
         itl_ms_p95: percentile(&mut itl, 95.0),
     })
+}
+
+/// Fill in bandwidth utilisation: `bytes_per_step` weight bytes read per decode step.
+pub fn add_bandwidth(rows: &mut [BenchRow], bytes_per_step: f64, bandwidth_gbs: f64) {
+    for r in rows {
+        r.bandwidth_utilisation = Some(bytes_per_step * r.decode_tokens_per_s / (bandwidth_gbs * 1e9));
+    }
 }
 
 /// A markdown table of the rows.
 pub fn table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
-        "| concurrency | generated tokens | wall s | aggregate tok/s | per-stream tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| strategy | new tokens | prompt | streams | aggregate tok/s | decode tok/s per stream | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | bandwidth |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |\n",
-            r.concurrency, r.generated_tokens, r.wall_s, r.aggregate_tokens_per_s, r.per_stream_tokens_per_s,
-            r.ttft_ms_p50, r.ttft_ms_p95, r.itl_ms_p50, r.itl_ms_p95
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {} |\n",
+            r.strategy,
+            r.max_tokens,
+            r.prompt_tokens.map_or("chat".to_string(), |n| n.to_string()),
+            r.concurrency,
+            r.aggregate_tokens_per_s,
+            r.decode_tokens_per_s,
+            r.ttft_ms_p50,
+            r.ttft_ms_p95,
+            r.itl_ms_p50,
+            r.itl_ms_p95,
+            r.bandwidth_utilisation.map_or("-".to_string(), |u| format!("{:.0}%", u * 100.0)),
         ));
     }
     s

@@ -36,6 +36,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Measure a model through its engine loop at several concurrency levels.
     Bench(BenchArgs),
+    /// Teacher forcing: print every position's top next-token logits for a token sequence
+    /// (JSON), to compare a device and dtype with a reference implementation.
+    Logits(LogitsArgs),
     /// List the models in the registry.
     Models,
     /// Download or assemble a model's files without running it.
@@ -62,6 +65,22 @@ struct ServeArgs {
 }
 
 #[derive(Args)]
+struct LogitsArgs {
+    #[arg(long)]
+    model: String,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// A JSON file holding an array of token ids.
+    #[arg(long)]
+    tokens: PathBuf,
+    /// How many of the largest logits to print per position.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     #[arg(long, default_value = "qwen2.5-coder-0.5b")]
     model: String,
@@ -72,12 +91,20 @@ struct BenchArgs {
     /// Comma-separated numbers of concurrent streams.
     #[arg(long, default_value = "1,4,16,64", value_delimiter = ',')]
     concurrency: Vec<usize>,
-    /// New tokens per request (end-of-turn ignored so every request does the same work).
-    #[arg(long, default_value_t = 64)]
-    max_tokens: usize,
-    /// greedy | sample | top-k | top-p | beam
-    #[arg(long, default_value = "greedy")]
-    strategy: String,
+    /// New tokens per request, comma-separated lengths (end-of-turn ignored so every request
+    /// does the same work).
+    #[arg(long, default_value = "64", value_delimiter = ',')]
+    max_tokens: Vec<usize>,
+    /// Comma-separated strategies: greedy, sample, top-k, top-p, beam.
+    #[arg(long, default_value = "greedy", value_delimiter = ',')]
+    strategy: Vec<String>,
+    /// Synthetic prompts of exactly this many tokens instead of short chat questions.
+    #[arg(long)]
+    prompt_tokens: Option<usize>,
+    /// Device memory bandwidth in GB/s: adds each row's bandwidth utilisation (weight bytes
+    /// read per decode step × steps/s over this).
+    #[arg(long)]
+    bandwidth_gbs: Option<f64>,
     #[arg(long, default_value_t = 4)]
     num_beams: usize,
     /// Engine settings (the `[engine]` table).
@@ -193,6 +220,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(a) => run_serve(reg, a),
         Command::Generate(a) => run_generate(&reg, a),
         Command::Bench(a) => run_bench(&reg, a),
+        Command::Logits(a) => {
+            let entry = reg.lookup(&a.model)?;
+            let device: DeviceSpec = if a.device == "auto" { entry.device } else { a.device.parse()? };
+            let dtype: DTypeSpec = if a.dtype == "auto" { entry.dtype } else { a.dtype.parse()? };
+            let m = LoadedModel::load(&entry.name, &reg.resolve(&entry, true)?, device, dtype)?;
+            let text = std::fs::read_to_string(&a.tokens).with_context(|| format!("reading {}", a.tokens.display()))?;
+            let tokens: Vec<u32> = serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON array of token ids", a.tokens.display()))?;
+            let top = silica_engine::generate::teacher_forced_top_k(&m, &tokens, a.top)?;
+            println!("{}", serde_json::to_string(&top)?);
+            Ok(())
+        }
     }
 }
 
@@ -236,8 +274,11 @@ fn run_serve(reg: Registry, a: ServeArgs) -> Result<()> {
 }
 
 fn run_bench(reg: &Registry, a: BenchArgs) -> Result<()> {
-    if !["greedy", "sample", "top-k", "top-p", "beam"].contains(&a.strategy.as_str()) {
-        anyhow::bail!("--strategy must be one of greedy, sample, top-k, top-p, beam; got `{}`", a.strategy);
+    if let Some(s) = a.strategy.iter().find(|s| !bench::STRATEGIES.contains(&s.as_str())) {
+        anyhow::bail!("--strategy must be among {}; got `{s}`", bench::STRATEGIES.join(", "));
+    }
+    if a.max_tokens.contains(&0) {
+        anyhow::bail!("--max-tokens must be at least 1");
     }
     let cfg = if a.config.exists() { SchedulerConfig::from_file(&a.config)? } else { SchedulerConfig::default() };
     let entry = reg.lookup(&a.model)?;
@@ -246,18 +287,53 @@ fn run_bench(reg: &Registry, a: BenchArgs) -> Result<()> {
     let files = reg.resolve(&entry, true)?;
     let m = LoadedModel::load(&entry.name, &files, device, dtype)?;
     let info = m.info.clone();
+    // Weight bytes read per decode step: every weight but the embedding table (a lookup),
+    // unless the head shares it.
+    let c = m.config();
+    let embed = if c.tie_word_embeddings { 0 } else { c.vocab_size * c.hidden_size };
+    let bytes_per_step = match info.format {
+        silica_engine::model::Format::Gguf => info.weights_file_bytes as f64,
+        _ => ((info.num_parameters as usize - embed) * m.model.dtype().size_in_bytes()) as f64,
+    };
     let handle = EngineHandle::start(m, cfg)?;
-    let spec = bench::BenchSpec { concurrency: a.concurrency.clone(), max_tokens: a.max_tokens, strategy: a.strategy.clone(), num_beams: a.num_beams };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let rows = rt.block_on(bench::run(&handle, &spec));
+    let mut rows = Vec::new();
+    let mut failure = None;
+    'runs: for strategy in &a.strategy {
+        for &max_tokens in &a.max_tokens {
+            let spec = bench::BenchSpec {
+                concurrency: a.concurrency.clone(),
+                max_tokens,
+                strategy: strategy.clone(),
+                num_beams: a.num_beams,
+                prompt_tokens: a.prompt_tokens,
+            };
+            match rt.block_on(bench::run(&handle, &spec)) {
+                Ok(r) => rows.extend(r),
+                Err(e) => {
+                    failure = Some(e);
+                    break 'runs;
+                }
+            }
+        }
+    }
     handle.shutdown();
-    let rows = rows?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if let Some(bw) = a.bandwidth_gbs {
+        bench::add_bandwidth(&mut rows, bytes_per_step, bw);
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         println!(
-            "model {} ({}, {}, {}), {} new tokens per request, strategy {}\n",
-            info.name, info.weights, info.device, info.dtype, a.max_tokens, a.strategy
+            "model {} ({}, {}, {}), {:.2} GB of weights read per decode step\n",
+            info.name,
+            info.weights,
+            info.device,
+            info.dtype,
+            bytes_per_step / 1e9
         );
         print!("{}", bench::table(&rows));
     }

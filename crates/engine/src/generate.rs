@@ -461,3 +461,29 @@ fn beam_search(
         seed: None,
     })
 }
+
+/// Teacher forcing: one forward over `tokens` returning, for every position, the `k` largest
+/// (token id, logit) pairs of the next-token logits, best first. For checking a device and
+/// dtype against a reference implementation on the same weights.
+pub fn teacher_forced_top_k(m: &LoadedModel, tokens: &[u32], k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    if tokens.is_empty() {
+        return Err(EngineError::invalid("tokens", "at least one token is needed"));
+    }
+    let mut kv = m.kv_cache_for_tokens(tokens.len(), 16)?;
+    let mut seq = SeqCache::default();
+    kv.reserve(&mut seq, tokens.len())?;
+    let logits = m.model.forward(&[SeqInput { tokens, cache: &seq, all_logits: true }], &mut kv);
+    kv.free(&mut seq);
+    let rows = logits?.to_vec2::<f32>()?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+            let k = k.min(row.len());
+            idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, row[i as usize])).collect();
+            top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            top
+        })
+        .collect())
+}

@@ -225,3 +225,23 @@ impl ModelPool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_gate_reserves_and_refuses_with_the_numbers() {
+        let gib = 1u64 << 30;
+        let gate = MemoryGate { available: Some(4 * gib), reserved: Mutex::new(0) };
+        let m = |w: u64, kv: u64| MemoryEstimate { weights_bytes: w, kv_cache_bytes: kv };
+        gate.reserve("a", &m(gib, gib), DeviceSpec::Cpu).unwrap();
+        let e = gate.reserve("b", &m(gib, 2 * gib), DeviceSpec::Cpu).unwrap_err().to_string();
+        for needle in ["`b`", "3.00 GiB", "weights 1.00 GiB", "KV cache 2.00 GiB", "2.00 GiB of the 4.00 GiB"] {
+            assert!(e.contains(needle), "{needle:?} missing from {e}");
+        }
+        // The refused model reserved nothing: a smaller one still fits.
+        gate.reserve("c", &m(gib, gib), DeviceSpec::Cpu).unwrap();
+        assert_eq!(*gate.reserved.lock().unwrap(), 4 * gib);
+    }
+}
