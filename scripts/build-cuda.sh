@@ -2,7 +2,7 @@
 # Build the CUDA `silica` binary on this GPU-less machine and pack what the GPU machine needs
 # into .gpu/ (git-ignored, carried with the device tool):
 #   .gpu/silica.xz          stripped, xz-compressed binary (sm_90: H100/H200)
-#   .gpu/tokenizer.tar.xz   tokenizer.json + tokenizer_config.json of the Qwen2.5 vocabulary
+#   .gpu/tokenizer.tar.xz   tokenizer.json, tokenizer_config.json, chat_template.jinja (Qwen2.5)
 #                           (the random-weight checkpoints built there have none)
 # First build ~25 min on 2 cores (candle-kernels' nvcc step); later ones are incremental.
 set -euo pipefail
@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 t = AutoTokenizer.from_pretrained("models", gguf_file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
 t.save_pretrained(sys.argv[1])
 PY
-  tar -C "$tmp" -cJf .gpu/tokenizer.tar.xz tokenizer.json tokenizer_config.json
+  tar -C "$tmp" -cJf .gpu/tokenizer.tar.xz tokenizer.json tokenizer_config.json chat_template.jinja
   rm -rf "$tmp"
 fi
 ls -l .gpu
