@@ -26,12 +26,26 @@ pub(crate) struct AttnSeq {
     pub start: usize,
     /// Cache slots of positions `0..start + n` (host copy of `read_slots`).
     pub slots: Vec<u32>,
-    /// Cache slots of positions `0..start + n`, for gathering K and V.
-    pub read_slots: Tensor,
-    /// Contiguous runs `(row offset in sequence, first slot, count)` to write new K/V to.
-    pub write_runs: Vec<(usize, usize, usize)>,
-    /// Additive causal mask `[groups * n, start + n]`, only when `n > 1`.
+    /// Cache slots of positions `0..start + n`, for gathering K and V (prefill sequences on
+    /// the gather path only; decode sequences are gathered together by [`DecodeGroup`]).
+    pub read_slots: Option<Tensor>,
+    /// Additive causal mask `[groups * n, start + n]`, only when `n > 1` on the gather path.
     pub mask: Option<Tensor>,
+}
+
+/// The decode sequences (one new token each) of a step, attended together by one batched
+/// gather + matmul per layer instead of a handful of kernels per sequence.
+pub(crate) struct DecodeGroup {
+    /// Indices into `BatchMeta::seqs`, in order.
+    pub seq_idx: Vec<usize>,
+    /// The batch row of each (`None` when they are exactly rows `0..d`).
+    pub rows: Option<Tensor>,
+    /// `[d * max_len]` cache slots, each sequence's positions padded to `max_len` with its
+    /// first slot (masked out).
+    pub slots: Tensor,
+    /// `[d, 1, 1, max_len]` additive mask: 0 for real positions, -inf for padding.
+    pub mask: Tensor,
+    pub max_len: usize,
 }
 
 /// Everything a forward pass needs besides the weights and the cache tensors.
@@ -39,25 +53,35 @@ pub(crate) struct BatchMeta {
     pub ids: Tensor,
     pub positions: Tensor,
     pub seqs: Vec<AttnSeq>,
+    /// Every row's cache slot broadcast to `[rows, kv_heads, head_dim]`: the new K/V of a
+    /// layer are written with one scatter.
+    pub write_index: Tensor,
+    /// Decode sequences attended together (gather path, i.e. not the CPU F32 kernel).
+    pub decode: Option<DecodeGroup>,
     /// Rows whose logits are returned, in order.
     pub logit_rows: Tensor,
     pub num_logit_rows: usize,
 }
 
 impl BatchMeta {
+    /// `gather`: attention will gather K/V with tensor ops (any device but the CPU F32 kernel),
+    /// so build the index tensors and masks it needs.
     pub fn build(
         batch: &[SeqInput<'_>],
         kv: &KvCache,
-        groups: usize,
+        shape: (usize, usize, usize),
         mask_dtype: DType,
         device: &Device,
+        gather: bool,
     ) -> candle_core::Result<Self> {
+        let (groups, kv_heads, head_dim) = shape;
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let mut ids = Vec::with_capacity(total);
         let mut positions = Vec::with_capacity(total);
         let mut logit_rows = Vec::new();
         let mut seqs = Vec::with_capacity(batch.len());
         let bs = kv.block_size();
+        let mut write_slots: Vec<u32> = Vec::with_capacity(total);
         for s in batch {
             let row = ids.len();
             let start = s.cache.len;
@@ -80,16 +104,8 @@ impl BatchMeta {
                 logit_rows.push((row + n - 1) as u32);
             }
             let read: Vec<u32> = (0..start + n).map(|p| kv.slot(s.cache, p) as u32).collect();
-            let mut write_runs = Vec::new();
-            let mut i = 0;
-            while i < n {
-                let pos = start + i;
-                let in_block = bs - pos % bs;
-                let count = in_block.min(n - i);
-                write_runs.push((i, kv.slot(s.cache, pos), count));
-                i += count;
-            }
-            let mask = if n > 1 {
+            write_slots.extend_from_slice(&read[start..]);
+            let mask = if gather && n > 1 {
                 let l = start + n;
                 let mut m = vec![0f32; groups * n * l];
                 for g in 0..groups {
@@ -104,23 +120,55 @@ impl BatchMeta {
             } else {
                 None
             };
-            seqs.push(AttnSeq {
-                row,
-                n,
-                start,
-                read_slots: Tensor::from_vec(read.clone(), start + n, device)?,
-                slots: read,
-                write_runs,
-                mask,
-            });
+            let read_slots = if gather && n > 1 { Some(Tensor::from_vec(read.clone(), start + n, device)?) } else { None };
+            seqs.push(AttnSeq { row, n, start, read_slots, slots: read, mask });
         }
+        let decode = if gather { DecodeGroup::build(&seqs, mask_dtype, device)? } else { None };
+        let write_index: Vec<u32> =
+            write_slots.iter().flat_map(|&s| std::iter::repeat_n(s, kv_heads * head_dim)).collect();
         let num_logit_rows = logit_rows.len();
+        let _ = bs;
         Ok(BatchMeta {
             ids: Tensor::from_vec(ids, total, device)?,
             positions: Tensor::from_vec(positions, total, device)?,
+            write_index: Tensor::from_vec(write_index, (total, kv_heads, head_dim), device)?,
+            decode,
             seqs,
             logit_rows: Tensor::from_vec(logit_rows, num_logit_rows, device)?,
             num_logit_rows,
         })
+    }
+}
+
+impl DecodeGroup {
+    fn build(seqs: &[AttnSeq], mask_dtype: DType, device: &Device) -> candle_core::Result<Option<Self>> {
+        let seq_idx: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].n == 1).collect();
+        if seq_idx.is_empty() {
+            return Ok(None);
+        }
+        let d = seq_idx.len();
+        let max_len = seq_idx.iter().map(|&i| seqs[i].slots.len()).max().unwrap_or(1);
+        let mut slots = Vec::with_capacity(d * max_len);
+        let mut mask = Vec::with_capacity(d * max_len);
+        for &i in &seq_idx {
+            let s = &seqs[i].slots;
+            slots.extend_from_slice(s);
+            slots.extend(std::iter::repeat_n(s[0], max_len - s.len()));
+            mask.extend(std::iter::repeat_n(0f32, s.len()));
+            mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, max_len - s.len()));
+        }
+        let in_order = seq_idx.iter().enumerate().all(|(k, &i)| seqs[i].row == k);
+        let rows = if in_order {
+            None
+        } else {
+            Some(Tensor::from_vec(seq_idx.iter().map(|&i| seqs[i].row as u32).collect::<Vec<_>>(), d, device)?)
+        };
+        Ok(Some(DecodeGroup {
+            rows,
+            slots: Tensor::from_vec(slots, d * max_len, device)?,
+            mask: Tensor::from_vec(mask, (d, 1, 1, max_len), device)?.to_dtype(mask_dtype)?,
+            max_len,
+            seq_idx,
+        }))
     }
 }

@@ -123,13 +123,9 @@ impl Attention {
         // 3. Rotary position embedding at each row's absolute position.
         let q = apply_rope(&q, rope.0, rope.1)?;
         let k = apply_rope(&k, rope.0, rope.1)?;
-        // 4. Write the new K/V into the sequence's cache slots, in place.
-        for s in &meta.seqs {
-            for &(off, slot, count) in &s.write_runs {
-                k_pool.slice_set(&k.narrow(0, s.row + off, count)?, 0, slot)?;
-                v_pool.slice_set(&v.narrow(0, s.row + off, count)?, 0, slot)?;
-            }
-        }
+        // 4. Write the new K/V into the rows' cache slots, in place, one scatter each.
+        k_pool.scatter_set(&meta.write_index, &k.contiguous()?, 0)?;
+        v_pool.scatter_set(&meta.write_index, &v, 0)?;
         // 5. Attention per sequence over its blocks: on the CPU straight from the pools,
         //    elsewhere by gathering each sequence's K/V.
         if super::attention_cpu::applies(&q, k_pool) {
@@ -137,21 +133,55 @@ impl Attention {
             return self.o_proj.forward(&o);
         }
         let scale = 1.0 / (hd as f64).sqrt();
+        let softmax = |att: Tensor| -> candle_core::Result<Tensor> {
+            let in_dtype = att.dtype();
+            candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(in_dtype)
+        };
+        // 5a. Decode sequences together: [d, nkv, groups, hd] × [d, nkv, hd, max_len].
+        let decoded = match &meta.decode {
+            Some(g) => {
+                let (d, l) = (g.seq_idx.len(), g.max_len);
+                let qd = match &g.rows {
+                    None if d == rows => q.clone(),
+                    None => q.narrow(0, 0, d)?,
+                    Some(r) => q.index_select(r, 0)?,
+                };
+                let qd = qd.contiguous()?.reshape((d, nkv, groups, hd))?;
+                let gather = |pool: &Tensor| pool.index_select(&g.slots, 0)?.reshape((d, l, nkv, hd))?.transpose(1, 2)?.contiguous();
+                let (ks, vs) = (gather(k_pool)?, gather(v_pool)?);
+                let att = (qd.matmul(&ks.t()?)? * scale)?.broadcast_add(&g.mask)?;
+                let o = softmax(att)?.matmul(&vs)?; // [d, nkv, groups, hd]
+                Some(o.reshape((d, nh * hd))?)
+            }
+            None => None,
+        };
+        if let (Some(o), Some(g)) = (&decoded, &meta.decode) {
+            if g.seq_idx.len() == meta.seqs.len() && g.rows.is_none() {
+                return self.o_proj.forward(o);
+            }
+        }
+        // 5b. Prefill sequences one by one; outputs assembled in row order.
         let mut outs = Vec::with_capacity(meta.seqs.len());
+        let mut next_decoded = 0;
         for s in &meta.seqs {
             let n = s.n;
+            if n == 1 {
+                let o = decoded.as_ref().expect("decode rows have a decode group");
+                outs.push(o.narrow(0, next_decoded, 1)?);
+                next_decoded += 1;
+                continue;
+            }
+            let read_slots = s.read_slots.as_ref().expect("prefill rows on the gather path have read slots");
             // q: [n, nh, hd] → [nkv, groups * n, hd] (head h uses kv head h / groups).
             let qs = q.narrow(0, s.row, n)?.transpose(0, 1)?.contiguous()?.reshape((nkv, groups * n, hd))?;
-            let ks = k_pool.index_select(&s.read_slots, 0)?.transpose(0, 1)?.contiguous()?;
-            let vs = v_pool.index_select(&s.read_slots, 0)?.transpose(0, 1)?.contiguous()?;
+            let ks = k_pool.index_select(read_slots, 0)?.transpose(0, 1)?.contiguous()?;
+            let vs = v_pool.index_select(read_slots, 0)?.transpose(0, 1)?.contiguous()?;
             let att = (qs.matmul(&ks.t()?)? * scale)?;
             let att = match &s.mask {
                 Some(m) => att.broadcast_add(m)?,
                 None => att,
             };
-            let in_dtype = att.dtype();
-            let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(in_dtype)?;
-            let o = att.matmul(&vs)?; // [nkv, groups * n, hd]
+            let o = softmax(att)?.matmul(&vs)?; // [nkv, groups * n, hd]
             let o = o.reshape((nh, n, hd))?.transpose(0, 1)?.reshape((n, nh * hd))?;
             outs.push(o);
         }

@@ -81,7 +81,9 @@ impl QwenModel {
             }
         }
         let groups = self.cfg.num_heads / self.cfg.num_kv_heads;
-        let meta = BatchMeta::build(batch, kv, groups, self.dtype, &self.device)?;
+        let gather = !(self.device.is_cpu() && self.dtype == DType::F32);
+        let shape = (groups, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let meta = BatchMeta::build(batch, kv, shape, self.dtype, &self.device, gather)?;
         // 1. Embed: [rows, hidden].
         let mut x = self.embed_tokens.forward(&meta.ids, self.dtype)?;
         // 2. RoPE tables for every row's position.
