@@ -4,6 +4,7 @@ mod attention_cpu;
 pub mod batch;
 pub mod config;
 pub mod layers;
+mod kquants;
 mod q8;
 pub mod qwen;
 pub mod weights;

@@ -1,15 +1,19 @@
-//! A Q8_0 matrix multiplication for the CPU that gets cheaper per row as rows are added.
+//! Quantized matrix multiplication for the CPU on the file's own blocks of 32 values
+//! (Q8_0 and Q5_0), with the threading and tiling shared by [`super::kquants`].
 //!
 //! candle 0.11's Q8_0 CPU kernel costs the same per row at 1 or 64 rows (measured: ~14
-//! GMAC/s on 2 cores, see docs/benchmarks.md), which makes batched decode no faster than
-//! sequential decode. Here the activations are quantized once per call (per 32 values, scale
-//! `amax / 127`, as llama.cpp does for Q8_0 dot products) and every weight block is reused
-//! across a tile of rows while it is in registers.
+//! GMAC/s on 2 cores, see docs/benchmarks.md) and it has no SIMD kernel for Q5_0 at all. Here
+//! the weights stay in the GGUF file's block layout (Q5_0: 22 bytes per 32 values, 0.69 bytes
+//! per weight; an earlier version re-packed Q5_0 to Q8_0 at load, which cost 1.5× the memory
+//! traffic of a decode step), the activations are quantized once per call (per 32 values, scale
+//! `amax / 127` rounded to f16, as llama.cpp does for Q8_0 dot products), and every weight
+//! block is decoded to 32 signed bytes once per tile of rows, while it is in registers.
 //!
 //! Each output element is computed by the same sequence of operations whatever the number of
 //! rows (eight i32 lanes per block, one fused multiply-add per lane and block, one fixed final
 //! reduction), so results are batch-invariant; the AVX2 and the portable paths are bitwise
-//! identical (tested).
+//! identical (tested): a block's integer lane sums are exact, and the float operations are the
+//! same ones in the same order.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -17,97 +21,150 @@ use rayon::prelude::*;
 
 const QK: usize = 32;
 /// Rows of activations processed against each weight block while it is loaded.
-const ROW_TILE: usize = 4;
-/// Output columns per parallel task.
+pub(super) const ROW_TILE: usize = 4;
+/// Output columns per parallel task: small enough that a busy core only delays a sliver of
+/// the work (rayon's other thread steals the rest), large enough to amortize scheduling.
 const COLS_PER_TASK: usize = 32;
 
-/// A Q8_0 weight `[n, k]`: int8 values and one f32 scale per 32 values.
+/// The weight formats with 32-value blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// `d: f16, qs: [i8; 32]`, value = d·q.
+    Q8_0,
+    /// `d: f16, qh: u32, qs: [u8; 16]`, value = d·(q5 − 16) with the low nibbles in `qs` (values
+    /// j and j + 16 share byte j) and the fifth bits in `qh`.
+    Q5_0,
+}
+
+impl Format {
+    fn block_bytes(self) -> usize {
+        match self {
+            Format::Q8_0 => 34,
+            Format::Q5_0 => 22,
+        }
+    }
+}
+
+/// A Q8_0 or Q5_0 weight `[n, k]`, in the GGUF file's own block layout.
 #[derive(Debug)]
 pub struct Q8Matrix {
     n: usize,
     k: usize,
-    /// `[n, k]` int8.
-    quants: Vec<i8>,
-    /// `[n, k / 32]`.
-    scales: Vec<f32>,
+    format: Format,
+    /// `n` rows of `k / 32` blocks.
+    data: Vec<u8>,
 }
 
-/// Activations quantized the same way: int8 values and a scale per 32 values.
+/// Activations quantized per 32 values: int8 values and an f32 scale (f16-rounded) per block.
 struct Q8Rows {
     quants: Vec<i8>,
     scales: Vec<f32>,
 }
 
 impl Q8Matrix {
-    /// Take a Q8_0 `QTensor` `[n, k]` apart into values and scales.
+    /// Take a Q8_0 or Q5_0 `QTensor` `[n, k]` (its bytes are kept as they are).
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
-        if t.dtype() != GgmlDType::Q8_0 {
-            candle_core::bail!("Q8Matrix needs Q8_0, got {:?}", t.dtype());
-        }
+        let format = match t.dtype() {
+            GgmlDType::Q8_0 => Format::Q8_0,
+            GgmlDType::Q5_0 => Format::Q5_0,
+            other => candle_core::bail!("Q8Matrix needs Q8_0 or Q5_0, got {other:?}"),
+        };
         let (n, k) = t.shape().dims2()?;
         if k % QK != 0 {
-            candle_core::bail!("Q8_0 row length {k} is not a multiple of {QK}");
+            candle_core::bail!("{format:?} row length {k} is not a multiple of {QK}");
         }
-        let data = t.data()?;
-        let blocks = n * k / QK;
-        if data.len() != blocks * (2 + QK) {
-            candle_core::bail!("Q8_0 data has {} bytes, expected {}", data.len(), blocks * (2 + QK));
+        let data = t.data()?.into_owned();
+        let want = n * k / QK * format.block_bytes();
+        if data.len() != want {
+            candle_core::bail!("{format:?} data has {} bytes, expected {want}", data.len());
         }
-        let mut quants = Vec::with_capacity(n * k);
-        let mut scales = Vec::with_capacity(blocks);
-        for b in data.chunks_exact(2 + QK) {
-            scales.push(half::f16::from_le_bytes([b[0], b[1]]).to_f32());
-            quants.extend(b[2..].iter().map(|&x| x as i8));
-        }
-        Ok(Q8Matrix { n, k, quants, scales })
+        Ok(Q8Matrix { n, k, format, data })
+    }
+
+    /// Whether this GGML type has a kernel here.
+    pub fn supports(dtype: GgmlDType) -> bool {
+        matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q5_0)
     }
 
     /// `x: [m, k]` F32 → `[m, n]` F32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (m, k) = x.dims2()?;
         if k != self.k {
-            candle_core::bail!("Q8 matmul: input has {k} columns, weight expects {}", self.k);
+            candle_core::bail!("quantized matmul: input has {k} columns, weight expects {}", self.k);
         }
-        let xs = x.to_dtype(candle_core::DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let out = self.matmul(&xs, m, avx2_available());
+        let out = with_f32_rows(x, |xs| self.matmul(xs, m, simd_available()))?;
         Tensor::from_vec(out, (m, self.n), &Device::Cpu)
     }
 
     fn matmul(&self, xs: &[f32], m: usize, simd: bool) -> Vec<f32> {
         let rows = quantize_rows(xs, m, self.k);
-        let kb = self.k / QK;
-        // Computed column-major per task ([n][m]) so tasks own disjoint memory, then transposed.
-        let mut out_t = vec![0f32; self.n * m];
-        out_t.par_chunks_mut(COLS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
-            let col0 = task * COLS_PER_TASK;
-            for (c, out_col) in chunk.chunks_mut(m).enumerate() {
-                let col = col0 + c;
-                let w = &self.quants[col * self.k..(col + 1) * self.k];
-                let ws = &self.scales[col * kb..(col + 1) * kb];
-                let mut r0 = 0;
-                while r0 < m {
-                    let r1 = (r0 + ROW_TILE).min(m);
-                    if simd {
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: `simd` is only true when AVX2 and FMA were detected at run time.
-                        unsafe {
-                            avx2::dot_tile(w, ws, &rows, r0, r1, self.k, &mut out_col[r0..r1])
-                        };
-                    } else {
-                        portable::dot_tile(w, ws, &rows, r0, r1, self.k, &mut out_col[r0..r1]);
+        let row_bytes = self.k / QK * self.format.block_bytes();
+        tiled(self.n, m, |col, r0, r1, out| {
+            let w = &self.data[col * row_bytes..(col + 1) * row_bytes];
+            if simd {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `simd` is only true when AVX2, FMA and F16C were detected at run time.
+                unsafe {
+                    match self.format {
+                        Format::Q8_0 => avx2::dot_tile::<false>(w, &rows, r0, r1, self.k, out),
+                        Format::Q5_0 => avx2::dot_tile::<true>(w, &rows, r0, r1, self.k, out),
                     }
-                    r0 = r1;
-                }
+                };
+            } else {
+                portable::dot_tile(self.format, w, &rows, r0, r1, self.k, out);
             }
-        });
-        let mut out = vec![0f32; m * self.n];
-        for col in 0..self.n {
-            for r in 0..m {
-                out[r * self.n + col] = out_t[col * m + r];
-            }
-        }
-        out
+        })
     }
+}
+
+/// Run `f` on the rows of `x` as one contiguous F32 slice, borrowing the tensor's storage when
+/// it already is one (no copy per call).
+pub(super) fn with_f32_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let x = x.to_dtype(candle_core::DType::F32)?;
+    if x.is_contiguous() {
+        let (storage, layout) = x.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            let all = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            return Ok(f(&all[start..start + x.elem_count()]));
+        }
+    }
+    let v = x.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&v))
+}
+
+/// The shared loop: `kernel(col, r0, r1, out)` writes rows `r0..r1` of output column `col`.
+/// Columns are split into tasks of [`COLS_PER_TASK`]; inside a task each tile of
+/// [`ROW_TILE`] activation rows meets every column of the task, so both stay in L1. Which
+/// rows share a tile does not change any element's sequence of operations.
+pub(super) fn tiled<F>(n: usize, m: usize, kernel: F) -> Vec<f32>
+where
+    F: Fn(usize, usize, usize, &mut [f32]) + Sync,
+{
+    // Computed column-major per task ([n][m]) so tasks own disjoint memory, then transposed.
+    let mut out_t = vec![0f32; n * m];
+    out_t.par_chunks_mut(COLS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
+        let col0 = task * COLS_PER_TASK;
+        let cols = chunk.len() / m;
+        let mut r0 = 0;
+        while r0 < m {
+            let r1 = (r0 + ROW_TILE).min(m);
+            for c in 0..cols {
+                kernel(col0 + c, r0, r1, &mut chunk[c * m + r0..c * m + r1]);
+            }
+            r0 = r1;
+        }
+    });
+    if m == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; m * n];
+    for (col, src) in out_t.chunks_exact(m).enumerate() {
+        for (r, &v) in src.iter().enumerate() {
+            out[r * n + col] = v;
+        }
+    }
+    out
 }
 
 fn quantize_rows(xs: &[f32], m: usize, k: usize) -> Q8Rows {
@@ -127,16 +184,27 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> Q8Rows {
     Q8Rows { quants, scales }
 }
 
-/// Whether the AVX2+FMA path can run on this CPU.
-pub fn avx2_available() -> bool {
+/// Whether the AVX2 paths (AVX2, FMA, F16C) can run on this CPU; checked once.
+pub fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
+}
+
+#[inline]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
 /// Final reduction of the eight lanes, in a fixed order shared by both paths.
@@ -148,53 +216,115 @@ fn reduce8(a: [f32; 8]) -> f32 {
 mod portable {
     use super::*;
 
+    /// One block's 32 weights as signed bytes.
+    fn decode(format: Format, b: &[u8], out: &mut [i8; QK]) {
+        match format {
+            Format::Q8_0 => {
+                for (o, &q) in out.iter_mut().zip(&b[2..2 + QK]) {
+                    *o = q as i8;
+                }
+            }
+            Format::Q5_0 => {
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                for j in 0..16 {
+                    let q = b[6 + j];
+                    let lo = (q & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+                    let hi = (q >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+                    out[j] = lo as i8 - 16;
+                    out[j + 16] = hi as i8 - 16;
+                }
+            }
+        }
+    }
+
     /// Rows `r0..r1` of the activations against one weight column. Lane `l` of a block sums
     /// the products of values `4l..4l+3`, exactly as AVX2's maddubs+madd pairs them.
-    pub fn dot_tile(w: &[i8], ws: &[f32], rows: &Q8Rows, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
+    pub fn dot_tile(format: Format, w: &[u8], rows: &Q8Rows, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
         let kb = k / QK;
-        for (o, r) in out.iter_mut().zip(r0..r1) {
-            let x = &rows.quants[r * k..(r + 1) * k];
-            let xsc = &rows.scales[r * kb..(r + 1) * kb];
-            let mut acc = [0f32; 8];
-            for b in 0..kb {
-                let s = ws[b] * xsc[b];
-                for (l, a) in acc.iter_mut().enumerate() {
+        let bb = format.block_bytes();
+        let mut acc = [[0f32; 8]; ROW_TILE];
+        let mut wq = [0i8; QK];
+        for b in 0..kb {
+            let blk = &w[b * bb..(b + 1) * bb];
+            decode(format, blk, &mut wq);
+            let wd = f16_at(blk, 0);
+            for (a, r) in acc.iter_mut().zip(r0..r1) {
+                let x = &rows.quants[r * k + b * QK..r * k + (b + 1) * QK];
+                let s = wd * rows.scales[r * kb + b];
+                for (l, a) in a.iter_mut().enumerate() {
                     let mut isum = 0i32;
-                    for j in 0..4 {
-                        let i = b * QK + 4 * l + j;
-                        isum += w[i] as i32 * x[i] as i32;
+                    for j in 4 * l..4 * l + 4 {
+                        isum += wq[j] as i32 * x[j] as i32;
                     }
                     *a = s.mul_add(isum as f32, *a);
                 }
             }
-            *o = reduce8(acc);
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = reduce8(a);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// AVX2 version of [`portable::dot_tile`]: each weight block is loaded once for the tile.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_tile(w: &[i8], ws: &[f32], rows: &Q8Rows, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
+    /// An f16 (little-endian bytes at `p`) to f32 with F16C; exact, like `half`'s conversion.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(in super::super) unsafe fn f16_at(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// A Q5_0 block's 32 values minus 16, as signed bytes (ggml's unpacking).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn decode_q5_0(b: *const u8) -> __m256i {
+        // Low nibbles to bytes 0..16, high nibbles to bytes 16..32.
+        let qs = _mm_loadu_si128(b.add(6) as *const __m128i);
+        let nib = _mm256_and_si256(
+            _mm256_insertf128_si256(_mm256_castsi128_si256(qs), _mm_srli_epi16(qs, 4), 1),
+            _mm256_set1_epi8(0x0f),
+        );
+        // Byte j = 0xFF where bit j of qh is set.
+        let qh = u32::from_le_bytes([*b.add(2), *b.add(3), *b.add(4), *b.add(5)]);
+        let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
+        let bits = _mm256_cmpeq_epi8(
+            _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+            _mm256_set1_epi64x(-1),
+        );
+        // q − 16 = nibble where the bit is set, nibble − 16 (= nibble | 0xF0) where it is not.
+        _mm256_or_si256(nib, _mm256_andnot_si256(bits, _mm256_set1_epi8(0xf0u8 as i8)))
+    }
+
+    /// AVX2 version of [`portable::dot_tile`]: each weight block is decoded once for the tile.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_tile<const Q5: bool>(w: &[u8], rows: &Q8Rows, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
         let kb = k / QK;
+        let bb = if Q5 { 22 } else { 34 };
         let t = r1 - r0;
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); ROW_TILE];
+        let wp = w.as_ptr();
+        let xq = rows.quants.as_ptr();
+        let xs = rows.scales.as_ptr();
         for b in 0..kb {
-            let wv = _mm256_loadu_si256(w.as_ptr().add(b * QK) as *const __m256i);
+            let blk = wp.add(b * bb);
+            let wv = if Q5 { decode_q5_0(blk) } else { _mm256_loadu_si256(blk.add(2) as *const __m256i) };
+            let wd = f16_at(blk);
             let wabs = _mm256_sign_epi8(wv, wv);
             for (i, a) in acc.iter_mut().enumerate().take(t) {
                 let r = r0 + i;
-                let xv = _mm256_loadu_si256(rows.quants.as_ptr().add(r * k + b * QK) as *const __m256i);
+                let xv = _mm256_loadu_si256(xq.add(r * k + b * QK) as *const __m256i);
                 // |w| * (x * sign(w)) = w * x, pairs summed to i16, then fours to i32.
-                let xs = _mm256_sign_epi8(xv, wv);
-                let p16 = _mm256_maddubs_epi16(wabs, xs);
+                let xsg = _mm256_sign_epi8(xv, wv);
+                let p16 = _mm256_maddubs_epi16(wabs, xsg);
                 let p32 = _mm256_madd_epi16(p16, ones);
-                let s = _mm256_set1_ps(ws[b] * rows.scales[r * kb + b]);
+                let s = _mm256_set1_ps(wd * *xs.add(r * kb + b));
                 *a = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p32), *a);
             }
         }
@@ -210,9 +340,9 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    fn setup(n: usize, k: usize, m: usize) -> (Q8Matrix, Vec<f32>, Tensor) {
+    fn setup(dt: GgmlDType, n: usize, k: usize, m: usize) -> (Q8Matrix, Vec<f32>, Tensor) {
         let w = Tensor::randn(0f32, 1., (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let q = QTensor::quantize(&w, dt).unwrap();
         let x = Tensor::randn(0f32, 1., (m, k), &Device::Cpu).unwrap();
         let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         (Q8Matrix::from_qtensor(&q).unwrap(), xs, q.dequantize(&Device::Cpu).unwrap())
@@ -220,32 +350,40 @@ mod tests {
 
     #[test]
     fn simd_and_portable_paths_are_bitwise_identical() {
-        let (q, xs, _) = setup(70, 256, 9);
-        let a = q.matmul(&xs, 9, false);
-        if avx2_available() {
-            assert_eq!(a, q.matmul(&xs, 9, true));
+        for dt in [GgmlDType::Q8_0, GgmlDType::Q5_0] {
+            let (q, xs, _) = setup(dt, 70, 256, 9);
+            let a = q.matmul(&xs, 9, false);
+            if simd_available() {
+                assert_eq!(a, q.matmul(&xs, 9, true), "{dt:?}");
+            }
         }
     }
 
     #[test]
     fn rows_do_not_depend_on_the_batch() {
-        let (q, xs, _) = setup(64, 128, 7);
-        let all = q.matmul(&xs, 7, avx2_available());
-        for r in 0..7 {
-            let one = q.matmul(&xs[r * 128..(r + 1) * 128], 1, avx2_available());
-            assert_eq!(one[..], all[r * 64..(r + 1) * 64]);
+        for dt in [GgmlDType::Q8_0, GgmlDType::Q5_0] {
+            let (q, xs, _) = setup(dt, 64, 128, 7);
+            let all = q.matmul(&xs, 7, simd_available());
+            for r in 0..7 {
+                let one = q.matmul(&xs[r * 128..(r + 1) * 128], 1, simd_available());
+                assert_eq!(one[..], all[r * 64..(r + 1) * 64], "{dt:?}");
+            }
         }
     }
 
     #[test]
     fn close_to_the_dequantized_product() {
-        let (q, xs, deq) = setup(48, 512, 3);
-        let x = Tensor::from_vec(xs.clone(), (3, 512), &Device::Cpu).unwrap();
-        let exact = x.matmul(&deq.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let ours = q.matmul(&xs, 3, avx2_available());
-        let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let worst = exact.iter().zip(&ours).fold(0f32, |a, (e, o)| a.max((e - o).abs()));
-        // Only the activations' 8-bit rounding separates the two.
-        assert!(worst < 0.02 * scale, "worst {worst} vs scale {scale}");
+        for dt in [GgmlDType::Q8_0, GgmlDType::Q5_0] {
+            let (q, xs, deq) = setup(dt, 48, 512, 3);
+            let x = Tensor::from_vec(xs.clone(), (3, 512), &Device::Cpu).unwrap();
+            let exact = x.matmul(&deq.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for simd in [false, simd_available()] {
+                let ours = q.matmul(&xs, 3, simd);
+                let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let worst = exact.iter().zip(&ours).fold(0f32, |a, (e, o)| a.max((e - o).abs()));
+                // Only the activations' 8-bit rounding separates the two.
+                assert!(worst < 0.02 * scale, "{dt:?}: worst {worst} vs scale {scale}");
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
@@ -23,19 +23,18 @@ use crate::error::{EngineError, Result};
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
-    /// candle's CPU Q6K kernel for a single row rounds differently from its multi-row kernel;
-    /// single rows go through the multi-row kernel so that a sequence's logits do not depend
-    /// on how many other sequences share the step (batch invariance).
-    single_row_via_batch: bool,
 }
 
 #[derive(Debug, Clone)]
 enum LinearWeight {
     /// `[out, in]` in the activation dtype.
     Dense(Tensor),
+    /// candle's kernels (other devices; on the CPU the types Silica has no kernel for).
     Quant(QMatMul),
-    /// Q8_0 on the CPU: Silica's own multi-row kernel.
+    /// Q8_0 and Q5_0 on the CPU: Silica's own kernels on the file's blocks (`q8.rs`).
     Q8(Arc<super::q8::Q8Matrix>),
+    /// Q4_K and Q6_K on the CPU: Silica's own kernels on the file's blocks (`kquants.rs`).
+    K(Arc<super::kquants::KMatrix>),
 }
 
 impl Linear {
@@ -43,16 +42,31 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
-            LinearWeight::Quant(q) if self.single_row_via_batch && x.dim(0)? == 1 => {
-                q.forward(&Tensor::cat(&[x, x], 0)?)?.narrow(0, 0, 1)?
-            }
             LinearWeight::Quant(q) => q.forward(x)?,
             LinearWeight::Q8(q) => q.forward(x)?,
+            LinearWeight::K(q) => q.forward(x)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    /// A quantized weight: on the CPU, Silica's own kernels for the types it has (each row's
+    /// result independent of the batch); candle's `QMatMul` otherwise.
+    ///
+    /// candle's CPU kernels for the other types (Q4_0, Q5_K, ...) are batch-invariant except
+    /// its Q6_K one, which Silica replaces.
+    pub fn quantized(q: QTensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        let cpu = q.device().is_cpu();
+        let weight = if cpu && super::q8::Q8Matrix::supports(q.dtype()) {
+            LinearWeight::Q8(Arc::new(super::q8::Q8Matrix::from_qtensor(&q)?))
+        } else if cpu && super::kquants::KMatrix::supports(q.dtype()) {
+            LinearWeight::K(Arc::new(super::kquants::KMatrix::from_qtensor(&q)?))
+        } else {
+            LinearWeight::Quant(QMatMul::from_qtensor(q)?)
+        };
+        Ok(Linear { weight, bias })
     }
 }
 
@@ -87,8 +101,6 @@ pub struct GgufWeights {
     device: Device,
     /// `Some(dtype)`: dequantize every tensor to this dense dtype. `None`: keep quantized.
     dense: Option<DType>,
-    /// Re-pack Q5_0 blocks as Q8_0 (lossless) so candle's SIMD Q8_0 kernels apply.
-    repack_q5_0: bool,
 }
 
 impl GgufWeights {
@@ -124,7 +136,6 @@ impl GgufWeights {
             reader,
             device: device.clone(),
             dense: None,
-            repack_q5_0: false,
         })
     }
 
@@ -152,39 +163,8 @@ impl GgufWeights {
             .content
             .tensor(&mut self.reader, name, &self.device)
             .map_err(|e| EngineError::load(&self.path, format!("tensor `{name}`: {e}")))?;
-        if self.repack_q5_0 && t.dtype() == GgmlDType::Q5_0 && self.device.is_cpu() {
-            return repack_q5_0_as_q8_0(&t)
-                .map_err(|e| EngineError::load(&self.path, format!("tensor `{name}`: {e}")));
-        }
         Ok(t)
     }
-}
-
-/// Q5_0 stores `d: f16, qh: u32, qs: [u8; 16]` per 32 values, value = d * (q5 - 16).
-/// Q8_0 stores `d: f16, qs: [i8; 32]`, value = d * q8. With q8 = q5 - 16 in [-16, 15] the
-/// conversion is exact, and candle has AVX2/NEON kernels for Q8_0 but not for Q5_0.
-fn repack_q5_0_as_q8_0(t: &QTensor) -> candle_core::Result<QTensor> {
-    const Q5_BLOCK: usize = 22;
-    const Q8_BLOCK: usize = 34;
-    let src = t.data()?;
-    if src.len() % Q5_BLOCK != 0 {
-        candle_core::bail!("Q5_0 data length {} is not a multiple of {Q5_BLOCK}", src.len());
-    }
-    let nblocks = src.len() / Q5_BLOCK;
-    let mut dst = vec![0u8; nblocks * Q8_BLOCK];
-    for (b, out) in src.chunks_exact(Q5_BLOCK).zip(dst.chunks_exact_mut(Q8_BLOCK)) {
-        out[0..2].copy_from_slice(&b[0..2]);
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let qs = &b[6..22];
-        for j in 0..16 {
-            let lo = (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
-            let hi = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
-            out[2 + j] = (lo as i8 - 16) as u8;
-            out[2 + j + 16] = (hi as i8 - 16) as u8;
-        }
-    }
-    let storage = QStorage::from_data(std::borrow::Cow::Owned(dst), &Device::Cpu, GgmlDType::Q8_0)?;
-    QTensor::new(storage, t.shape().clone())
 }
 
 /// Translate a Hugging Face tensor name to its GGUF name.
@@ -238,11 +218,10 @@ impl WeightSource {
     }
 
     /// Open a GGUF file; `dense` dequantizes everything to that dtype, `None` keeps the
-    /// file's quantization (with the lossless Q5_0→Q8_0 repack on the CPU).
+    /// file's quantization.
     pub fn gguf(path: &Path, device: &Device, dense: Option<DType>) -> Result<Self> {
         let mut g = GgufWeights::open(path, device)?;
         g.dense = dense;
-        g.repack_q5_0 = dense.is_none() && device.is_cpu();
         Ok(WeightSource::Gguf(g))
     }
 
@@ -292,33 +271,25 @@ impl WeightSource {
     /// A linear layer with weight `[out, in]` and an optional bias `[out]`.
     pub fn linear(&mut self, hf_prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
         let wname = format!("{hf_prefix}.weight");
-        let mut single_row_via_batch = false;
-        let weight = match self {
-            WeightSource::Safetensors { .. } => LinearWeight::Dense(self.dense(&wname, &[out_dim, in_dim])?),
+        let bias = if bias { Some(self.dense(&format!("{hf_prefix}.bias"), &[out_dim])?) } else { None };
+        match self {
+            WeightSource::Safetensors { .. } => {
+                Ok(Linear { weight: LinearWeight::Dense(self.dense(&wname, &[out_dim, in_dim])?), bias })
+            }
             WeightSource::Gguf(g) => {
                 let name = gguf_name(&wname);
                 let q = g.qtensor(&name)?;
                 check_shape(&g.path, &name, q.shape().dims(), &[out_dim, in_dim])?;
+                let err = |e| EngineError::load(&g.path, format!("tensor `{name}`: {e}"));
                 match g.dense {
-                    Some(dtype) => LinearWeight::Dense(
-                        q.dequantize(&g.device)
-                            .and_then(|t| t.to_dtype(dtype))
-                            .map_err(|e| EngineError::load(&g.path, format!("tensor `{name}`: {e}")))?,
-                    ),
-                    None if q.dtype() == GgmlDType::Q8_0 && g.device.is_cpu() => LinearWeight::Q8(Arc::new(
-                        super::q8::Q8Matrix::from_qtensor(&q)
-                            .map_err(|e| EngineError::load(&g.path, format!("tensor `{name}`: {e}")))?,
-                    )),
-                    None => LinearWeight::Quant({
-                        single_row_via_batch = q.dtype() == GgmlDType::Q6K && g.device.is_cpu();
-                        QMatMul::from_qtensor(q)
-                            .map_err(|e| EngineError::load(&g.path, format!("tensor `{name}`: {e}")))?
+                    Some(dtype) => Ok(Linear {
+                        weight: LinearWeight::Dense(q.dequantize(&g.device).and_then(|t| t.to_dtype(dtype)).map_err(err)?),
+                        bias,
                     }),
+                    None => Linear::quantized(q, bias).map_err(err),
                 }
             }
-        };
-        let bias = if bias { Some(self.dense(&format!("{hf_prefix}.bias"), &[out_dim])?) } else { None };
-        Ok(Linear { weight, bias, single_row_via_batch })
+        }
     }
 
     /// The token embedding table `[vocab, hidden]`.
@@ -447,27 +418,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn q5_0_repacks_to_q8_0_losslessly() {
-        let data: Vec<f32> = (0..32 * 64).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0).collect();
-        let t = Tensor::from_vec(data, (32, 64), &Device::Cpu).unwrap();
-        let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
-        let q8 = repack_q5_0_as_q8_0(&q5).unwrap();
-        assert_eq!(q8.dtype(), GgmlDType::Q8_0);
-        let a = q5.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = q8.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(a, b, "repack must be exact");
-    }
-
-    #[test]
     fn quantized_linear_rows_do_not_depend_on_the_batch() {
-        for dt in [GgmlDType::Q6K, GgmlDType::Q4K, GgmlDType::Q8_0, GgmlDType::Q5K] {
+        for dt in [GgmlDType::Q6K, GgmlDType::Q4K, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q5K, GgmlDType::Q4_0] {
             let w = Tensor::randn(0f32, 1., (256, 512), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dt).unwrap();
-            let lin = Linear {
-                single_row_via_batch: dt == GgmlDType::Q6K,
-                weight: LinearWeight::Quant(QMatMul::from_qtensor(q).unwrap()),
-                bias: None,
-            };
+            let lin = Linear::quantized(q, None).unwrap();
             let x = Tensor::randn(0f32, 1., (5, 512), &Device::Cpu).unwrap();
             let batch = lin.forward(&x).unwrap().to_vec2::<f32>().unwrap();
             for r in 0..5 {
