@@ -28,10 +28,12 @@ fi
 echo "bandwidth: $BW GB/s"
 for m in $MODELS; do
   ck=/tmp/ckpt-$m
+  echo "[$(date +%T)] $m: transformers peer + checkpoint"
   python3 scripts/gpu/hf_reference_bench.py --model $m --dtype float16 --save $ck --json "$OUT/hf-$m.json" \
     --bandwidth-gbs "$BW" --strategies greedy,sampling,top_k,top_p,beam4 --lengths "$LENGTHS" > "$OUT/hf-$m.log"
   cp $TOK/* $ck/
   for dt in f16 bf16; do
+    echo "[$(date +%T)] $m: silica $dt"
     if [ $dt = f16 ]; then strategies=greedy,sample,top-k,top-p,beam; else strategies=${BF16_STRATEGIES:-greedy,top-p}; fi
     $BIN bench --model $ck --device cuda --dtype $dt --strategy $strategies --max-tokens "$LENGTHS" \
       --concurrency 1 --bandwidth-gbs "$BW" --json > "$OUT/silica-$m-$dt-strategies.json"
@@ -41,6 +43,7 @@ for m in $MODELS; do
       --concurrency 1 --json > "$OUT/silica-$m-$dt-ttft512.json"
   done
   if [ "${CHECK:-1}" = 1 ]; then
+    echo "[$(date +%T)] $m: correctness check"
     python3 scripts/gpu/check_logits.py $ck $BIN --dtype f16 > "$OUT/check-$m.json"
   fi
   rm -rf $ck
