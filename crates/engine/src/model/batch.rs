@@ -43,8 +43,9 @@ pub(crate) struct DecodeGroup {
     /// `[d * max_len]` cache slots, each sequence's positions padded to `max_len` with its
     /// first slot (masked out).
     pub slots: Tensor,
-    /// `[d, 1, 1, max_len]` additive mask: 0 for real positions, -inf for padding.
-    pub mask: Tensor,
+    /// `[d, 1, 1, max_len]` additive mask: 0 for real positions, -inf for padding (`None`
+    /// when every sequence has `max_len` positions).
+    pub mask: Option<Tensor>,
     pub max_len: usize,
 }
 
@@ -166,7 +167,11 @@ impl DecodeGroup {
         Ok(Some(DecodeGroup {
             rows,
             slots: Tensor::from_vec(slots, d * max_len, device)?,
-            mask: Tensor::from_vec(mask, (d, 1, 1, max_len), device)?.to_dtype(mask_dtype)?,
+            mask: if mask.iter().all(|&m| m == 0.0) {
+                None
+            } else {
+                Some(Tensor::from_vec(mask, (d, 1, 1, max_len), device)?.to_dtype(mask_dtype)?)
+            },
             max_len,
             seq_idx,
         }))

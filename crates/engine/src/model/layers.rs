@@ -133,7 +133,12 @@ impl Attention {
             return self.o_proj.forward(&o);
         }
         let scale = 1.0 / (hd as f64).sqrt();
+        // candle's GPU softmax accumulates half-precision rows in F32 already; the CPU one
+        // does not, so there the scores go through F32.
         let softmax = |att: Tensor| -> candle_core::Result<Tensor> {
+            if !att.device().is_cpu() {
+                return candle_nn::ops::softmax_last_dim(&att);
+            }
             let in_dtype = att.dtype();
             candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(in_dtype)
         };
@@ -149,7 +154,11 @@ impl Attention {
                 let qd = qd.contiguous()?.reshape((d, nkv, groups, hd))?;
                 let gather = |pool: &Tensor| pool.index_select(&g.slots, 0)?.reshape((d, l, nkv, hd))?.transpose(1, 2)?.contiguous();
                 let (ks, vs) = (gather(k_pool)?, gather(v_pool)?);
-                let att = (qd.matmul(&ks.t()?)? * scale)?.broadcast_add(&g.mask)?;
+                let att = (qd.matmul(&ks.t()?)? * scale)?;
+                let att = match &g.mask {
+                    Some(m) => att.broadcast_add(m)?,
+                    None => att,
+                };
                 let o = softmax(att)?.matmul(&vs)?; // [d, nkv, groups, hd]
                 Some(o.reshape((d, nh * hd))?)
             }

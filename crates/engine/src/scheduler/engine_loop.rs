@@ -81,7 +81,43 @@ struct Row {
     samples: bool,
 }
 
+/// Where a step's time goes (`SILICA_PROFILE_STEPS=1`): schedule, forward (host-side kernel
+/// launches), logits to the host (waits for the device), postprocess (sampling, detokenizing,
+/// events). Logged every few seconds.
+#[derive(Default)]
+struct StepProfile {
+    since: Option<Instant>,
+    steps: u32,
+    rows: usize,
+    spent: [std::time::Duration; 4],
+}
+
+impl StepProfile {
+    fn add(&mut self, rows: usize, d: [std::time::Duration; 4]) {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        self.steps += 1;
+        self.rows += rows;
+        for (a, b) in self.spent.iter_mut().zip(d) {
+            *a += b;
+        }
+        if since.elapsed().as_secs_f64() >= 2.0 {
+            let ms = |i: usize| self.spent[i].as_secs_f64() * 1e3 / self.steps as f64;
+            tracing::info!(
+                steps = self.steps,
+                rows_per_step = self.rows as f64 / self.steps as f64,
+                schedule_ms = ms(0),
+                forward_ms = ms(1),
+                logits_to_host_ms = ms(2),
+                postprocess_ms = ms(3),
+                "step profile"
+            );
+            *self = StepProfile::default();
+        }
+    }
+}
+
 pub(crate) struct Engine {
+    profile: Option<StepProfile>,
     model: LoadedModel,
     kv: KvCache,
     prefix: Option<PrefixCache>,
@@ -115,6 +151,7 @@ impl Engine {
             ..Default::default()
         };
         Ok(Engine {
+            profile: std::env::var("SILICA_PROFILE_STEPS").is_ok_and(|v| v == "1").then(StepProfile::default),
             model,
             kv,
             prefix,
@@ -246,11 +283,13 @@ impl Engine {
 
     /// One step: drop cancelled requests, schedule rows, run one forward, postprocess.
     fn step(&mut self) -> Result<()> {
+        let t0 = Instant::now();
         self.reap_cancelled();
         let rows = self.schedule()?;
         if rows.is_empty() {
             return Ok(());
         }
+        let t1 = Instant::now();
         let logits = {
             let mut inputs = Vec::with_capacity(rows.len());
             for r in &rows {
@@ -264,9 +303,15 @@ impl Engine {
             }
             self.model.model.forward(&inputs, &mut self.kv)?
         };
+        let t2 = Instant::now();
         let vocab = self.model.config().vocab_size;
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
-        self.postprocess(&rows, &logits, vocab)
+        let t3 = Instant::now();
+        let r = self.postprocess(&rows, &logits, vocab);
+        if let Some(p) = &mut self.profile {
+            p.add(rows.len(), [t1 - t0, t2 - t1, t3 - t2, t3.elapsed()]);
+        }
+        r
     }
 
     fn reap_cancelled(&mut self) {
