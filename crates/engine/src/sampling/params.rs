@@ -79,6 +79,17 @@ impl SamplingParams {
         self.temperature < GREEDY_TEMPERATURE || self.top_k == Some(1)
     }
 
+    /// Greedy with nothing that changes the logits first (penalties, bias) and no logprobs:
+    /// the token is the raw logits' argmax.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.is_greedy()
+            && self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.logit_bias.is_empty()
+            && self.top_logprobs.is_none()
+    }
+
     /// Checks every field against its documented range. The error is
     /// [`EngineError::InvalidParam`] naming the field, the limit and the offending value.
     /// NaN is rejected everywhere.

@@ -17,7 +17,7 @@ use crate::kv::{KvCache, KvCacheConfig, ReserveError, SeqCache};
 use crate::loaded::LoadedModel;
 use crate::model::SeqInput;
 use crate::sampling::beam::{BeamSearch, BeamSearchParams};
-use crate::sampling::Sampler;
+use crate::sampling::{Sampled, Sampler};
 
 /// A sampled (non-beam) sequence.
 struct Single {
@@ -68,6 +68,14 @@ impl Request {
     fn cancelled(&self) -> bool {
         self.tx.is_closed()
     }
+}
+
+/// A step's logits on the host: every logit of the rows that need them (`offsets[row]` into
+/// `dense`), the device-side argmax of the others.
+struct HostLogits {
+    dense: Vec<f32>,
+    offsets: Vec<Option<usize>>,
+    argmax: Vec<u32>,
 }
 
 /// One row group of the step: a request's tokens to compute for one of its sequences.
@@ -305,7 +313,7 @@ impl Engine {
         };
         let t2 = Instant::now();
         let vocab = self.model.config().vocab_size;
-        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        let logits = self.logits_to_host(&rows, &logits, vocab)?;
         let t3 = Instant::now();
         let r = self.postprocess(&rows, &logits, vocab);
         if let Some(p) = &mut self.profile {
@@ -507,7 +515,35 @@ impl Engine {
         Ok(true)
     }
 
-    fn postprocess(&mut self, rows: &[Row], logits: &[f32], vocab: usize) -> Result<()> {
+    /// Bring the step's logits to the host. On the CPU (and for rows whose sampler needs them)
+    /// every logit; on other devices a plain greedy row (no penalties, bias or logprobs) only
+    /// sends its argmax, picked on the device: 4 bytes instead of the whole vocabulary.
+    fn logits_to_host(&self, rows: &[Row], logits: &candle_core::Tensor, vocab: usize) -> Result<HostLogits> {
+        if self.model.model.device().is_cpu() {
+            return Ok(HostLogits { dense: logits.flatten_all()?.to_vec1()?, offsets: (0..rows.len()).map(|r| Some(r * vocab)).collect(), argmax: Vec::new() });
+        }
+        let plain = |r: &Row| match &self.running[r.req].body {
+            Body::Single(s) => !r.samples || (s.sampler.params().is_plain_greedy() && !s.want_logprobs),
+            Body::Beams(_) => false,
+        };
+        let dense_rows: Vec<u32> = (0..rows.len()).filter(|&i| !plain(&rows[i])).map(|i| i as u32).collect();
+        let argmax = if dense_rows.len() < rows.len() { logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()? } else { Vec::new() };
+        let dense = match dense_rows.len() {
+            0 => Vec::new(),
+            n if n == rows.len() => logits.flatten_all()?.to_vec1()?,
+            n => {
+                let idx = candle_core::Tensor::from_vec(dense_rows.clone(), n, logits.device())?;
+                logits.index_select(&idx, 0)?.flatten_all()?.to_vec1()?
+            }
+        };
+        let mut offsets = vec![None; rows.len()];
+        for (k, &r) in dense_rows.iter().enumerate() {
+            offsets[r as usize] = Some(k * vocab);
+        }
+        Ok(HostLogits { dense, offsets, argmax })
+    }
+
+    fn postprocess(&mut self, rows: &[Row], logits: &HostLogits, vocab: usize) -> Result<()> {
         let now = Instant::now();
         let mut generated = 0usize;
         let mut done: Vec<usize> = Vec::new();
@@ -529,8 +565,10 @@ impl Engine {
                         req.prompt_inserted = true;
                     }
                     if row.samples {
-                        let lr = &logits[r * vocab..(r + 1) * vocab];
-                        let sampled = s.sampler.sample(lr, &req.prompt, &s.tokens[req.prompt.len()..])?;
+                        let sampled = match logits.offsets[r] {
+                            Some(o) => s.sampler.sample(&logits.dense[o..o + vocab], &req.prompt, &s.tokens[req.prompt.len()..])?,
+                            None => Sampled { token: logits.argmax[r], logprob: 0.0, top_logprobs: Vec::new() },
+                        };
                         s.tokens.push(sampled.token);
                         let text = s.out.push(sampled.token)?;
                         generated += 1;
@@ -568,7 +606,8 @@ impl Engine {
                     let mut lp = Vec::with_capacity(group.len() * vocab);
                     let mut row = Vec::with_capacity(vocab);
                     for k in 0..group.len() {
-                        crate::sampling::log_softmax(&logits[(r + k) * vocab..(r + k + 1) * vocab], &mut row);
+                        let o = logits.offsets[r + k].expect("beam rows bring every logit to the host");
+                        crate::sampling::log_softmax(&logits.dense[o..o + vocab], &mut row);
                         lp.extend_from_slice(&row);
                     }
                     let step = b.search.step(&lp, vocab)?;
