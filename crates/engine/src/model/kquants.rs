@@ -16,7 +16,10 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::q8::{simd_available, tiled, with_f32_rows, ROW_TILE};
+use super::q8::{nearest_i8, simd_available, tiled, with_f32_rows};
+
+/// Rows of activations processed against each weight block while it is decoded.
+const ROW_TILE_K: usize = 8;
 
 const QK_K: usize = 256;
 
@@ -53,7 +56,8 @@ pub struct KMatrix {
 struct Q8KRows {
     quants: Vec<i8>,
     scales: Vec<f32>,
-    sums32: Vec<i32>,
+    /// Eight per block, as i16 (|sum| ≤ 32·127) so SIMD can load a block's eight at once.
+    sums32: Vec<i16>,
 }
 
 impl KMatrix {
@@ -92,21 +96,40 @@ impl KMatrix {
     fn matmul(&self, xs: &[f32], m: usize, simd: bool) -> Vec<f32> {
         let rows = quantize_rows(xs, m, self.k);
         let row_bytes = self.k / QK_K * self.format.block_bytes();
-        tiled(self.n, m, |col, r0, r1, out| {
-            let w = &self.data[col * row_bytes..(col + 1) * row_bytes];
+        tiled(self.n, m, ROW_TILE_K, |col0, cols, r0, r1, out| {
+            let w = &self.data[col0 * row_bytes..(col0 + cols) * row_bytes];
+            let k = self.k;
             if simd {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `simd` is only true when AVX2, FMA and F16C were detected at run time.
                 unsafe {
+                    // The tile height is a constant in each instance, so the row loop unrolls.
+                    macro_rules! go {
+                        ($q6:literal) => {
+                            match r1 - r0 {
+                                1 => avx2::cols::<$q6, 1>(w, row_bytes, &rows, r0, k, out, m),
+                                2 => avx2::cols::<$q6, 2>(w, row_bytes, &rows, r0, k, out, m),
+                                3 => avx2::cols::<$q6, 3>(w, row_bytes, &rows, r0, k, out, m),
+                                4 => avx2::cols::<$q6, 4>(w, row_bytes, &rows, r0, k, out, m),
+                                5 => avx2::cols::<$q6, 5>(w, row_bytes, &rows, r0, k, out, m),
+                                6 => avx2::cols::<$q6, 6>(w, row_bytes, &rows, r0, k, out, m),
+                                7 => avx2::cols::<$q6, 7>(w, row_bytes, &rows, r0, k, out, m),
+                                _ => avx2::cols::<$q6, ROW_TILE_K>(w, row_bytes, &rows, r0, k, out, m),
+                            }
+                        };
+                    }
                     match self.format {
-                        Format::Q4K => avx2::q4k_tile(w, &rows, r0, r1, self.k, out),
-                        Format::Q6K => avx2::q6k_tile(w, &rows, r0, r1, self.k, out),
+                        Format::Q4K => go!(false),
+                        Format::Q6K => go!(true),
                     }
                 };
             } else {
-                match self.format {
-                    Format::Q4K => portable::q4k_tile(w, &rows, r0, r1, self.k, out),
-                    Format::Q6K => portable::q6k_tile(w, &rows, r0, r1, self.k, out),
+                for (c, wc) in w.chunks_exact(row_bytes).enumerate() {
+                    let o = &mut out[c * m + r0..c * m + r1];
+                    match self.format {
+                        Format::Q4K => portable::q4k_tile(wc, &rows, r0, r1, k, o),
+                        Format::Q6K => portable::q6k_tile(wc, &rows, r0, r1, k, o),
+                    }
                 }
             }
         })
@@ -116,17 +139,17 @@ impl KMatrix {
 fn quantize_rows(xs: &[f32], m: usize, k: usize) -> Q8KRows {
     let mut quants = vec![0i8; m * k];
     let mut scales = vec![0f32; m * k / QK_K];
-    let mut sums32 = vec![0i32; m * k / 32];
+    let mut sums32 = vec![0i16; m * k / 32];
     for (bi, (xb, qb)) in xs.chunks_exact(QK_K).zip(quants.chunks_exact_mut(QK_K)).enumerate() {
         let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         for (q, &v) in qb.iter_mut().zip(xb) {
-            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            *q = nearest_i8(v * id);
         }
         scales[bi] = d;
         for (s, q) in sums32[bi * 8..bi * 8 + 8].iter_mut().zip(qb.chunks_exact(32)) {
-            *s = q.iter().map(|&v| v as i32).sum();
+            *s = q.iter().map(|&v| v as i16).sum();
         }
     }
     Q8KRows { quants, scales, sums32 }
@@ -159,8 +182,8 @@ mod portable {
 
     pub fn q4k_tile(w: &[u8], rows: &Q8KRows, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
         let kb = k / QK_K;
-        let mut acc = [0f32; ROW_TILE];
-        let mut accm = [0f32; ROW_TILE];
+        let mut acc = [0f32; ROW_TILE_K];
+        let mut accm = [0f32; ROW_TILE_K];
         let mut q = [0u8; QK_K];
         for b in 0..kb {
             let blk = &w[b * 144..(b + 1) * 144];
@@ -181,7 +204,7 @@ mod portable {
                     sumi += sc[s] as i32 * dot;
                 }
                 let bs = &rows.sums32[(r * kb + b) * 8..(r * kb + b) * 8 + 8];
-                let summ: i32 = (0..8).map(|s| mn[s] as i32 * bs[s]).sum();
+                let summ: i32 = (0..8).map(|s| mn[s] as i32 * bs[s] as i32).sum();
                 let yd = rows.scales[r * kb + b];
                 acc[i] = (d * yd).mul_add(sumi as f32, acc[i]);
                 accm[i] = (dmin * yd).mul_add(summ as f32, accm[i]);
@@ -194,7 +217,7 @@ mod portable {
 
     pub fn q6k_tile(w: &[u8], rows: &Q8KRows, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
         let kb = k / QK_K;
-        let mut acc = [0f32; ROW_TILE];
+        let mut acc = [0f32; ROW_TILE_K];
         let mut q = [0i32; QK_K];
         for b in 0..kb {
             let blk = &w[b * 210..(b + 1) * 210];
@@ -239,12 +262,34 @@ mod avx2 {
 
     use super::super::q8::avx2::f16_at as f16;
 
+    /// The Q4_K (`Q6 = false`) or Q6_K kernel for each weight row (`row_bytes` each) of `w`;
+    /// column `c`'s rows go to `out[c * m + r0..]`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4k_tile(w: &[u8], rows: &Q8KRows, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
+    pub unsafe fn cols<const Q6: bool, const T: usize>(
+        w: &[u8],
+        row_bytes: usize,
+        rows: &Q8KRows,
+        r0: usize,
+        k: usize,
+        out: &mut [f32],
+        m: usize,
+    ) {
+        for (c, wc) in w.chunks_exact(row_bytes).enumerate() {
+            let o = &mut out[c * m + r0..c * m + r0 + T];
+            if Q6 {
+                q6k_tile::<T>(wc, rows, r0, k, o)
+            } else {
+                q4k_tile::<T>(wc, rows, r0, k, o)
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4k_tile<const T: usize>(w: &[u8], rows: &Q8KRows, r0: usize, k: usize, out: &mut [f32]) {
         let kb = k / QK_K;
-        let t = r1 - r0;
-        let mut acc = [0f32; ROW_TILE];
-        let mut accm = [0f32; ROW_TILE];
+        let mut acc = [0f32; T];
+        let mut accm = [0f32; T];
         let m4 = _mm256_set1_epi8(0x0f);
         for b in 0..kb {
             let blk = w.as_ptr().add(b * 144);
@@ -260,7 +305,8 @@ mod avx2 {
             for j in 0..8 {
                 s[j] = _mm256_set1_epi16(sc[j] as i16);
             }
-            for i in 0..t {
+            let mv = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
+            for i in 0..T {
                 let r = r0 + i;
                 let y = rows.quants.as_ptr().add(r * k + b * QK_K);
                 let mut sumv = _mm256_setzero_si256();
@@ -270,11 +316,11 @@ mod avx2 {
                     sumv = _mm256_add_epi32(sumv, p);
                 }
                 let sumi = hsum_i32(sumv);
-                let bs = rows.sums32.as_ptr().add((r * kb + b) * 8);
-                let mut summ = 0i32;
-                for j in 0..8 {
-                    summ += mn[j] as i32 * *bs.add(j);
-                }
+                // Σ min·(sum of the sub-block's activations): eight i16 products, summed exactly.
+                let bs = _mm_loadu_si128(rows.sums32.as_ptr().add((r * kb + b) * 8) as *const __m128i);
+                let pm = _mm_madd_epi16(mv, bs);
+                let pm = _mm_add_epi32(pm, _mm_unpackhi_epi64(pm, pm));
+                let summ = _mm_cvtsi128_si32(_mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0b01)));
                 let yd = *rows.scales.get_unchecked(r * kb + b);
                 acc[i] = (d * yd).mul_add(sumi as f32, acc[i]);
                 accm[i] = (dmin * yd).mul_add(summ as f32, accm[i]);
@@ -285,11 +331,11 @@ mod avx2 {
         }
     }
 
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q6k_tile(w: &[u8], rows: &Q8KRows, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
+    unsafe fn q6k_tile<const T: usize>(w: &[u8], rows: &Q8KRows, r0: usize, k: usize, out: &mut [f32]) {
         let kb = k / QK_K;
-        let t = r1 - r0;
-        let mut acc = [0f32; ROW_TILE];
+        let mut acc = [0f32; T];
         let m4 = _mm256_set1_epi8(0x0f);
         let m2 = _mm256_set1_epi8(3);
         let m32 = _mm256_set1_epi8(32);
@@ -321,7 +367,7 @@ mod avx2 {
                     );
                 }
             }
-            for i in 0..t {
+            for i in 0..T {
                 let r = r0 + i;
                 let y = rows.quants.as_ptr().add(r * k + b * QK_K);
                 let mut sumv = _mm256_setzero_si256();

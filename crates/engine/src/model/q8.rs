@@ -20,8 +20,8 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 const QK: usize = 32;
-/// Rows of activations processed against each weight block while it is loaded.
-pub(super) const ROW_TILE: usize = 4;
+/// Rows of activations processed against each weight block while it is decoded.
+const ROW_TILE_32: usize = 8;
 /// Output columns per parallel task: small enough that a busy core only delays a sliver of
 /// the work (rayon's other thread steals the rest), large enough to amortize scheduling.
 const COLS_PER_TASK: usize = 32;
@@ -97,21 +97,47 @@ impl Q8Matrix {
     }
 
     fn matmul(&self, xs: &[f32], m: usize, simd: bool) -> Vec<f32> {
+        self.matmul_with(xs, m, simd, simd && vnni_available())
+    }
+
+    fn matmul_with(&self, xs: &[f32], m: usize, simd: bool, vnni: bool) -> Vec<f32> {
         let rows = quantize_rows(xs, m, self.k);
         let row_bytes = self.k / QK * self.format.block_bytes();
-        tiled(self.n, m, |col, r0, r1, out| {
-            let w = &self.data[col * row_bytes..(col + 1) * row_bytes];
+        tiled(self.n, m, ROW_TILE_32, |col0, cols, r0, r1, out| {
+            let w = &self.data[col0 * row_bytes..(col0 + cols) * row_bytes];
+            let k = self.k;
             if simd {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `simd` is only true when AVX2, FMA and F16C were detected at run time.
+                // SAFETY: `simd` is only true when AVX2, FMA and F16C were detected at run time,
+                // `vnni` only when AVX512-VNNI and AVX512-VL were too.
                 unsafe {
-                    match self.format {
-                        Format::Q8_0 => avx2::dot_tile::<false>(w, &rows, r0, r1, self.k, out),
-                        Format::Q5_0 => avx2::dot_tile::<true>(w, &rows, r0, r1, self.k, out),
+                    // The tile height is a constant in each instance, so the row loop unrolls.
+                    macro_rules! go {
+                        ($f:ident, $q5:literal) => {
+                            match r1 - r0 {
+                                1 => $f::<$q5, 1>(w, row_bytes, &rows, r0, k, out, m),
+                                2 => $f::<$q5, 2>(w, row_bytes, &rows, r0, k, out, m),
+                                3 => $f::<$q5, 3>(w, row_bytes, &rows, r0, k, out, m),
+                                4 => $f::<$q5, 4>(w, row_bytes, &rows, r0, k, out, m),
+                                5 => $f::<$q5, 5>(w, row_bytes, &rows, r0, k, out, m),
+                                6 => $f::<$q5, 6>(w, row_bytes, &rows, r0, k, out, m),
+                                7 => $f::<$q5, 7>(w, row_bytes, &rows, r0, k, out, m),
+                                _ => $f::<$q5, ROW_TILE_32>(w, row_bytes, &rows, r0, k, out, m),
+                            }
+                        };
+                    }
+                    use avx2::{dot_cols_avx2, dot_cols_vnni};
+                    match (self.format, vnni) {
+                        (Format::Q8_0, false) => go!(dot_cols_avx2, false),
+                        (Format::Q5_0, false) => go!(dot_cols_avx2, true),
+                        (Format::Q8_0, true) => go!(dot_cols_vnni, false),
+                        (Format::Q5_0, true) => go!(dot_cols_vnni, true),
                     }
                 };
             } else {
-                portable::dot_tile(self.format, w, &rows, r0, r1, self.k, out);
+                for (c, wc) in w.chunks_exact(row_bytes).enumerate() {
+                    portable::dot_tile(self.format, wc, &rows, r0, r1, k, &mut out[c * m + r0..c * m + r1]);
+                }
             }
         })
     }
@@ -133,13 +159,14 @@ pub(super) fn with_f32_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candl
     Ok(f(&v))
 }
 
-/// The shared loop: `kernel(col, r0, r1, out)` writes rows `r0..r1` of output column `col`.
+/// The shared loop: `kernel(col0, cols, r0, r1, out)` writes rows `r0..r1` of output columns
+/// `col0..col0 + cols`, where `out` is those columns' `[cols][m]` results.
 /// Columns are split into tasks of [`COLS_PER_TASK`]; inside a task each tile of
-/// [`ROW_TILE`] activation rows meets every column of the task, so both stay in L1. Which
+/// `row_tile` activation rows meets every column of the task, so both stay in L1. Which
 /// rows share a tile does not change any element's sequence of operations.
-pub(super) fn tiled<F>(n: usize, m: usize, kernel: F) -> Vec<f32>
+pub(super) fn tiled<F>(n: usize, m: usize, row_tile: usize, kernel: F) -> Vec<f32>
 where
-    F: Fn(usize, usize, usize, &mut [f32]) + Sync,
+    F: Fn(usize, usize, usize, usize, &mut [f32]) + Sync,
 {
     // Computed column-major per task ([n][m]) so tasks own disjoint memory, then transposed.
     let mut out_t = vec![0f32; n * m];
@@ -148,10 +175,8 @@ where
         let cols = chunk.len() / m;
         let mut r0 = 0;
         while r0 < m {
-            let r1 = (r0 + ROW_TILE).min(m);
-            for c in 0..cols {
-                kernel(col0 + c, r0, r1, &mut chunk[c * m + r0..c * m + r1]);
-            }
+            let r1 = (r0 + row_tile).min(m);
+            kernel(col0, cols, r0, r1, chunk);
             r0 = r1;
         }
     });
@@ -177,11 +202,40 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> Q8Rows {
         let d = half::f16::from_f32(d).to_f32();
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         for (q, &v) in qb.iter_mut().zip(xb) {
-            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            *q = nearest_i8(v * id);
         }
         scales[bi] = d;
     }
     Q8Rows { quants, scales }
+}
+
+/// `x` (|x| ≤ 127 up to rounding) to the nearest integer, ties to even, as ggml's
+/// `nearest_int`: adding 1.5·2²³ leaves the rounded integer in the low mantissa bits. Plain
+/// float arithmetic, so it vectorizes (`f32::round` is a libm call per value).
+#[inline]
+pub(super) fn nearest_i8(x: f32) -> i8 {
+    let t = x + 12_582_912.0;
+    ((t.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000).clamp(-127, 127) as i8
+}
+
+/// Whether the AVX512-VNNI variant of the 32-value kernels (`vpdpbusd` on 256-bit vectors
+/// in place of AVX2's `vpmaddubsw` + `vpmaddwd`, same integer results) can run; checked once.
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            simd_available()
+                && std::is_x86_feature_detected!("avx512vnni")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::env::var_os("SILICA_NO_VNNI").is_none()
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// Whether the AVX2 paths (AVX2, FMA, F16C) can run on this CPU; checked once.
@@ -238,11 +292,13 @@ mod portable {
     }
 
     /// Rows `r0..r1` of the activations against one weight column. Lane `l` of a block sums
-    /// the products of values `4l..4l+3`, exactly as AVX2's maddubs+madd pairs them.
+    /// the products of values `4l..4l+3`, exactly as AVX2's maddubs+madd (or VNNI's dpbusd)
+    /// groups them; then `acc = (isum · x_scale) · w_scale + acc`, one rounding for the
+    /// product and one for the fused multiply-add.
     pub fn dot_tile(format: Format, w: &[u8], rows: &Q8Rows, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
         let kb = k / QK;
         let bb = format.block_bytes();
-        let mut acc = [[0f32; 8]; ROW_TILE];
+        let mut acc = [[0f32; 8]; ROW_TILE_32];
         let mut wq = [0i8; QK];
         for b in 0..kb {
             let blk = &w[b * bb..(b + 1) * bb];
@@ -250,13 +306,13 @@ mod portable {
             let wd = f16_at(blk, 0);
             for (a, r) in acc.iter_mut().zip(r0..r1) {
                 let x = &rows.quants[r * k + b * QK..r * k + (b + 1) * QK];
-                let s = wd * rows.scales[r * kb + b];
+                let xd = rows.scales[r * kb + b];
                 for (l, a) in a.iter_mut().enumerate() {
                     let mut isum = 0i32;
                     for j in 4 * l..4 * l + 4 {
                         isum += wq[j] as i32 * x[j] as i32;
                     }
-                    *a = s.mul_add(isum as f32, *a);
+                    *a = (isum as f32 * xd).mul_add(wd, *a);
                 }
             }
         }
@@ -301,39 +357,73 @@ pub(super) mod avx2 {
         _mm256_or_si256(nib, _mm256_andnot_si256(bits, _mm256_set1_epi8(0xf0u8 as i8)))
     }
 
-    /// AVX2 version of [`portable::dot_tile`]: each weight block is decoded once for the tile.
+    /// One block's exact i32 lane sums: AVX2 pairs bytes with maddubs then madd.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_tile<const Q5: bool>(w: &[u8], rows: &Q8Rows, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
-        let kb = k / QK;
-        let bb = if Q5 { 22 } else { 34 };
-        let t = r1 - r0;
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); ROW_TILE];
-        let wp = w.as_ptr();
-        let xq = rows.quants.as_ptr();
-        let xs = rows.scales.as_ptr();
-        for b in 0..kb {
-            let blk = wp.add(b * bb);
-            let wv = if Q5 { decode_q5_0(blk) } else { _mm256_loadu_si256(blk.add(2) as *const __m256i) };
-            let wd = f16_at(blk);
-            let wabs = _mm256_sign_epi8(wv, wv);
-            for (i, a) in acc.iter_mut().enumerate().take(t) {
-                let r = r0 + i;
-                let xv = _mm256_loadu_si256(xq.add(r * k + b * QK) as *const __m256i);
-                // |w| * (x * sign(w)) = w * x, pairs summed to i16, then fours to i32.
-                let xsg = _mm256_sign_epi8(xv, wv);
-                let p16 = _mm256_maddubs_epi16(wabs, xsg);
-                let p32 = _mm256_madd_epi16(p16, ones);
-                let s = _mm256_set1_ps(wd * *xs.add(r * kb + b));
-                *a = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p32), *a);
-            }
-        }
-        for (i, o) in out.iter_mut().enumerate().take(t) {
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i]);
-            *o = reduce8(lanes);
-        }
+    unsafe fn lanes_avx2(wabs: __m256i, xsg: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xsg), _mm256_set1_epi16(1))
     }
+
+    /// The same sums with one VNNI instruction.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn lanes_vnni(wabs: __m256i, xsg: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs, xsg)
+    }
+
+    macro_rules! kernel {
+        ($cols:ident, $tile:ident, $lanes:ident, $features:literal) => {
+            /// The kernel for each weight row (`row_bytes` each) of `w`; column `c`'s rows go
+            /// to `out[c * m + r0..]`.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $cols<const Q5: bool, const T: usize>(
+                w: &[u8],
+                row_bytes: usize,
+                rows: &Q8Rows,
+                r0: usize,
+                k: usize,
+                out: &mut [f32],
+                m: usize,
+            ) {
+                for (c, wc) in w.chunks_exact(row_bytes).enumerate() {
+                    $tile::<Q5, T>(wc, rows, r0, k, &mut out[c * m + r0..c * m + r0 + T]);
+                }
+            }
+
+            /// SIMD version of [`portable::dot_tile`]: each weight block is decoded once for
+            /// the tile of `T` rows.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn $tile<const Q5: bool, const T: usize>(w: &[u8], rows: &Q8Rows, r0: usize, k: usize, out: &mut [f32]) {
+                let kb = k / QK;
+                let bb = if Q5 { 22 } else { 34 };
+                let mut acc = [_mm256_setzero_ps(); T];
+                let wp = w.as_ptr();
+                let xq = rows.quants.as_ptr().add(r0 * k);
+                let xs = rows.scales.as_ptr().add(r0 * kb);
+                for b in 0..kb {
+                    let blk = wp.add(b * bb);
+                    let wv = if Q5 { decode_q5_0(blk) } else { _mm256_loadu_si256(blk.add(2) as *const __m256i) };
+                    let wd = _mm256_set1_ps(f16_at(blk));
+                    let wabs = _mm256_sign_epi8(wv, wv);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_si256(xq.add(i * k + b * QK) as *const __m256i);
+                        // |w| * (x * sign(w)) = w * x, summed in fours to i32 lanes.
+                        let p = $lanes(wabs, _mm256_sign_epi8(xv, wv));
+                        let t = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(*xs.add(i * kb + b)));
+                        *a = _mm256_fmadd_ps(t, wd, *a);
+                    }
+                }
+                for (i, o) in out.iter_mut().enumerate().take(T) {
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i]);
+                    *o = reduce8(lanes);
+                }
+            }
+        };
+    }
+    kernel!(dot_cols_avx2, dot_tile_avx2, lanes_avx2, "avx2,fma,f16c");
+    kernel!(dot_cols_vnni, dot_tile_vnni, lanes_vnni, "avx2,fma,f16c,avx512vnni,avx512vl");
 }
 
 #[cfg(test)]
@@ -351,10 +441,13 @@ mod tests {
     #[test]
     fn simd_and_portable_paths_are_bitwise_identical() {
         for dt in [GgmlDType::Q8_0, GgmlDType::Q5_0] {
-            let (q, xs, _) = setup(dt, 70, 256, 9);
-            let a = q.matmul(&xs, 9, false);
+            let (q, xs, _) = setup(dt, 70, 256, 19);
+            let a = q.matmul_with(&xs, 19, false, false);
             if simd_available() {
-                assert_eq!(a, q.matmul(&xs, 9, true), "{dt:?}");
+                assert_eq!(a, q.matmul_with(&xs, 19, true, false), "{dt:?} AVX2");
+            }
+            if vnni_available() {
+                assert_eq!(a, q.matmul_with(&xs, 19, true, true), "{dt:?} VNNI");
             }
         }
     }

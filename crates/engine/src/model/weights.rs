@@ -432,6 +432,40 @@ mod tests {
         }
     }
 
+    /// `cargo test --release -p silica-engine --lib kernel_speed -- --ignored --nocapture`:
+    /// GMAC/s of Silica's CPU kernels against candle's `QMatMul` per type and row count.
+    #[test]
+    #[ignore]
+    fn kernel_speed() {
+        let (n, k) = (4864, 896);
+        for dt in [GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let w = Tensor::randn(0f32, 1., (n, if dt == GgmlDType::Q5_0 || dt == GgmlDType::Q8_0 { k } else { 1024 }), &Device::Cpu).unwrap();
+            let k = w.dim(1).unwrap();
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let ours = Linear::quantized(QTensor::quantize(&w, dt).unwrap(), None).unwrap();
+            let theirs = QMatMul::from_qtensor(q).unwrap();
+            for m in [1usize, 16, 128] {
+                let x = Tensor::randn(0f32, 1., (m, k), &Device::Cpu).unwrap();
+                let mut line = format!("{dt:?} m={m}:");
+                let a = |x: &Tensor| ours.forward(x).unwrap();
+                let b = |x: &Tensor| theirs.forward(x).unwrap();
+                let fs: [(&str, &dyn Fn(&Tensor) -> Tensor); 2] = [("silica", &a), ("candle", &b)];
+                for (name, f) in fs
+                {
+                    f(&x);
+                    let reps = (200 / m).max(3);
+                    let t = std::time::Instant::now();
+                    for _ in 0..reps {
+                        f(&x);
+                    }
+                    let s = t.elapsed().as_secs_f64() / reps as f64;
+                    line += &format!(" {name} {:.1} GMAC/s ({:.3} ms)", (n * k * m) as f64 / s / 1e9, s * 1e3);
+                }
+                println!("{line}");
+            }
+        }
+    }
+
     #[test]
     fn gguf_names_follow_llama_cpp() {
         assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.bias"), "blk.3.attn_q.bias");
