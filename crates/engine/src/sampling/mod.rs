@@ -537,13 +537,15 @@ fn nucleus(c: &mut [u32], w: &[f32], target: f64) -> usize {
     }
 }
 
-/// Dense top-p: finds the nucleus of `w` (all tokens) by selecting the top 64, 512, ...
-/// weights until their mass reaches `target`. Returns `None` when the nucleus is the whole
-/// vocabulary (keep drawing densely), else `Some(n)` with the nucleus in `idx[..n]`.
+/// Dense top-p: finds the nucleus of `w` (all tokens) by selecting the top 64 and then 512
+/// weights; a larger nucleus (a flat distribution, e.g. a high temperature) is found by
+/// [`nucleus_by_buckets`] in two passes instead of sorting most of the vocabulary. Returns
+/// `None` when the nucleus is the whole vocabulary (keep drawing densely), else `Some(n)` with
+/// the nucleus in `idx[..n]`.
 fn nucleus_dense(w: &[f32], target: f64, idx: &mut Vec<u32>) -> Option<usize> {
     let v = w.len();
     let mut m = v.min(64);
-    loop {
+    while m <= v.min(512) {
         top_k_sorted(w, m, idx);
         let mut cum = 0f64;
         for (j, &t) in idx.iter().enumerate() {
@@ -555,7 +557,51 @@ fn nucleus_dense(w: &[f32], target: f64, idx: &mut Vec<u32>) -> Option<usize> {
         if m == v {
             return None;
         }
-        m = (m * 8).min(v);
+        m *= 8;
+    }
+    nucleus_by_buckets(w, target, idx)
+}
+
+/// The nucleus of non-negative weights `w` in `O(V)`: weights are bucketed by the top 16 bits
+/// of their IEEE representation (monotone in the value for non-negative floats); buckets are
+/// taken from the largest down while their mass stays below `target`; only the boundary
+/// bucket is sorted (by weight descending, ties by lower id) to find where the mass is
+/// reached. The set is the one the sorted definition gives (up to the rounding of the f64
+/// partial sums).
+fn nucleus_by_buckets(w: &[f32], target: f64, idx: &mut Vec<u32>) -> Option<usize> {
+    const BUCKETS: usize = 1 << 16;
+    let key = |x: f32| (x.max(0.0).to_bits() >> 16) as usize;
+    let mut mass = vec![0f64; BUCKETS];
+    for &x in w {
+        mass[key(x)] += x as f64;
+    }
+    let mut cum = 0f64;
+    let mut boundary = BUCKETS - 1;
+    while boundary > 0 && cum + mass[boundary] < target {
+        cum += mass[boundary];
+        boundary -= 1;
+    }
+    idx.clear();
+    let mut edge: Vec<u32> = Vec::new();
+    for (t, &x) in w.iter().enumerate() {
+        match key(x).cmp(&boundary) {
+            std::cmp::Ordering::Greater => idx.push(t as u32),
+            std::cmp::Ordering::Equal => edge.push(t as u32),
+            std::cmp::Ordering::Less => {}
+        }
+    }
+    edge.sort_unstable_by(|a, b| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b)));
+    for t in edge {
+        idx.push(t);
+        cum += w[t as usize] as f64;
+        if cum >= target {
+            break;
+        }
+    }
+    if idx.len() >= w.len() {
+        None
+    } else {
+        Some(idx.len())
     }
 }
 

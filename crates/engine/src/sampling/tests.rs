@@ -596,3 +596,36 @@ fn bench_full_vocab() {
         );
     }
 }
+
+/// The bucketed nucleus (flat distributions) gives the set the sorted definition gives.
+#[test]
+fn bucketed_nucleus_matches_the_sorted_definition() {
+    use rand::{Rng, SeedableRng};
+    for seed in 0..20u64 {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let v = 5000 + seed as usize * 997;
+        // Nearly flat weights with a few repeated values (ties).
+        let w: Vec<f32> = (0..v).map(|i| if i % 97 == 0 { 0.5 } else { rng.random_range(0.3f32..1.0) }).collect();
+        for top_p in [0.3f64, 0.9, 0.999] {
+            let target = top_p * w.iter().map(|&x| x as f64).sum::<f64>();
+            let mut order: Vec<u32> = (0..v as u32).collect();
+            order.sort_by(|a, b| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b)));
+            let mut cum = 0f64;
+            let n = order.iter().position(|&t| {
+                cum += w[t as usize] as f64;
+                cum >= target
+            }).map_or(v, |j| j + 1);
+            let mut want: Vec<u32> = order[..n].to_vec();
+            want.sort_unstable();
+            let mut idx = Vec::new();
+            let got = super::nucleus_by_buckets(&w, target, &mut idx);
+            let mut got_set: Vec<u32> = match got {
+                Some(k) => idx[..k].to_vec(),
+                None => (0..v as u32).collect(),
+            };
+            got_set.sort_unstable();
+            assert_eq!(got_set.len(), want.len(), "seed {seed} top_p {top_p}");
+            assert_eq!(got_set, want, "seed {seed} top_p {top_p}");
+        }
+    }
+}

@@ -515,6 +515,31 @@ impl Engine {
         Ok(true)
     }
 
+    /// Sample every single-sequence row that has its logits on the host, in parallel: each
+    /// row's sampler is independent and deterministic, so the result is the same as one by
+    /// one. Indexed by request; `None` where the row took the device's argmax or has no
+    /// sample this step.
+    fn sample_rows(&mut self, rows: &[Row], logits: &HostLogits, vocab: usize) -> Vec<Option<Result<Sampled>>> {
+        use rayon::prelude::*;
+        let mut row_of = vec![None; self.running.len()];
+        for (r, row) in rows.iter().enumerate() {
+            if row.samples && row_of[row.req].is_none() {
+                row_of[row.req] = logits.offsets[r].map(|o| (r, o));
+            }
+        }
+        let sample = |(req, at): (&mut Request, Option<(usize, usize)>)| {
+            let (_, o) = at?;
+            let Request { body: Body::Single(s), prompt, .. } = req else { return None };
+            Some(s.sampler.sample(&logits.dense[o..o + vocab], prompt, &s.tokens[prompt.len()..]))
+        };
+        let work = self.running.iter_mut().zip(row_of);
+        if rows.len() >= 4 {
+            work.collect::<Vec<_>>().into_par_iter().map(sample).collect()
+        } else {
+            work.map(sample).collect()
+        }
+    }
+
     /// Bring the step's logits to the host. On the CPU (and for rows whose sampler needs them)
     /// every logit; on other devices a plain greedy row (no penalties, bias or logprobs) only
     /// sends its argmax, picked on the device: 4 bytes instead of the whole vocabulary.
@@ -544,6 +569,7 @@ impl Engine {
     }
 
     fn postprocess(&mut self, rows: &[Row], logits: &HostLogits, vocab: usize) -> Result<()> {
+        let mut presampled = self.sample_rows(rows, logits, vocab);
         let now = Instant::now();
         let mut generated = 0usize;
         let mut done: Vec<usize> = Vec::new();
@@ -565,8 +591,8 @@ impl Engine {
                         req.prompt_inserted = true;
                     }
                     if row.samples {
-                        let sampled = match logits.offsets[r] {
-                            Some(o) => s.sampler.sample(&logits.dense[o..o + vocab], &req.prompt, &s.tokens[req.prompt.len()..])?,
+                        let sampled = match presampled[req_idx].take() {
+                            Some(result) => result?,
                             None => Sampled { token: logits.argmax[r], logprob: 0.0, top_logprobs: Vec::new() },
                         };
                         s.tokens.push(sampled.token);
