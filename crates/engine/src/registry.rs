@@ -20,6 +20,18 @@ pub const DEMO_MODELS: &[(&str, &str)] = &[
     ("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
 ];
 
+/// Read table `[key]` of a settings file into `T` (each crate owns one table of
+/// `configs/default.toml`; the others are left to them). A missing table gives `T::default()`;
+/// unknown keys and wrong types are errors naming the file and the table.
+pub fn settings_table<T: serde::de::DeserializeOwned + Default>(path: &Path, key: &str) -> std::result::Result<T, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    match table.get(key) {
+        Some(v) => v.clone().try_into().map_err(|e| format!("{}: [{key}]: {e}", path.display())),
+        None => Ok(T::default()),
+    }
+}
+
 /// Where a model's weights come from.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

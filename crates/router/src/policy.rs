@@ -40,12 +40,7 @@ impl Default for RouterConfig {
 impl RouterConfig {
     /// Read the `[router]` table of a settings file; errors name the file and the key.
     pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        let cfg: RouterConfig = match table.get("router") {
-            Some(v) => v.clone().try_into().map_err(|e| format!("{}: [router]: {e}", path.display()))?,
-            None => RouterConfig::default(),
-        };
+        let cfg: RouterConfig = silica_engine::registry::settings_table(path, "router")?;
         if cfg.long_generation_tokens == 0 {
             return Err(format!("{}: router.long_generation_tokens must be at least 1", path.display()));
         }

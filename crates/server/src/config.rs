@@ -33,12 +33,7 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Read the `[server]` table of a settings file (other tables belong to other crates).
     pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        let cfg: ServerConfig = match table.get("server") {
-            Some(v) => v.clone().try_into().map_err(|e| format!("{}: [server]: {e}", path.display()))?,
-            None => ServerConfig::default(),
-        };
+        let cfg: ServerConfig = silica_engine::registry::settings_table(path, "server")?;
         cfg.validate().map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(cfg)
     }

@@ -86,12 +86,7 @@ impl SchedulerConfig {
     /// Read the `[engine]` table of a settings file (other tables are other crates'), then
     /// validate it. Errors name the file and the key.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| EngineError::Io { path: path.into(), source: e })?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
-        let cfg: SchedulerConfig = match table.get("engine") {
-            Some(v) => v.clone().try_into().map_err(|e| EngineError::Config(format!("{}: [engine]: {e}", path.display())))?,
-            None => SchedulerConfig::default(),
-        };
+        let cfg: SchedulerConfig = crate::registry::settings_table(path, "engine").map_err(EngineError::Config)?;
         cfg.validate().map_err(|e| EngineError::Config(format!("{}: {e}", path.display())))?;
         Ok(cfg)
     }
