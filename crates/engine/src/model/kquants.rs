@@ -160,21 +160,26 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// Q4_K's eight 6-bit scales and mins from its 12 packed bytes (ggml's get_scale_min_k4).
+/// Q4_K's eight 6-bit scales (bytes 0..8) and mins (bytes 8..16) from its 12 packed bytes,
+/// unpacked with word operations as ggml's SIMD kernels do (the same values as its
+/// `get_scale_min_k4`).
 #[inline]
-fn q4k_scales_mins(q: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let mut sc = [0u8; 8];
-    let mut mn = [0u8; 8];
-    for j in 0..8 {
-        if j < 4 {
-            sc[j] = q[j] & 63;
-            mn[j] = q[j + 4] & 63;
-        } else {
-            sc[j] = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-            mn[j] = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-        }
-    }
-    (sc, mn)
+fn q4k_scales_mins(q: &[u8]) -> [u8; 16] {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (u0, u1, u2) = (w(0), w(1), w(2));
+    let u3 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    let mins_lo = u1 & KMASK1;
+    let sc_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let sc_lo = u0 & KMASK1;
+    let mut out = [0u8; 16];
+    out[0..4].copy_from_slice(&sc_lo.to_le_bytes());
+    out[4..8].copy_from_slice(&sc_hi.to_le_bytes());
+    out[8..12].copy_from_slice(&mins_lo.to_le_bytes());
+    out[12..16].copy_from_slice(&u3.to_le_bytes());
+    out
 }
 
 mod portable {
@@ -188,7 +193,8 @@ mod portable {
         for b in 0..kb {
             let blk = &w[b * 144..(b + 1) * 144];
             let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
-            let (sc, mn) = q4k_scales_mins(&blk[4..16]);
+            let sm = q4k_scales_mins(&blk[4..16]);
+            let (sc, mn) = (&sm[0..8], &sm[8..16]);
             for j in 0..4 {
                 for l in 0..32 {
                     let v = blk[16 + 32 * j + l];
@@ -294,7 +300,11 @@ mod avx2 {
         for b in 0..kb {
             let blk = w.as_ptr().add(b * 144);
             let (d, dmin) = (f16(blk), f16(blk.add(2)));
-            let (sc, mn) = q4k_scales_mins(std::slice::from_raw_parts(blk.add(4), 12));
+            let sm = q4k_scales_mins(std::slice::from_raw_parts(blk.add(4), 12));
+            // Scales and mins as i16: lanes 0..8 and 8..16.
+            let smv = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
+            let scv = _mm256_permute2x128_si256(smv, smv, 0x00);
+            let mv = _mm256_extracti128_si256(smv, 1);
             let mut q = [_mm256_setzero_si256(); 8];
             let mut s = [_mm256_setzero_si256(); 8];
             for j in 0..4 {
@@ -302,10 +312,11 @@ mod avx2 {
                 q[2 * j] = _mm256_and_si256(v, m4);
                 q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
             }
-            for j in 0..8 {
-                s[j] = _mm256_set1_epi16(sc[j] as i16);
+            for (j, sj) in s.iter_mut().enumerate() {
+                // Broadcast scale j (i16 lane j of each half) to all sixteen lanes.
+                let lo = (2 * j) as i8;
+                *sj = _mm256_shuffle_epi8(scv, _mm256_set1_epi16(i16::from_le_bytes([lo as u8, lo as u8 + 1])));
             }
-            let mv = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
             for i in 0..T {
                 let r = r0 + i;
                 let y = rows.quants.as_ptr().add(r * k + b * QK_K);
