@@ -119,8 +119,7 @@ async fn websocket_streams_cancels_and_survives_bad_messages() {
     let port = s.port;
     let body = req.clone();
     let via_http = tokio::task::spawn_blocking(move || {
-        let s2 = common_request(port, &body);
-        s2
+        common_request(port, &body)
     })
     .await
     .unwrap();

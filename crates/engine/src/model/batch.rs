@@ -128,7 +128,6 @@ impl BatchMeta {
         let write_index: Vec<u32> =
             write_slots.iter().flat_map(|&s| std::iter::repeat_n(s, kv_heads * head_dim)).collect();
         let num_logit_rows = logit_rows.len();
-        let _ = bs;
         Ok(BatchMeta {
             ids: Tensor::from_vec(ids, total, device)?,
             positions: Tensor::from_vec(positions, total, device)?,

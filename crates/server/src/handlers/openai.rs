@@ -11,7 +11,7 @@ use axum::Json;
 use futures::stream::{select_all, BoxStream};
 use futures::StreamExt;
 use serde_json::{json, Value};
-use silica_engine::generate::{FinishReason, GenerateRequest, Prompt, StopParams, TokenLogprob};
+use silica_engine::generate::{GenerateRequest, Prompt, StopParams, TokenLogprob};
 use silica_engine::scheduler::{Event, TokenEvent};
 use silica_engine::tokenizer::ChatOptions;
 use silica_engine::tokenizer::TokenTable;
@@ -25,10 +25,6 @@ use crate::extract::{typed, JsonObject};
 use crate::tools::{self, ToolCall, ToolStream};
 use crate::wire::{ChatRequest, CompletionPrompt, CompletionRequest};
 use crate::AppState;
-
-fn finish_str(r: FinishReason) -> &'static str {
-    r.as_str()
-}
 
 /// A whole (non-streamed) OpenAI answer.
 fn completion_body(object: &str, id: &str, route: &Route, choices: Vec<Value>, usage: Value) -> Response {
@@ -196,12 +192,12 @@ pub async fn chat(State(state): State<AppState>, JsonObject(v): JsonObject) -> R
             completion += f.usage.completion_tokens;
             let (content, calls) = if plan.tools_on { tools::parse(&f.text) } else { (Some(f.text.clone()), Vec::new()) };
             let mut message = json!({"role": "assistant", "content": content});
-            let finish = if calls.is_empty() { finish_str(f.reason) } else { "tool_calls" };
+            let finish = if calls.is_empty() { f.reason.as_str() } else { "tool_calls" };
             if !calls.is_empty() {
                 message["tool_calls"] = json!(tool_calls_json(&calls, false));
             }
             let lps: Vec<TokenLogprob> = tokens.iter().flat_map(|t| t.logprobs.iter().cloned()).collect();
-            let has_lp = plan_has_logprobs(&tokens);
+            let has_lp = has_logprobs(&tokens);
             out.push(json!({
                 "index": i,
                 "message": message,
@@ -215,7 +211,7 @@ pub async fn chat(State(state): State<AppState>, JsonObject(v): JsonObject) -> R
     Ok(resp)
 }
 
-fn plan_has_logprobs(tokens: &[TokenEvent]) -> bool {
+fn has_logprobs(tokens: &[TokenEvent]) -> bool {
     tokens.iter().any(|t| !t.logprobs.is_empty())
 }
 
@@ -318,7 +314,7 @@ fn chat_stream(state: &AppState, route: &Route, id: String, chans: Vec<ChoiceStr
                         g.0 = f.usage.prompt_tokens;
                         g.1 += f.usage.completion_tokens;
                     }
-                    let mut finish = finish_str(f.reason);
+                    let mut finish = f.reason.as_str();
                     if tools_on {
                         let (rest, calls) = parsers[i].finish();
                         if !rest.is_empty() {
@@ -429,7 +425,7 @@ pub async fn completions(State(state): State<AppState>, JsonObject(v): JsonObjec
                             g.0[i] = f.usage.prompt_tokens;
                             g.1 += f.usage.completion_tokens;
                         }
-                        Ok(vec![chunk(json!([{"index": i, "text": "", "logprobs": null, "finish_reason": finish_str(f.reason)}]), None)])
+                        Ok(vec![chunk(json!([{"index": i, "text": "", "logprobs": null, "finish_reason": f.reason.as_str()}]), None)])
                     }
                     Event::Error(e) => Err(e.into()),
                 }
@@ -456,8 +452,8 @@ pub async fn completions(State(state): State<AppState>, JsonObject(v): JsonObjec
             out.push(json!({
                 "index": i,
                 "text": f.text,
-                "logprobs": if plan_has_logprobs(&tokens) { completion_logprobs(&table, &lps, 0) } else { Value::Null },
-                "finish_reason": finish_str(f.reason),
+                "logprobs": if has_logprobs(&tokens) { completion_logprobs(&table, &lps, 0) } else { Value::Null },
+                "finish_reason": f.reason.as_str(),
             }));
         }
         completion_body("text_completion", &id, &route, out, usage_json(prompt, completion))
