@@ -78,6 +78,14 @@ struct LogitsArgs {
     /// How many of the largest logits to print per position.
     #[arg(long, default_value_t = 5)]
     top: usize,
+    /// Prefill only this many tokens, then run every later position as a decode step (checks
+    /// the decode path); prints `{"top": [...], "copy_max_rel_diff": x}`.
+    #[arg(long)]
+    decode_from: Option<usize>,
+    /// With --decode-from: copies of the sequence decoded in the same steps, each prefilling
+    /// one token fewer than the last (mixed lengths in every step).
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
 }
 
 #[derive(Args)]
@@ -227,8 +235,16 @@ fn run(cli: Cli) -> Result<()> {
             let m = LoadedModel::load(&entry.name, &reg.resolve(&entry, true)?, device, dtype)?;
             let text = std::fs::read_to_string(&a.tokens).with_context(|| format!("reading {}", a.tokens.display()))?;
             let tokens: Vec<u32> = serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON array of token ids", a.tokens.display()))?;
-            let top = silica_engine::generate::teacher_forced_top_k(&m, &tokens, a.top)?;
-            println!("{}", serde_json::to_string(&top)?);
+            match a.decode_from {
+                None => {
+                    let top = silica_engine::generate::teacher_forced_top_k(&m, &tokens, a.top)?;
+                    println!("{}", serde_json::to_string(&top)?);
+                }
+                Some(from) => {
+                    let (top, diff) = silica_engine::generate::teacher_forced_decode(&m, &tokens, a.top, from, a.streams)?;
+                    println!("{}", serde_json::json!({ "top": top, "copy_max_rel_diff": diff }));
+                }
+            }
             Ok(())
         }
     }

@@ -68,6 +68,7 @@ impl DeviceSpec {
                     ));
                 }
                 Device::new_cuda(n)
+                    .map(single_stream)
                     .map_err(|e| EngineError::Device(format!("cannot open CUDA device {n}: {e}")))
             }
             DeviceSpec::Metal => {
@@ -84,7 +85,7 @@ impl DeviceSpec {
             DeviceSpec::Auto => {
                 if candle_core::utils::cuda_is_available() {
                     match Device::new_cuda(0) {
-                        Ok(d) => return Ok(d),
+                        Ok(d) => return Ok(single_stream(d)),
                         Err(e) => tracing::warn!("CUDA compiled in but unusable ({e}); trying next"),
                     }
                 }
@@ -98,6 +99,20 @@ impl DeviceSpec {
             }
         }
     }
+}
+
+/// Silica runs everything of a CUDA device on candle's one stream, so cudarc's cross-stream
+/// event tracking (two events created per allocation, recorded and waited on at every kernel
+/// launch: several microseconds of host time per op) only costs time. Turned off before any
+/// tensor exists on the device.
+fn single_stream(device: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // SAFETY: no tensor is used on another stream: candle's device has one stream and
+        // Silica creates none.
+        unsafe { d.disable_event_tracking() };
+    }
+    device
 }
 
 /// Which dtype the user asked for.

@@ -474,16 +474,83 @@ pub fn teacher_forced_top_k(m: &LoadedModel, tokens: &[u32], k: usize) -> Result
     kv.reserve(&mut seq, tokens.len())?;
     let logits = m.model.forward(&[SeqInput { tokens, cache: &seq, all_logits: true }], &mut kv);
     kv.free(&mut seq);
-    let rows = logits?.to_vec2::<f32>()?;
-    Ok(rows
-        .into_iter()
-        .map(|row| {
-            let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-            let k = k.min(row.len());
-            idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
-            let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, row[i as usize])).collect();
-            top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            top
-        })
-        .collect())
+    Ok(logits?.to_vec2::<f32>()?.iter().map(|row| top_k_of(row, k)).collect())
+}
+
+/// Teacher forcing through decode steps: the first `decode_from` tokens in one prefill, then
+/// every later position as a one-token decode step, so the decode path (batched decode
+/// attention over the paged cache) is what is checked. With `streams` > 1, copies of the
+/// sequence run in the same decode steps, copy `j` prefilling `j` fewer tokens (so every step
+/// mixes sequences of different lengths); their logits are compared with copy 0's at the same
+/// positions. Returns copy 0's top `k` per position and the largest difference between copies
+/// (absolute, over the row's largest |logit|).
+pub fn teacher_forced_decode(
+    m: &LoadedModel,
+    tokens: &[u32],
+    k: usize,
+    decode_from: usize,
+    streams: usize,
+) -> Result<(Vec<Vec<(u32, f32)>>, f32)> {
+    let n = tokens.len();
+    if streams == 0 || decode_from < streams || decode_from >= n {
+        return Err(EngineError::invalid(
+            "decode_from",
+            format!("need streams ({streams}) >= 1 and streams <= decode_from ({decode_from}) < tokens ({n})"),
+        ));
+    }
+    let mut kv = m.kv_cache_for_tokens(streams * (n + 16), 16)?;
+    let mut seqs: Vec<SeqCache> = (0..streams).map(|_| SeqCache::default()).collect();
+    let result = (|| -> Result<(Vec<Vec<(u32, f32)>>, f32)> {
+        let mut rows: Vec<Vec<f32>> = Vec::with_capacity(n);
+        for (j, seq) in seqs.iter_mut().enumerate() {
+            kv.reserve(seq, n)?;
+            let p = decode_from - j;
+            let l = m.model.forward(&[SeqInput { tokens: &tokens[..p], cache: seq, all_logits: j == 0 }], &mut kv)?;
+            if j == 0 {
+                rows.extend(l.to_vec2::<f32>()?);
+            }
+            seq.len = p;
+        }
+        let mut max_diff = 0f32;
+        loop {
+            let active: Vec<usize> = (0..streams).filter(|&j| seqs[j].len < n).collect();
+            if active.is_empty() {
+                break;
+            }
+            let inputs: Vec<SeqInput<'_>> = active
+                .iter()
+                .map(|&j| SeqInput { tokens: &tokens[seqs[j].len..seqs[j].len + 1], cache: &seqs[j], all_logits: false })
+                .collect();
+            let l = m.model.forward(&inputs, &mut kv)?.to_vec2::<f32>()?;
+            for (row, &j) in l.into_iter().zip(&active) {
+                let pos = seqs[j].len;
+                if j == 0 {
+                    rows.push(row);
+                } else if pos >= decode_from {
+                    let reference = &rows[pos];
+                    let scale = reference.iter().fold(0f32, |a, &x| a.max(x.abs())).max(1e-6);
+                    let diff = row.iter().zip(reference).fold(0f32, |a, (&x, &y)| a.max((x - y).abs()));
+                    max_diff = max_diff.max(diff / scale);
+                }
+            }
+            for &j in &active {
+                seqs[j].len += 1;
+            }
+        }
+        Ok((rows.iter().map(|row| top_k_of(row, k)).collect(), max_diff))
+    })();
+    for seq in &mut seqs {
+        kv.free(seq);
+    }
+    result
+}
+
+/// The `k` largest entries of a row, largest first (ties by id).
+fn top_k_of(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    let k = k.min(row.len());
+    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+    let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, row[i as usize])).collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    top
 }

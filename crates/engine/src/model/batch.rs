@@ -44,9 +44,28 @@ pub(crate) struct DecodeGroup {
     /// first slot (masked out).
     pub slots: Tensor,
     /// `[d, 1, 1, max_len]` additive mask: 0 for real positions, -inf for padding (`None`
-    /// when every sequence has `max_len` positions).
+    /// when every sequence has `max_len` positions, or for the fused kernel).
     pub mask: Option<Tensor>,
+    /// `[d]` u32 positions per sequence (the fused kernel's bound; `None` otherwise).
+    pub lens: Option<Tensor>,
     pub max_len: usize,
+}
+
+/// How attention reads the cache in this pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AttnMode {
+    /// The CPU F32 kernel reads the pools directly.
+    CpuKernel,
+    /// candle's ops gather K/V per sequence (decode rows together).
+    Gather,
+    /// Silica's CUDA kernels write the cache and attend decode rows; prefill rows gather.
+    Fused,
+}
+
+/// What the fused kernels need beyond the gather path.
+pub(crate) struct FusedMeta {
+    /// `[rows]` u32 cache slot of each row.
+    pub write_slots: Tensor,
 }
 
 /// Everything a forward pass needs besides the weights and the cache tensors.
@@ -55,8 +74,10 @@ pub(crate) struct BatchMeta {
     pub positions: Tensor,
     pub seqs: Vec<AttnSeq>,
     /// Every row's cache slot broadcast to `[rows, kv_heads, head_dim]`: the new K/V of a
-    /// layer are written with one scatter.
-    pub write_index: Tensor,
+    /// layer are written with one scatter (`None` in fused mode: the kernel writes them).
+    pub write_index: Option<Tensor>,
+    /// Present when the fused kernels run this pass.
+    pub fused: Option<FusedMeta>,
     /// Decode sequences attended together (gather path, i.e. not the CPU F32 kernel).
     pub decode: Option<DecodeGroup>,
     /// Rows whose logits are returned, in order.
@@ -65,16 +86,17 @@ pub(crate) struct BatchMeta {
 }
 
 impl BatchMeta {
-    /// `gather`: attention will gather K/V with tensor ops (any device but the CPU F32 kernel),
-    /// so build the index tensors and masks it needs.
+    /// `mode` says which index tensors and masks attention needs.
     pub fn build(
         batch: &[SeqInput<'_>],
         kv: &KvCache,
         shape: (usize, usize, usize),
         mask_dtype: DType,
         device: &Device,
-        gather: bool,
+        mode: AttnMode,
     ) -> candle_core::Result<Self> {
+        let gather = mode != AttnMode::CpuKernel;
+        let fused = mode == AttnMode::Fused;
         let (groups, kv_heads, head_dim) = shape;
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let mut ids = Vec::with_capacity(total);
@@ -124,14 +146,20 @@ impl BatchMeta {
             let read_slots = if gather && n > 1 { Some(Tensor::from_vec(read.clone(), start + n, device)?) } else { None };
             seqs.push(AttnSeq { row, n, start, read_slots, slots: read, mask });
         }
-        let decode = if gather { DecodeGroup::build(&seqs, mask_dtype, device)? } else { None };
-        let write_index: Vec<u32> =
-            write_slots.iter().flat_map(|&s| std::iter::repeat_n(s, kv_heads * head_dim)).collect();
+        let decode = if gather { DecodeGroup::build(&seqs, mask_dtype, device, fused)? } else { None };
+        let (write_index, fused) = if fused {
+            (None, Some(FusedMeta { write_slots: Tensor::from_vec(write_slots, total, device)? }))
+        } else {
+            let index: Vec<u32> =
+                write_slots.iter().flat_map(|&s| std::iter::repeat_n(s, kv_heads * head_dim)).collect();
+            (Some(Tensor::from_vec(index, (total, kv_heads, head_dim), device)?), None)
+        };
         let num_logit_rows = logit_rows.len();
         Ok(BatchMeta {
             ids: Tensor::from_vec(ids, total, device)?,
             positions: Tensor::from_vec(positions, total, device)?,
-            write_index: Tensor::from_vec(write_index, (total, kv_heads, head_dim), device)?,
+            write_index,
+            fused,
             decode,
             seqs,
             logit_rows: Tensor::from_vec(logit_rows, num_logit_rows, device)?,
@@ -141,7 +169,8 @@ impl BatchMeta {
 }
 
 impl DecodeGroup {
-    fn build(seqs: &[AttnSeq], mask_dtype: DType, device: &Device) -> candle_core::Result<Option<Self>> {
+    /// `fused`: the kernel bounds each sequence by its length (no mask).
+    fn build(seqs: &[AttnSeq], mask_dtype: DType, device: &Device, fused: bool) -> candle_core::Result<Option<Self>> {
         let seq_idx: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].n == 1).collect();
         if seq_idx.is_empty() {
             return Ok(None);
@@ -166,10 +195,16 @@ impl DecodeGroup {
         Ok(Some(DecodeGroup {
             rows,
             slots: Tensor::from_vec(slots, d * max_len, device)?,
-            mask: if mask.iter().all(|&m| m == 0.0) {
+            mask: if fused || mask.iter().all(|&m| m == 0.0) {
                 None
             } else {
                 Some(Tensor::from_vec(mask, (d, 1, 1, max_len), device)?.to_dtype(mask_dtype)?)
+            },
+            lens: if fused {
+                let lens: Vec<u32> = seq_idx.iter().map(|&i| seqs[i].slots.len() as u32).collect();
+                Some(Tensor::from_vec(lens, d, device)?)
+            } else {
+                None
             },
             max_len,
             seq_idx,

@@ -22,14 +22,17 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
     }
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
 }
 
 /// Precomputed RoPE tables `[max_positions, head_dim / 2]` (non-interleaved, "NeoX" halves,
 /// as Qwen uses), gathered per row by absolute position.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
 }
 
 impl Rope {
@@ -51,24 +54,47 @@ impl Rope {
     }
 }
 
+/// RoPE for one forward pass: the full tables (the fused kernel indexes them by position) and,
+/// for candle's ops, the rows gathered for the batch's positions.
+pub(crate) struct RopeAt<'a> {
+    pub table: &'a Rope,
+    pub rows: Option<(Tensor, Tensor)>,
+}
+
+impl RopeAt<'_> {
+    fn rows(&self) -> candle_core::Result<(&Tensor, &Tensor)> {
+        match &self.rows {
+            Some((c, s)) => Ok((c, s)),
+            None => candle_core::bail!("RoPE rows were not gathered for this pass (engine bug)"),
+        }
+    }
+}
+
 /// Apply RoPE to `x: [rows, heads, head_dim]` with per-row `cos`/`sin: [rows, head_dim/2]`.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)
+}
+
+/// The q/k/v projections: one stacked matmul for dense weights, three for quantized ones
+/// (their types may differ, e.g. a Q6_K `v_proj` beside Q4_K `q_proj`/`k_proj`).
+#[derive(Debug, Clone)]
+enum QkvProj {
+    Fused(Linear),
+    Split { q: Linear, k: Linear, v: Linear },
 }
 
 /// Grouped-query self-attention. Qwen2 has q/k/v biases; Qwen3 has none and normalises q and
 /// k per head instead.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: QkvProj,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    eps: f32,
 }
 
 impl Attention {
@@ -85,17 +111,65 @@ impl Attention {
         } else {
             (None, None)
         };
+        let q = w.linear(&format!("{p}.q_proj"), h, q_dim, bias)?;
+        let k = w.linear(&format!("{p}.k_proj"), h, kv_dim, bias)?;
+        let v = w.linear(&format!("{p}.v_proj"), h, kv_dim, bias)?;
+        let qkv = match Linear::concat(&[&q, &k, &v]).map_err(|e| crate::error::EngineError::load(w.location(), format!("{p}: {e}")))? {
+            Some(fused) => QkvProj::Fused(fused),
+            None => QkvProj::Split { q, k, v },
+        };
         Ok(Attention {
-            q_proj: w.linear(&format!("{p}.q_proj"), h, q_dim, bias)?,
-            k_proj: w.linear(&format!("{p}.k_proj"), h, kv_dim, bias)?,
-            v_proj: w.linear(&format!("{p}.v_proj"), h, kv_dim, bias)?,
+            qkv,
             o_proj: w.linear(&format!("{p}.o_proj"), q_dim, h, false)?,
             q_norm,
             k_norm,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: hd,
+            eps: cfg.rms_norm_eps as f32,
         })
+    }
+
+    /// Steps 1–4 with candle's ops: projections, Qwen3's q/k norms, RoPE, cache write. Returns
+    /// q `[rows, heads, head_dim]`.
+    fn qkv_ops(
+        &self,
+        x: &Tensor,
+        meta: &BatchMeta,
+        rope: &RopeAt<'_>,
+        k_pool: &Tensor,
+        v_pool: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let rows = x.dim(0)?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        // 1. Projections: [rows, heads, head_dim].
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Fused(l) => {
+                let y = l.forward(x)?;
+                (y.narrow(1, 0, nh * hd)?, y.narrow(1, nh * hd, nkv * hd)?, y.narrow(1, (nh + nkv) * hd, nkv * hd)?)
+            }
+            QkvProj::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+        };
+        let mut q = q.reshape((rows, nh, hd))?;
+        let mut k = k.reshape((rows, nkv, hd))?;
+        let v = v.reshape((rows, nkv, hd))?.contiguous()?;
+        // 2. Qwen3: per-head RMSNorm of q and k.
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        // 3. Rotary position embedding at each row's absolute position.
+        let (cos, sin) = rope.rows()?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        // 4. Write the new K/V into the rows' cache slots, in place, one scatter each.
+        let write_index = match &meta.write_index {
+            Some(w) => w,
+            None => candle_core::bail!("no cache write index for this pass (engine bug)"),
+        };
+        k_pool.scatter_set(write_index, &k.contiguous()?, 0)?;
+        v_pool.scatter_set(write_index, &v, 0)?;
+        Ok(q)
     }
 
     /// `x: [rows, hidden]` → `[rows, hidden]`. Writes the rows' K/V into the cache pools, then
@@ -104,28 +178,34 @@ impl Attention {
         &self,
         x: &Tensor,
         meta: &BatchMeta,
-        rope: (&Tensor, &Tensor),
+        rope: &RopeAt<'_>,
         k_pool: &Tensor,
         v_pool: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let rows = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let groups = nh / nkv;
-        // 1. Projections: [rows, heads, head_dim].
-        let mut q = self.q_proj.forward(x)?.reshape((rows, nh, hd))?;
-        let mut k = self.k_proj.forward(x)?.reshape((rows, nkv, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((rows, nkv, hd))?.contiguous()?;
-        // 2. Qwen3: per-head RMSNorm of q and k.
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(&q)?;
-            k = kn.forward(&k)?;
-        }
-        // 3. Rotary position embedding at each row's absolute position.
-        let q = apply_rope(&q, rope.0, rope.1)?;
-        let k = apply_rope(&k, rope.0, rope.1)?;
-        // 4. Write the new K/V into the rows' cache slots, in place, one scatter each.
-        k_pool.scatter_set(&meta.write_index, &k.contiguous()?, 0)?;
-        v_pool.scatter_set(&meta.write_index, &v, 0)?;
+        // 1–4. Projections, norms, RoPE and the cache write: one matmul and one kernel when the
+        //      fused kernels apply, candle's ops otherwise.
+        let q = match (&self.qkv, &meta.fused) {
+            (QkvProj::Fused(l), Some(f)) => {
+                let p = super::fused::QkvRope {
+                    bias: l.bias(),
+                    q_norm: self.q_norm.as_ref().map(RmsNorm::weight),
+                    k_norm: self.k_norm.as_ref().map(RmsNorm::weight),
+                    cos: &rope.table.cos,
+                    sin: &rope.table.sin,
+                    positions: &meta.positions,
+                    slots: &f.write_slots,
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: hd,
+                    eps: self.eps,
+                };
+                super::fused::qkv_rope_write(&l.forward_no_bias(x)?, &p, k_pool, v_pool)?
+            }
+            _ => self.qkv_ops(x, meta, rope, k_pool, v_pool)?,
+        };
         // 5. Attention per sequence over its blocks: on the CPU straight from the pools,
         //    elsewhere by gathering each sequence's K/V.
         if super::attention_cpu::applies(&q, k_pool) {
@@ -151,6 +231,10 @@ impl Attention {
                     None => q.narrow(0, 0, d)?,
                     Some(r) => q.index_select(r, 0)?,
                 };
+                if let (Some(_), Some(lens)) = (&meta.fused, &g.lens) {
+                    let table = g.slots.reshape((d, l))?;
+                    Some(super::fused::paged_decode(&qd, k_pool, v_pool, &table, lens, nkv, scale as f32)?)
+                } else {
                 let qd = qd.contiguous()?.reshape((d, nkv, groups, hd))?;
                 let gather = |pool: &Tensor| pool.index_select(&g.slots, 0)?.reshape((d, l, nkv, hd))?.transpose(1, 2)?.contiguous();
                 let (ks, vs) = (gather(k_pool)?, gather(v_pool)?);
@@ -161,6 +245,7 @@ impl Attention {
                 };
                 let o = softmax(att)?.matmul(&vs)?; // [d, nkv, groups, hd]
                 Some(o.reshape((d, nh * hd))?)
+                }
             }
             None => None,
         };
@@ -199,26 +284,48 @@ impl Attention {
     }
 }
 
-/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`; gate and up as one stacked matmul
+/// for dense weights.
 #[derive(Debug, Clone)]
 pub struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
+    intermediate: usize,
+}
+
+#[derive(Debug, Clone)]
+enum GateUp {
+    Fused(Linear),
+    Split { gate: Linear, up: Linear },
 }
 
 impl Mlp {
     pub fn load(w: &mut WeightSource, p: &str, cfg: &ModelConfig) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        Ok(Mlp {
-            gate_proj: w.linear(&format!("{p}.gate_proj"), h, i, false)?,
-            up_proj: w.linear(&format!("{p}.up_proj"), h, i, false)?,
-            down_proj: w.linear(&format!("{p}.down_proj"), i, h, false)?,
-        })
+        let gate = w.linear(&format!("{p}.gate_proj"), h, i, false)?;
+        let up = w.linear(&format!("{p}.up_proj"), h, i, false)?;
+        let gate_up = match Linear::concat(&[&gate, &up]).map_err(|e| crate::error::EngineError::load(w.location(), format!("{p}: {e}")))? {
+            Some(fused) => GateUp::Fused(fused),
+            None => GateUp::Split { gate, up },
+        };
+        Ok(Mlp { gate_up, down_proj: w.linear(&format!("{p}.down_proj"), i, h, false)?, intermediate: i })
     }
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+
+    /// `fused_kernels`: SwiGLU's activation by Silica's CUDA kernel.
+    pub fn forward(&self, x: &Tensor, fused_kernels: bool) -> candle_core::Result<Tensor> {
+        let h = match &self.gate_up {
+            GateUp::Fused(l) => {
+                let y = l.forward(x)?;
+                if fused_kernels {
+                    super::fused::silu_mul(&y)?
+                } else {
+                    let i = self.intermediate;
+                    (candle_nn::ops::silu(&y.narrow(1, 0, i)?)? * y.narrow(1, i, i)?)?
+                }
+            }
+            GateUp::Split { gate, up } => (candle_nn::ops::silu(&gate.forward(x)?)? * up.forward(x)?)?,
+        };
+        self.down_proj.forward(&h)
     }
 }
 
@@ -251,13 +358,13 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         meta: &BatchMeta,
-        rope: (&Tensor, &Tensor),
+        rope: &RopeAt<'_>,
         k_pool: &Tensor,
         v_pool: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, meta, rope, k_pool, v_pool)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, meta.fused.is_some())?;
         x + h
     }
 }

@@ -3,9 +3,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::batch::{BatchMeta, SeqInput};
+use super::batch::{AttnMode, BatchMeta, SeqInput};
 use super::config::ModelConfig;
-use super::layers::{DecoderLayer, Rope, RmsNorm};
+use super::layers::{DecoderLayer, Rope, RopeAt, RmsNorm};
 use super::weights::{Embedding, Linear, WeightSource};
 use crate::error::{EngineError, Result};
 use crate::kv::{KvCache, KvCacheConfig};
@@ -20,6 +20,8 @@ pub struct QwenModel {
     rope: Rope,
     dtype: DType,
     device: Device,
+    /// Silica's fused CUDA kernels serve this model (see `fused.rs`).
+    fused: bool,
 }
 
 impl QwenModel {
@@ -34,7 +36,11 @@ impl QwenModel {
         let norm = RmsNorm::load(w, "model.norm", cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = w.lm_head(cfg.tie_word_embeddings, cfg.vocab_size, cfg.hidden_size)?;
         let rope = Rope::new(&cfg, dtype, device)?;
-        Ok(QwenModel { cfg, embed_tokens, layers, norm, lm_head, rope, dtype, device: device.clone() })
+        let fused = super::fused::applies(device, dtype, cfg.head_dim);
+        if fused {
+            tracing::info!("decoder runs Silica's fused CUDA kernels (SILICA_FUSED=0 turns them off)");
+        }
+        Ok(QwenModel { cfg, embed_tokens, layers, norm, lm_head, rope, dtype, device: device.clone(), fused })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -81,16 +87,23 @@ impl QwenModel {
             }
         }
         let groups = self.cfg.num_heads / self.cfg.num_kv_heads;
-        let gather = !(self.device.is_cpu() && self.dtype == DType::F32);
+        let mode = if self.fused {
+            AttnMode::Fused
+        } else if self.device.is_cpu() && self.dtype == DType::F32 {
+            AttnMode::CpuKernel
+        } else {
+            AttnMode::Gather
+        };
         let shape = (groups, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let meta = BatchMeta::build(batch, kv, shape, self.dtype, &self.device, gather)?;
+        let meta = BatchMeta::build(batch, kv, shape, self.dtype, &self.device, mode)?;
         // 1. Embed: [rows, hidden].
         let mut x = self.embed_tokens.forward(&meta.ids, self.dtype)?;
-        // 2. RoPE tables for every row's position.
-        let (cos, sin) = self.rope.tables(&meta.positions)?;
+        // 2. RoPE: the fused kernel indexes the tables itself; candle's ops take each row's.
+        let rows = if self.fused { None } else { Some(self.rope.tables(&meta.positions)?) };
+        let rope = RopeAt { table: &self.rope, rows };
         // 3. The decoder blocks.
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &meta, (&cos, &sin), &kv.k[i], &kv.v[i])?;
+            x = layer.forward(&x, &meta, &rope, &kv.k[i], &kv.v[i])?;
         }
         // 4. Final norm and head, only on the rows whose logits are wanted.
         let x = if meta.num_logit_rows == x.dim(0)? { x } else { x.index_select(&meta.logit_rows, 0)? };

@@ -40,16 +40,45 @@ enum LinearWeight {
 impl Linear {
     /// `x: [rows, in]` → `[rows, out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = match &self.weight {
-            LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
-            LinearWeight::Quant(q) => q.forward(x)?,
-            LinearWeight::Q8(q) => q.forward(x)?,
-            LinearWeight::K(q) => q.forward(x)?,
-        };
+        let y = self.forward_no_bias(x)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+
+    /// Several dense layers that read the same input as one: weights stacked along the output
+    /// dimension (and biases concatenated), so one matmul serves all of them (the q/k/v
+    /// projections, gate and up). `None` when any part is quantized or only some have a bias.
+    pub fn concat(parts: &[&Linear]) -> candle_core::Result<Option<Linear>> {
+        let mut weights = Vec::with_capacity(parts.len());
+        for p in parts {
+            match &p.weight {
+                LinearWeight::Dense(w) => weights.push(w),
+                _ => return Ok(None),
+            }
+        }
+        let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+        let bias = match biases.len() {
+            0 => None,
+            n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
+            _ => return Ok(None),
+        };
+        Ok(Some(Linear { weight: LinearWeight::Dense(Tensor::cat(&weights, 0)?), bias }))
+    }
+
+    /// `x W^T` without the bias (for kernels that add it themselves).
+    pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => x.matmul(&w.t()?),
+            LinearWeight::Quant(q) => q.forward(x),
+            LinearWeight::Q8(q) => q.forward(x),
+            LinearWeight::K(q) => q.forward(x),
+        }
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     /// A quantized weight: on the CPU, Silica's own kernels for the types it has (each row's

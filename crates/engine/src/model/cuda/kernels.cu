@@ -1,0 +1,222 @@
+// Silica's fused CUDA kernels for the decoder (FP16 and BF16), compiled to PTX by the engine's
+// build script when the `cuda` feature is on and loaded through candle's device. Each replaces
+// a run of candle ops that a decode step would otherwise launch one by one:
+//   silica_qkv_rope_*      bias + (Qwen3) per-head RMSNorm + RoPE for q and k, and the K/V
+//                          cache write, straight from the fused QKV projection's output
+//   silica_paged_decode_*  attention of one new token per sequence over its cached positions
+//                          (slot table + lengths on the device; online softmax in chunks)
+//   silica_silu_mul_*      SwiGLU's silu(gate) * up from the fused gate/up projection
+// All arithmetic is in f32; results are rounded once to the activation type.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum or max; every thread gets the result. blockDim.x is a multiple of 32;
+// `red` holds at least 32 floats. Starts with a barrier, so it may be called back to back.
+template <bool MAX>
+__device__ float block_reduce(float v, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = MAX ? warp_max(v) : warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float r = MAX ? -INFINITY : 0.f;
+    for (int i = 0; i < nw; ++i) r = MAX ? fmaxf(r, red[i]) : r + red[i];
+    return r;
+}
+
+// qkv: [rows, (nh + 2 nkv) hd] (the fused projection, bias not yet added); bias: [(nh + 2 nkv) hd]
+// or null; qn, kn: [hd] per-head RMSNorm weights (Qwen3) or null; cos, sin: [max_pos, hd / 2];
+// pos, slots: [rows]. Writes q (roped) to q_out [rows, nh, hd] and k (roped), v to the pools
+// [num_slots, nkv, hd] at each row's slot. Grid (nh + 2 nkv, rows), block hd threads, dynamic
+// shared memory (hd + 32) floats.
+template <typename T>
+__device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias,
+                         const T* __restrict__ qn, const T* __restrict__ kn,
+                         const T* __restrict__ cos_t, const T* __restrict__ sin_t,
+                         const uint32_t* __restrict__ pos, const uint32_t* __restrict__ slots,
+                         T* __restrict__ q_out, T* __restrict__ k_pool, T* __restrict__ v_pool,
+                         int nh, int nkv, int hd, float eps) {
+    extern __shared__ float sm[];
+    float* xs = sm;
+    float* red = sm + hd;
+    const int head = blockIdx.x, row = blockIdx.y, i = threadIdx.x;
+    const int width = (nh + 2 * nkv) * hd;
+    const int col = head * hd + i;
+    float x = to_f(qkv[(size_t)row * width + col]);
+    if (bias) x += to_f(bias[col]);
+    const size_t slot = slots[row];
+    if (head >= nh + nkv) {
+        v_pool[(slot * nkv + (head - nh - nkv)) * hd + i] = from_f<T>(x);
+        return;
+    }
+    const bool is_q = head < nh;
+    const T* nw = is_q ? qn : kn;
+    if (nw) {
+        const float ss = block_reduce<false>(x * x, red);
+        x = x * rsqrtf(ss / hd + eps) * to_f(nw[i]);
+    }
+    xs[i] = x;
+    __syncthreads();
+    const int half = hd / 2;
+    const size_t p = pos[row];
+    float y;
+    if (i < half) {
+        y = x * to_f(cos_t[p * half + i]) - xs[i + half] * to_f(sin_t[p * half + i]);
+    } else {
+        const int j = i - half;
+        y = x * to_f(cos_t[p * half + j]) + xs[j] * to_f(sin_t[p * half + j]);
+    }
+    if (is_q) {
+        q_out[((size_t)row * nh + head) * hd + i] = from_f<T>(y);
+    } else {
+        k_pool[(slot * nkv + (head - nh)) * hd + i] = from_f<T>(y);
+    }
+}
+
+// One block per (query head, sequence). q: [d, nh, HD]; pools: [num_slots, nkv, HD]; table:
+// [d, max_len] cache slots of each sequence's positions; lens: [d] positions to attend (the new
+// token's included, already written). out: [d, nh, HD]. Positions are taken in chunks of
+// CHUNK: scores (one position per thread, its K row read with 16-byte loads), the chunk's max
+// and sum, then the V rows weighted (two dims per thread, PARTS groups of positions), with the
+// running max/sum rescaling of an online softmax between chunks.
+constexpr int PD_THREADS = 256;
+constexpr int PD_CHUNK = 1024;
+
+template <typename T, int HD>
+__device__ void paged_decode(const T* __restrict__ q, const T* __restrict__ k_pool,
+                             const T* __restrict__ v_pool, const uint32_t* __restrict__ table,
+                             const uint32_t* __restrict__ lens, T* __restrict__ out, int nh,
+                             int nkv, int max_len, float scale) {
+    constexpr int PAIRS = HD / 2;
+    constexpr int PARTS = PD_THREADS / PAIRS;
+    __shared__ float qs[HD];
+    __shared__ float sc[PD_CHUNK];
+    __shared__ uint32_t sl[PD_CHUNK];
+    __shared__ float red[32];
+    __shared__ float part_acc[PARTS][HD];
+    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    const int kvh = h / (nh / nkv);
+    const int len = (int)lens[b];
+    const T* qp = q + ((size_t)b * nh + h) * HD;
+    for (int e = tid; e < HD; e += PD_THREADS) qs[e] = to_f(qp[e]) * scale;
+    const uint32_t* tb = table + (size_t)b * max_len;
+    const int pair = tid % PAIRS, part = tid / PAIRS;
+    float m = -INFINITY, l = 0.f, acc0 = 0.f, acc1 = 0.f;
+    __syncthreads();
+    for (int c0 = 0; c0 < len; c0 += PD_CHUNK) {
+        const int n = min(PD_CHUNK, len - c0);
+        float lm = -INFINITY;
+        for (int j = tid; j < n; j += PD_THREADS) {
+            const uint32_t s = tb[c0 + j];
+            sl[j] = s;
+            const uint4* kp = reinterpret_cast<const uint4*>(k_pool + ((size_t)s * nkv + kvh) * HD);
+            float dot = 0.f;
+#pragma unroll
+            for (int e = 0; e < HD / 8; ++e) {
+                const uint4 w = kp[e];
+                const T* wv = reinterpret_cast<const T*>(&w);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) dot += to_f(wv[k]) * qs[e * 8 + k];
+            }
+            sc[j] = dot;
+            lm = fmaxf(lm, dot);
+        }
+        const float m_new = fmaxf(m, block_reduce<true>(lm, red));
+        const float alpha = __expf(m - m_new);
+        float ls = 0.f;
+        for (int j = tid; j < n; j += PD_THREADS) {
+            const float p = __expf(sc[j] - m_new);
+            sc[j] = p;
+            ls += p;
+        }
+        // The reduction's barriers also publish sc and sl to the whole block.
+        l = l * alpha + block_reduce<false>(ls, red);
+        m = m_new;
+        acc0 *= alpha;
+        acc1 *= alpha;
+#pragma unroll 8
+        for (int j = part; j < n; j += PARTS) {
+            const uint32_t w =
+                *reinterpret_cast<const uint32_t*>(v_pool + ((size_t)sl[j] * nkv + kvh) * HD + pair * 2);
+            const T* wv = reinterpret_cast<const T*>(&w);
+            const float p = sc[j];
+            acc0 += p * to_f(wv[0]);
+            acc1 += p * to_f(wv[1]);
+        }
+        __syncthreads();
+    }
+    part_acc[part][pair * 2] = acc0;
+    part_acc[part][pair * 2 + 1] = acc1;
+    __syncthreads();
+    const float inv = 1.f / l;
+    for (int e = tid; e < HD; e += PD_THREADS) {
+        float s = 0.f;
+#pragma unroll
+        for (int p = 0; p < PARTS; ++p) s += part_acc[p][e];
+        out[((size_t)b * nh + h) * HD + e] = from_f<T>(s * inv);
+    }
+}
+
+// gu: [rows, 2 inter] (gate then up); out: [rows, inter] = silu(gate) * up.
+template <typename T>
+__device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, size_t n, int inter) {
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
+         idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = idx / inter, i = idx % inter;
+        const float g = to_f(gu[r * 2 * inter + i]);
+        const float u = to_f(gu[r * 2 * inter + inter + i]);
+        out[idx] = from_f<T>(g / (1.f + __expf(-g)) * u);
+    }
+}
+
+#define QKV_ROPE(T, SUFFIX)                                                                   \
+    extern "C" __global__ void silica_qkv_rope_##SUFFIX(                                      \
+        const T* qkv, const T* bias, const T* qn, const T* kn, const T* cos_t, const T* sin_t, \
+        const uint32_t* pos, const uint32_t* slots, T* q_out, T* k_pool, T* v_pool, int nh,   \
+        int nkv, int hd, float eps) {                                                         \
+        qkv_rope<T>(qkv, bias, qn, kn, cos_t, sin_t, pos, slots, q_out, k_pool, v_pool, nh,   \
+                    nkv, hd, eps);                                                            \
+    }
+
+#define PAGED_DECODE(T, SUFFIX, HD)                                                            \
+    extern "C" __global__ void __launch_bounds__(PD_THREADS)                                   \
+        silica_paged_decode_##SUFFIX##_##HD(const T* q, const T* k_pool, const T* v_pool,      \
+                                            const uint32_t* table, const uint32_t* lens,       \
+                                            T* out, int nh, int nkv, int max_len, float scale) { \
+        paged_decode<T, HD>(q, k_pool, v_pool, table, lens, out, nh, nkv, max_len, scale);     \
+    }
+
+#define SILU_MUL(T, SUFFIX)                                                                    \
+    extern "C" __global__ void silica_silu_mul_##SUFFIX(const T* gu, T* out, size_t n,         \
+                                                        int inter) {                           \
+        silu_mul<T>(gu, out, n, inter);                                                        \
+    }
+
+QKV_ROPE(__half, f16)
+QKV_ROPE(__nv_bfloat16, bf16)
+PAGED_DECODE(__half, f16, 64)
+PAGED_DECODE(__half, f16, 128)
+PAGED_DECODE(__half, f16, 256)
+PAGED_DECODE(__nv_bfloat16, bf16, 64)
+PAGED_DECODE(__nv_bfloat16, bf16, 128)
+PAGED_DECODE(__nv_bfloat16, bf16, 256)
+SILU_MUL(__half, f16)
+SILU_MUL(__nv_bfloat16, bf16)
