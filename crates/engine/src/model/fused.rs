@@ -9,15 +9,22 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Whether the fused kernels serve a model with these properties. `SILICA_FUSED=0` turns them
-/// off (to compare against candle's ops).
-pub fn applies(device: &Device, dtype: DType, head_dim: usize) -> bool {
-    let wanted = std::env::var("SILICA_FUSED").map(|v| v != "0").unwrap_or(true);
-    wanted
-        && cfg!(feature = "cuda")
+/// `SILICA_FUSED=0` turns the kernels off (to compare against candle's ops).
+fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| cfg!(feature = "cuda") && std::env::var("SILICA_FUSED").map(|v| v != "0").unwrap_or(true))
+}
+
+/// Largest hidden size the add + RMSNorm kernel keeps in shared memory (48 KB per block).
+pub const MAX_HIDDEN: usize = 8192;
+
+/// Whether the fused kernels serve a model with these properties.
+pub fn applies(device: &Device, dtype: DType, head_dim: usize, hidden: usize) -> bool {
+    enabled()
         && device.is_cuda()
         && matches!(dtype, DType::F16 | DType::BF16)
         && matches!(head_dim, 64 | 128 | 256)
+        && hidden <= MAX_HIDDEN
 }
 
 /// Inputs of [`qkv_rope_write`] besides the projection output and the pools.
@@ -77,6 +84,67 @@ pub fn paged_decode(
     }
 }
 
+/// Most rows Silica's GEMV kernel can take (it is compiled for 1..=8).
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// Most rows it is used for: `SILICA_GEMV_ROWS` (default 2). Each weight is converted once
+/// but multiplied by every row with CUDA-core FMAs, so by 4–8 rows the kernel is bound by
+/// instructions, and cuBLAS (tensor cores) is faster.
+fn gemv_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("SILICA_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(2).min(GEMV_MAX_ROWS)
+    })
+}
+
+/// Whether `x W^T` goes to Silica's GEMV kernel: on CUDA in f16/bf16, 1 to
+/// [`gemv_rows`] rows, contiguous operands whose rows are whole 16-byte loads. cuBLAS
+/// picks kernels for such skinny products that reach 35–80 % of the memory bandwidth (measured
+/// with ncu on the H100) and costs more host time per call.
+pub fn gemv_applies(x: &Tensor, w: &Tensor) -> bool {
+    let (Ok((rows, k)), Ok((_, wk))) = (x.dims2(), w.dims2()) else { return false };
+    let elem = x.dtype().size_in_bytes();
+    enabled()
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F16 | DType::BF16)
+        && w.dtype() == x.dtype()
+        && (1..=gemv_rows()).contains(&rows)
+        && k == wk
+        && k % 8 == 0
+        && x.is_contiguous()
+        && w.is_contiguous()
+        && x.layout().start_offset() * elem % 16 == 0
+        && w.layout().start_offset() * elem % 16 == 0
+}
+
+/// `x: [rows, k]`, `w: [n, k]` → `x W^T: [rows, n]` (when [`gemv_applies`]).
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        x.apply_op2_no_bwd(w, &imp::GemvOp)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w);
+        candle_core::bail!("fused kernels need the `cuda` feature")
+    }
+}
+
+/// The residual add and the next RMSNorm in one kernel: `(x + h, rmsnorm(x + h) * weight)`,
+/// both `[rows, hidden]`.
+pub fn add_rmsnorm(x: &Tensor, h: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    {
+        let out = x.contiguous()?.apply_op2_no_bwd(&h.contiguous()?, &imp::AddNormOp { weight, eps })?;
+        Ok((out.get(0)?, out.get(1)?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, h, weight, eps);
+        candle_core::bail!("fused kernels need the `cuda` feature")
+    }
+}
+
 /// `gate_up: [rows, 2 inter]` (gate columns, then up) → `silu(gate) * up: [rows, inter]`.
 pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
@@ -97,7 +165,7 @@ mod imp {
         CudaView, DevicePtr, DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 
     use super::QkvRope;
 
@@ -320,6 +388,124 @@ mod imp {
                 DType::F16 => self.run::<half::f16>(s, l),
                 DType::BF16 => self.run::<half::bf16>(s, l),
                 other => bail!("silica-silu-mul: unsupported dtype {other:?}"),
+            }
+        }
+    }
+
+    pub(super) struct GemvOp;
+
+    impl GemvOp {
+        fn run<T: CudaDType + DeviceRepr>(
+            &self,
+            xs: &CudaStorage,
+            xl: &Layout,
+            ws: &CudaStorage,
+            wl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = xs.device();
+            let (rows, k) = xl.shape().dims2()?;
+            let (n, wk) = wl.shape().dims2()?;
+            if wk != k || rows == 0 || rows > super::GEMV_MAX_ROWS || k % 8 != 0 {
+                bail!("silica-gemv: x {:?}, w {:?}", xl.shape(), wl.shape());
+            }
+            let x = input::<T>(xs, xl)?;
+            let w = input::<T>(ws, wl)?;
+            // SAFETY: written by the kernel before any read.
+            let out = unsafe { dev.alloc::<T>(rows * n)? };
+            let name = format!("silica_gemv_{}_{rows}", suffix(xs.dtype())?);
+            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            // Warps per output column (split K): enough warps in flight to cover the memory
+            // latency (an H100 holds ~8k resident warps), but at least two 16-byte loads per
+            // lane each.
+            let mut wr_log2 = 0u32;
+            while wr_log2 < 3 && n << wr_log2 < 8192 && k / 8 / 32 >> (wr_log2 + 1) >= 2 {
+                wr_log2 += 1;
+            }
+            let cols_per_block = 8 >> wr_log2;
+            let (n_i, k_i, wr_i) = (n as i32, k as i32, wr_log2 as i32);
+            let mut b = func.builder();
+            b.arg(&x).arg(&w).arg(&out).arg(&n_i).arg(&k_i).arg(&wr_i);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(cols_per_block) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match `silica_gemv_*`; alignment checked by `gemv_applies`.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, n))))
+        }
+    }
+
+    impl CustomOp2 for GemvOp {
+        fn name(&self) -> &'static str {
+            "silica-gemv"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            cpu_unsupported(self.name())
+        }
+        fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
+            match xs.dtype() {
+                DType::F16 => self.run::<half::f16>(xs, xl, ws, wl),
+                DType::BF16 => self.run::<half::bf16>(xs, xl, ws, wl),
+                other => bail!("silica-gemv: unsupported dtype {other:?}"),
+            }
+        }
+    }
+
+    pub(super) struct AddNormOp<'a> {
+        pub weight: &'a Tensor,
+        pub eps: f32,
+    }
+
+    impl AddNormOp<'_> {
+        fn run<T: CudaDType + DeviceRepr>(
+            &self,
+            xs: &CudaStorage,
+            xl: &Layout,
+            hs: &CudaStorage,
+            hl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = xs.device();
+            let (rows, hdim) = xl.shape().dims2()?;
+            if hl.shape().dims2()? != (rows, hdim) || self.weight.dims1()? != hdim {
+                bail!("silica-add-rmsnorm: x {:?}, h {:?}, weight {:?}", xl.shape(), hl.shape(), self.weight.shape());
+            }
+            let x = input::<T>(xs, xl)?;
+            let h = input::<T>(hs, hl)?;
+            let (w_s, w_l) = self.weight.storage_and_layout();
+            let w = view::<T>(&w_s, w_l, "norm weight")?;
+            // SAFETY: written by the kernel before any read.
+            let out = unsafe { dev.alloc::<T>(2 * rows * hdim)? };
+            let func = dev.get_or_load_custom_func(&format!("silica_add_rmsnorm_{}", suffix(xs.dtype())?), MODULE, PTX)?;
+            let (rows_i, hdim_i) = (rows as i32, hdim as i32);
+            let mut b = func.builder();
+            b.arg(&x).arg(&h).arg(&w).arg(&out).arg(&rows_i).arg(&hdim_i).arg(&self.eps);
+            if hdim > super::MAX_HIDDEN {
+                bail!("silica-add-rmsnorm: hidden size {hdim} over the kernel's shared memory");
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (1024, 1, 1),
+                shared_mem_bytes: ((hdim + 32) * 4) as u32,
+            };
+            // SAFETY: the arguments match `silica_add_rmsnorm_*`.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((2, rows, hdim))))
+        }
+    }
+
+    impl CustomOp2 for AddNormOp<'_> {
+        fn name(&self) -> &'static str {
+            "silica-add-rmsnorm"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            cpu_unsupported(self.name())
+        }
+        fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, hs: &CudaStorage, hl: &Layout) -> Result<(CudaStorage, Shape)> {
+            match xs.dtype() {
+                DType::F16 => self.run::<half::f16>(xs, xl, hs, hl),
+                DType::BF16 => self.run::<half::bf16>(xs, xl, hs, hl),
+                other => bail!("silica-add-rmsnorm: unsupported dtype {other:?}"),
             }
         }
     }

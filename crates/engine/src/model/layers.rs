@@ -25,6 +25,10 @@ impl RmsNorm {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+    /// `(x + h, self(x + h))` in one CUDA kernel (fused mode only).
+    pub(crate) fn add_forward(&self, x: &Tensor, h: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        super::fused::add_rmsnorm(x, h, &self.weight, self.eps)
+    }
 }
 
 /// Precomputed RoPE tables `[max_positions, head_dim / 2]` (non-interleaved, "NeoX" halves,
@@ -352,6 +356,30 @@ impl DecoderLayer {
             )?,
             mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
         })
+    }
+
+    /// The input norm of this layer (applied by the previous layer's fused add + norm).
+    pub(crate) fn input_norm(&self) -> &RmsNorm {
+        &self.input_layernorm
+    }
+
+    /// Fused mode: takes the residual stream and its normed copy (this layer's input norm
+    /// already applied), returns the new residual and `next_norm` applied to it (the next
+    /// layer's input norm, or the final norm), each residual add fused with the norm after it.
+    pub(crate) fn forward_fused(
+        &self,
+        resid: &Tensor,
+        normed: &Tensor,
+        next_norm: &RmsNorm,
+        meta: &BatchMeta,
+        rope: &RopeAt<'_>,
+        k_pool: &Tensor,
+        v_pool: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let h = self.self_attn.forward(normed, meta, rope, k_pool, v_pool)?;
+        let (x, n) = self.post_attention_layernorm.add_forward(resid, &h)?;
+        let h = self.mlp.forward(&n, true)?;
+        next_norm.add_forward(&x, &h)
     }
 
     pub(crate) fn forward(

@@ -36,7 +36,7 @@ impl QwenModel {
         let norm = RmsNorm::load(w, "model.norm", cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = w.lm_head(cfg.tie_word_embeddings, cfg.vocab_size, cfg.hidden_size)?;
         let rope = Rope::new(&cfg, dtype, device)?;
-        let fused = super::fused::applies(device, dtype, cfg.head_dim);
+        let fused = super::fused::applies(device, dtype, cfg.head_dim, cfg.hidden_size);
         if fused {
             tracing::info!("decoder runs Silica's fused CUDA kernels (SILICA_FUSED=0 turns them off)");
         }
@@ -101,13 +101,25 @@ impl QwenModel {
         // 2. RoPE: the fused kernel indexes the tables itself; candle's ops take each row's.
         let rows = if self.fused { None } else { Some(self.rope.tables(&meta.positions)?) };
         let rope = RopeAt { table: &self.rope, rows };
-        // 3. The decoder blocks.
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &meta, &rope, &kv.k[i], &kv.v[i])?;
+        // 3. The decoder blocks, then the final norm.
+        if self.fused {
+            // Each residual add is fused with the norm that follows it (the next layer's input
+            // norm, the final norm after the last layer).
+            let mut normed = self.layers[0].input_norm().forward(&x)?;
+            for (i, layer) in self.layers.iter().enumerate() {
+                let next = self.layers.get(i + 1).map_or(&self.norm, |l| l.input_norm());
+                (x, normed) = layer.forward_fused(&x, &normed, next, &meta, &rope, &kv.k[i], &kv.v[i])?;
+            }
+            x = normed;
+        } else {
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = layer.forward(&x, &meta, &rope, &kv.k[i], &kv.v[i])?;
+            }
+            x = self.norm.forward(&x)?;
         }
-        // 4. Final norm and head, only on the rows whose logits are wanted.
+        // 4. The head, only on the rows whose logits are wanted (the norm is per row).
         let x = if meta.num_logit_rows == x.dim(0)? { x } else { x.index_select(&meta.logit_rows, 0)? };
-        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        let logits = self.lm_head.forward(&x)?;
         Ok(logits.to_dtype(DType::F32)?)
     }
 }

@@ -70,6 +70,7 @@ impl Linear {
     /// `x W^T` without the bias (for kernels that add it themselves).
     pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
+            LinearWeight::Dense(w) if super::fused::gemv_applies(x, w) => super::fused::gemv(x, w),
             LinearWeight::Dense(w) => x.matmul(&w.t()?),
             LinearWeight::Quant(q) => q.forward(x),
             LinearWeight::Q8(q) => q.forward(x),

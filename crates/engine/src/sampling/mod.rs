@@ -501,10 +501,34 @@ fn draw(
         None => draw_dense(weights, u01),
         Some(n) => {
             let c = &mut idx[..n];
-            c.sort_unstable();
+            sort_ids(c, v);
             draw_sparse(c, weights, u01)
         }
     }
+}
+
+/// Sorts distinct token ids (`< v`) ascending. A large set (the nucleus of a flat
+/// distribution: most of the vocabulary) goes through a bitset pass over the vocabulary,
+/// `O(V)`, instead of a comparison sort, `O(n log n)` (~2 ms for 150k ids).
+fn sort_ids(c: &mut [u32], v: usize) {
+    if c.len() < 4096 {
+        c.sort_unstable();
+        return;
+    }
+    let mut bits = vec![0u64; v.div_ceil(64)];
+    for &t in c.iter() {
+        bits[t as usize / 64] |= 1 << (t % 64);
+    }
+    let mut k = 0;
+    for (i, &word) in bits.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            c[k] = (i * 64) as u32 + word.trailing_zeros();
+            k += 1;
+            word &= word - 1;
+        }
+    }
+    debug_assert_eq!(k, c.len(), "token ids must be distinct");
 }
 
 /// Indices `c` (weights `w[c[i]]`) are reordered so that the nucleus comes first, most likely

@@ -629,3 +629,18 @@ fn bucketed_nucleus_matches_the_sorted_definition() {
         }
     }
 }
+
+#[test]
+fn sort_ids_equals_a_comparison_sort_for_small_and_large_sets() {
+    use rand::seq::SliceRandom;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for (v, n) in [(100, 0), (100, 37), (151_936, 4_095), (151_936, 4_096), (151_936, 140_000), (151_936, 151_936)] {
+        let mut all: Vec<u32> = (0..v as u32).collect();
+        all.shuffle(&mut rng);
+        let mut got = all[..n].to_vec();
+        let mut want = got.clone();
+        want.sort_unstable();
+        super::sort_ids(&mut got, v);
+        assert_eq!(got, want, "v {v} n {n}");
+    }
+}

@@ -6,6 +6,9 @@
 //   silica_paged_decode_*  attention of one new token per sequence over its cached positions
 //                          (slot table + lengths on the device; online softmax in chunks)
 //   silica_silu_mul_*      SwiGLU's silu(gate) * up from the fused gate/up projection
+//   silica_gemv_*_M        y = x W^T for a few rows (decode), one warp per output column,
+//                          the weight row streamed once with 16-byte loads for all M rows
+//   silica_add_rmsnorm_*   residual add + RMSNorm (the new residual and the normed input)
 // All arithmetic is in f32; results are rounded once to the activation type.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -186,6 +189,129 @@ __device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, size_t n
         out[idx] = from_f<T>(g / (1.f + __expf(-g)) * u);
     }
 }
+
+// x: [M, k], w: [n_out, k] (row-major, k % 8 == 0, 16-byte aligned), y: [M, n_out]. Block of
+// 256 threads = 8 warps = 8 output columns. Each lane takes 8 consecutive weights per 16-byte
+// load and keeps GEMV_LOADS loads in flight (predicated at the row's end); weights bypass L1
+// (read once) so that x stays there.
+constexpr int GEMV_LOADS = 8;
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+template <typename T, int M>
+__device__ __forceinline__ void gemv_acc(const uint4 wv, const T* __restrict__ x, int k, int i, float* acc) {
+    const T* wh = reinterpret_cast<const T*>(&wv);
+    float wf[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) wf[j] = to_f(wh[j]);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        const uint4 xv = reinterpret_cast<const uint4*>(x + (size_t)m * k)[i];
+        const T* xh = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[m] += wf[j] * to_f(xh[j]);
+    }
+}
+
+// WR warps share one output column (split K) when the matrix alone would not give the GPU
+// enough warps in flight; their partial sums meet in shared memory.
+template <typename T, int M>
+__device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n_out, int k, int wr_log2) {
+    __shared__ float part[8][M];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wr = 1 << wr_log2;
+    const int seg = warp & (wr - 1);
+    const int n = blockIdx.x * (8 >> wr_log2) + (warp >> wr_log2);
+    const int kv = k / 8;
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    if (n < n_out) {
+        const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)n * k);
+        const int stride = 32 * wr;
+        for (int base = seg * 32 + lane; base < kv; base += stride * GEMV_LOADS) {
+            uint4 v[GEMV_LOADS];
+#pragma unroll
+            for (int u = 0; u < GEMV_LOADS; ++u) {
+                const int i = base + u * stride;
+                v[u] = i < kv ? ld_stream(row + i) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < GEMV_LOADS; ++u) {
+                const int i = base + u * stride;
+                if (i < kv) gemv_acc<T, M>(v[u], x, k, i, acc);
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+    if (wr == 1) {
+        if (lane == 0 && n < n_out) {
+#pragma unroll
+            for (int m = 0; m < M; ++m) y[(size_t)m * n_out + n] = from_f<T>(acc[m]);
+        }
+        return;
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) part[warp][m] = acc[m];
+    }
+    __syncthreads();
+    if (seg == 0 && lane < M && n < n_out) {
+        float s = 0.f;
+        for (int g = 0; g < wr; ++g) s += part[warp + g][lane];
+        y[(size_t)lane * n_out + n] = from_f<T>(s);
+    }
+}
+
+// Residual add and RMSNorm in one pass: out[0] = x + h (rounded to T, the new residual),
+// out[1] = rmsnorm(out[0]) * w. x, h: [rows, hdim]; out: [2, rows, hdim]. One block per row.
+template <typename T>
+__device__ void add_rmsnorm(const T* __restrict__ x, const T* __restrict__ h, const T* __restrict__ w,
+                            T* __restrict__ out, int rows, int hdim, float eps) {
+    extern __shared__ float sm[];  // hdim + 32 floats: the sum as rounded, then the reduction
+    float* red = sm + hdim;
+    const int r = blockIdx.x;
+    const T* xr = x + (size_t)r * hdim;
+    const T* hr = h + (size_t)r * hdim;
+    T* sr = out + (size_t)r * hdim;
+    T* nr = out + ((size_t)rows + r) * hdim;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < hdim; i += blockDim.x) {
+        const T s = from_f<T>(to_f(xr[i]) + to_f(hr[i]));
+        sr[i] = s;
+        const float f = to_f(s);
+        sm[i] = f;
+        ss += f * f;
+    }
+    const float inv = rsqrtf(block_reduce<false>(ss, red) / hdim + eps);
+    for (int i = threadIdx.x; i < hdim; i += blockDim.x) nr[i] = from_f<T>(sm[i] * inv * to_f(w[i]));
+}
+
+#define ADD_RMSNORM(T, SUFFIX)                                                                 \
+    extern "C" __global__ void silica_add_rmsnorm_##SUFFIX(const T* x, const T* h, const T* w, \
+                                                           T* out, int rows, int hdim, float eps) { \
+        add_rmsnorm<T>(x, h, w, out, rows, hdim, eps);                                         \
+    }
+ADD_RMSNORM(__half, f16)
+ADD_RMSNORM(__nv_bfloat16, bf16)
+
+#define GEMV(T, SUFFIX, M)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        silica_gemv_##SUFFIX##_##M(const T* x, const T* w, T* y, int n_out, int k, int wr_log2) { \
+        gemv<T, M>(x, w, y, n_out, k, wr_log2);                                                 \
+    }
+#define GEMV_ALL(T, SUFFIX) \
+    GEMV(T, SUFFIX, 1) GEMV(T, SUFFIX, 2) GEMV(T, SUFFIX, 3) GEMV(T, SUFFIX, 4) \
+    GEMV(T, SUFFIX, 5) GEMV(T, SUFFIX, 6) GEMV(T, SUFFIX, 7) GEMV(T, SUFFIX, 8)
+GEMV_ALL(__half, f16)
+GEMV_ALL(__nv_bfloat16, bf16)
 
 #define QKV_ROPE(T, SUFFIX)                                                                   \
     extern "C" __global__ void silica_qkv_rope_##SUFFIX(                                      \
