@@ -29,7 +29,7 @@ pub(crate) struct AttnSeq {
     /// Cache slots of positions `0..start + n`, for gathering K and V (prefill sequences on
     /// the gather path only; decode sequences are gathered together by [`DecodeGroup`]).
     pub read_slots: Option<Tensor>,
-    /// Additive causal mask `[groups * n, start + n]`, only when `n > 1` on the gather path.
+    /// Additive causal mask `[n, start + n]`, only when `n > 1` on the gather path.
     pub mask: Option<Tensor>,
 }
 
@@ -90,14 +90,14 @@ impl BatchMeta {
     pub fn build(
         batch: &[SeqInput<'_>],
         kv: &KvCache,
-        shape: (usize, usize, usize),
+        shape: (usize, usize),
         mask_dtype: DType,
         device: &Device,
         mode: AttnMode,
     ) -> candle_core::Result<Self> {
         let gather = mode != AttnMode::CpuKernel;
         let fused = mode == AttnMode::Fused;
-        let (groups, kv_heads, head_dim) = shape;
+        let (kv_heads, head_dim) = shape;
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let mut ids = Vec::with_capacity(total);
         let mut positions = Vec::with_capacity(total);
@@ -129,17 +129,16 @@ impl BatchMeta {
             let read: Vec<u32> = (0..start + n).map(|p| kv.slot(s.cache, p) as u32).collect();
             write_slots.extend_from_slice(&read[start..]);
             let mask = if gather && n > 1 {
+                // Row i (position start + i) sees positions 0..=start + i; broadcast over the
+                // query heads of a group by the attention, so built once per sequence.
                 let l = start + n;
-                let mut m = vec![0f32; groups * n * l];
-                for g in 0..groups {
-                    for i in 0..n {
-                        let r = (g * n + i) * l;
-                        for v in &mut m[r + start + i + 1..r + l] {
-                            *v = f32::NEG_INFINITY;
-                        }
+                let mut m = vec![0f32; n * l];
+                for i in 0..n {
+                    for v in &mut m[i * l + start + i + 1..(i + 1) * l] {
+                        *v = f32::NEG_INFINITY;
                     }
                 }
-                Some(Tensor::from_vec(m, (groups * n, l), device)?.to_dtype(mask_dtype)?)
+                Some(Tensor::from_vec(m, (n, l), device)?.to_dtype(mask_dtype)?)
             } else {
                 None
             };

@@ -276,7 +276,8 @@ impl Attention {
             let vs = v_pool.index_select(read_slots, 0)?.transpose(0, 1)?.contiguous()?;
             let att = (qs.matmul(&ks.t()?)? * scale)?;
             let att = match &s.mask {
-                Some(m) => att.broadcast_add(m)?,
+                // [nkv, groups, n, l] + [n, l]: the same causal mask for every query head.
+                Some(m) => att.reshape((nkv, groups, n, ()))?.broadcast_add(m)?.reshape((nkv, groups * n, ()))?,
                 None => att,
             };
             let o = softmax(att)?.matmul(&vs)?; // [nkv, groups * n, hd]

@@ -86,7 +86,6 @@ impl QwenModel {
                 ));
             }
         }
-        let groups = self.cfg.num_heads / self.cfg.num_kv_heads;
         let mode = if self.fused {
             AttnMode::Fused
         } else if self.device.is_cpu() && self.dtype == DType::F32 {
@@ -94,7 +93,7 @@ impl QwenModel {
         } else {
             AttnMode::Gather
         };
-        let shape = (groups, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let shape = (self.cfg.num_kv_heads, self.cfg.head_dim);
         let meta = BatchMeta::build(batch, kv, shape, self.dtype, &self.device, mode)?;
         // 1. Embed: [rows, hidden].
         let mut x = self.embed_tokens.forward(&meta.ids, self.dtype)?;
