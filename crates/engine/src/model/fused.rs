@@ -206,6 +206,48 @@ mod imp {
         bail!("{name} runs on CUDA only")
     }
 
+    /// `CustomOp1` for an op with `run::<T>(storage, layout)`: f16/bf16 on CUDA only.
+    macro_rules! custom_op1 {
+        ($op:ty, $name:literal) => {
+            impl CustomOp1 for $op {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+                fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+                    cpu_unsupported($name)
+                }
+                fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+                    match s.dtype() {
+                        DType::F16 => self.run::<half::f16>(s, l),
+                        DType::BF16 => self.run::<half::bf16>(s, l),
+                        other => bail!("{}: unsupported dtype {other:?}", $name),
+                    }
+                }
+            }
+        };
+    }
+
+    /// `CustomOp2` for an op with `run::<T>(s1, l1, s2, l2)`: f16/bf16 on CUDA only.
+    macro_rules! custom_op2 {
+        ($op:ty, $name:literal) => {
+            impl CustomOp2 for $op {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+                fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+                    cpu_unsupported($name)
+                }
+                fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+                    match s1.dtype() {
+                        DType::F16 => self.run::<half::f16>(s1, l1, s2, l2),
+                        DType::BF16 => self.run::<half::bf16>(s1, l1, s2, l2),
+                        other => bail!("{}: unsupported dtype {other:?}", $name),
+                    }
+                }
+            }
+        };
+    }
+
     pub(super) struct QkvOp<'a> {
         pub p: &'a QkvRope<'a>,
         pub k_pool: &'a Tensor,
@@ -274,21 +316,6 @@ mod imp {
         }
     }
 
-    impl CustomOp1 for QkvOp<'_> {
-        fn name(&self) -> &'static str {
-            "silica-qkv-rope"
-        }
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            cpu_unsupported(self.name())
-        }
-        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            match s.dtype() {
-                DType::F16 => self.run::<half::f16>(s, l),
-                DType::BF16 => self.run::<half::bf16>(s, l),
-                other => bail!("silica-qkv-rope: unsupported dtype {other:?}"),
-            }
-        }
-    }
 
     pub(super) struct PagedOp<'a> {
         pub k_pool: &'a Tensor,
@@ -335,21 +362,6 @@ mod imp {
         }
     }
 
-    impl CustomOp1 for PagedOp<'_> {
-        fn name(&self) -> &'static str {
-            "silica-paged-decode"
-        }
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            cpu_unsupported(self.name())
-        }
-        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            match s.dtype() {
-                DType::F16 => self.run::<half::f16>(s, l),
-                DType::BF16 => self.run::<half::bf16>(s, l),
-                other => bail!("silica-paged-decode: unsupported dtype {other:?}"),
-            }
-        }
-    }
 
     pub(super) struct SiluMulOp;
 
@@ -376,21 +388,6 @@ mod imp {
         }
     }
 
-    impl CustomOp1 for SiluMulOp {
-        fn name(&self) -> &'static str {
-            "silica-silu-mul"
-        }
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            cpu_unsupported(self.name())
-        }
-        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            match s.dtype() {
-                DType::F16 => self.run::<half::f16>(s, l),
-                DType::BF16 => self.run::<half::bf16>(s, l),
-                other => bail!("silica-silu-mul: unsupported dtype {other:?}"),
-            }
-        }
-    }
 
     pub(super) struct GemvOp;
 
@@ -436,21 +433,6 @@ mod imp {
         }
     }
 
-    impl CustomOp2 for GemvOp {
-        fn name(&self) -> &'static str {
-            "silica-gemv"
-        }
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            cpu_unsupported(self.name())
-        }
-        fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
-            match xs.dtype() {
-                DType::F16 => self.run::<half::f16>(xs, xl, ws, wl),
-                DType::BF16 => self.run::<half::bf16>(xs, xl, ws, wl),
-                other => bail!("silica-gemv: unsupported dtype {other:?}"),
-            }
-        }
-    }
 
     pub(super) struct AddNormOp<'a> {
         pub weight: &'a Tensor,
@@ -494,19 +476,9 @@ mod imp {
         }
     }
 
-    impl CustomOp2 for AddNormOp<'_> {
-        fn name(&self) -> &'static str {
-            "silica-add-rmsnorm"
-        }
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            cpu_unsupported(self.name())
-        }
-        fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, hs: &CudaStorage, hl: &Layout) -> Result<(CudaStorage, Shape)> {
-            match xs.dtype() {
-                DType::F16 => self.run::<half::f16>(xs, xl, hs, hl),
-                DType::BF16 => self.run::<half::bf16>(xs, xl, hs, hl),
-                other => bail!("silica-add-rmsnorm: unsupported dtype {other:?}"),
-            }
-        }
-    }
+    custom_op1!(QkvOp<'_>, "silica-qkv-rope");
+    custom_op1!(PagedOp<'_>, "silica-paged-decode");
+    custom_op1!(SiluMulOp, "silica-silu-mul");
+    custom_op2!(GemvOp, "silica-gemv");
+    custom_op2!(AddNormOp<'_>, "silica-add-rmsnorm");
 }
