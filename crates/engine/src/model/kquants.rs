@@ -66,16 +66,20 @@ impl KMatrix {
     }
 
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
-        let format = match t.dtype() {
+        let (n, k) = t.shape().dims2()?;
+        Self::from_bytes(t.dtype(), n, k, t.data()?.into_owned())
+    }
+
+    /// Take a weight `[n, k]` of GGML type `dtype` from its bytes as stored in the file.
+    pub fn from_bytes(dtype: GgmlDType, n: usize, k: usize, data: Vec<u8>) -> candle_core::Result<Self> {
+        let format = match dtype {
             GgmlDType::Q4K => Format::Q4K,
             GgmlDType::Q6K => Format::Q6K,
             other => candle_core::bail!("KMatrix needs Q4_K or Q6_K, got {other:?}"),
         };
-        let (n, k) = t.shape().dims2()?;
         if k % QK_K != 0 {
             candle_core::bail!("{format:?} row length {k} is not a multiple of {QK_K}");
         }
-        let data = t.data()?.into_owned();
         let want = n * k / QK_K * format.block_bytes();
         if data.len() != want {
             candle_core::bail!("{format:?} data has {} bytes, expected {want}", data.len());

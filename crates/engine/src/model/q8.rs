@@ -64,16 +64,20 @@ struct Q8Rows {
 impl Q8Matrix {
     /// Take a Q8_0 or Q5_0 `QTensor` `[n, k]` (its bytes are kept as they are).
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
-        let format = match t.dtype() {
+        let (n, k) = t.shape().dims2()?;
+        Self::from_bytes(t.dtype(), n, k, t.data()?.into_owned())
+    }
+
+    /// Take a weight `[n, k]` of GGML type `dtype` from its bytes as stored in the file.
+    pub fn from_bytes(dtype: GgmlDType, n: usize, k: usize, data: Vec<u8>) -> candle_core::Result<Self> {
+        let format = match dtype {
             GgmlDType::Q8_0 => Format::Q8_0,
             GgmlDType::Q5_0 => Format::Q5_0,
             other => candle_core::bail!("Q8Matrix needs Q8_0 or Q5_0, got {other:?}"),
         };
-        let (n, k) = t.shape().dims2()?;
         if k % QK != 0 {
             candle_core::bail!("{format:?} row length {k} is not a multiple of {QK}");
         }
-        let data = t.data()?.into_owned();
         let want = n * k / QK * format.block_bytes();
         if data.len() != want {
             candle_core::bail!("{format:?} data has {} bytes, expected {want}", data.len());
