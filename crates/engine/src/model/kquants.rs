@@ -16,7 +16,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::q8::{nearest_i8, tiled, with_f32_rows, Path, GROUP};
+use super::q8::{nearest_i8, tiled, with_f32_rows, Path, TaskOut, GROUP};
 
 /// Rows of activations processed against each weight block while it is decoded.
 const ROW_TILE_K: usize = 8;
@@ -302,7 +302,6 @@ impl KMatrix {
             let mut c = 0;
             while c < cols && col0 + c < full {
                 let g = &self.data[(col0 + c) * row_bytes..(col0 + c + GROUP) * row_bytes];
-                let o = &mut out[c * m..(c + GROUP) * m];
                 match path {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `Path::Avx512` is only chosen when AVX-512 F, BW and VNNI were
@@ -311,14 +310,14 @@ impl KMatrix {
                         macro_rules! go {
                             ($f:ident) => {
                                 match r1 - r0 {
-                                    1 => simd::$f::<1>(g, kb, &rows, r0, k, o, m),
-                                    2 => simd::$f::<2>(g, kb, &rows, r0, k, o, m),
-                                    3 => simd::$f::<3>(g, kb, &rows, r0, k, o, m),
-                                    4 => simd::$f::<4>(g, kb, &rows, r0, k, o, m),
-                                    5 => simd::$f::<5>(g, kb, &rows, r0, k, o, m),
-                                    6 => simd::$f::<6>(g, kb, &rows, r0, k, o, m),
-                                    7 => simd::$f::<7>(g, kb, &rows, r0, k, o, m),
-                                    _ => simd::$f::<ROW_TILE_K>(g, kb, &rows, r0, k, o, m),
+                                    1 => simd::$f::<1>(g, kb, &rows, r0, k, out, col0 + c),
+                                    2 => simd::$f::<2>(g, kb, &rows, r0, k, out, col0 + c),
+                                    3 => simd::$f::<3>(g, kb, &rows, r0, k, out, col0 + c),
+                                    4 => simd::$f::<4>(g, kb, &rows, r0, k, out, col0 + c),
+                                    5 => simd::$f::<5>(g, kb, &rows, r0, k, out, col0 + c),
+                                    6 => simd::$f::<6>(g, kb, &rows, r0, k, out, col0 + c),
+                                    7 => simd::$f::<7>(g, kb, &rows, r0, k, out, col0 + c),
+                                    _ => simd::$f::<ROW_TILE_K>(g, kb, &rows, r0, k, out, col0 + c),
                                 }
                             };
                         }
@@ -332,6 +331,7 @@ impl KMatrix {
                     _ => {
                         // The reference: each column back in the file's layout.
                         let mut col = vec![0u8; row_bytes];
+                        let mut res = [0f32; ROW_TILE_K];
                         let bb = self.format.block_bytes();
                         for cc in 0..GROUP {
                             for b in 0..kb {
@@ -342,50 +342,30 @@ impl KMatrix {
                                     Format::Q6K => dst.copy_from_slice(&Q6KLayout::column(blk, cc)),
                                 }
                             }
-                            let o = &mut o[cc * m + r0..cc * m + r1];
+                            let o = &mut res[..r1 - r0];
                             match self.format {
                                 Format::Q4K => portable::q4k_tile(&col, &rows, r0, r1, k, o),
                                 Format::Q6K => portable::q6k_tile(&col, &rows, r0, r1, k, o),
+                            }
+                            for (i, &v) in o.iter().enumerate() {
+                                out.put(r0 + i, col0 + c + cc, &[v]);
                             }
                         }
                     }
                 }
                 c += GROUP;
             }
-            // The `n % 16` last columns: the file's layout.
-            let w = &self.data[(col0 + c) * row_bytes..(col0 + cols) * row_bytes];
-            let (out, cols) = (&mut out[c * m..], cols - c);
-            if path != Path::Portable && cols > 0 {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `path` is AVX2 or AVX-512, so AVX2, FMA and F16C were detected.
-                unsafe {
-                    // The tile height is a constant in each instance, so the row loop unrolls.
-                    macro_rules! go {
-                        ($q6:literal) => {
-                            match r1 - r0 {
-                                1 => avx2::cols::<$q6, 1>(w, row_bytes, &rows, r0, k, out, m),
-                                2 => avx2::cols::<$q6, 2>(w, row_bytes, &rows, r0, k, out, m),
-                                3 => avx2::cols::<$q6, 3>(w, row_bytes, &rows, r0, k, out, m),
-                                4 => avx2::cols::<$q6, 4>(w, row_bytes, &rows, r0, k, out, m),
-                                5 => avx2::cols::<$q6, 5>(w, row_bytes, &rows, r0, k, out, m),
-                                6 => avx2::cols::<$q6, 6>(w, row_bytes, &rows, r0, k, out, m),
-                                7 => avx2::cols::<$q6, 7>(w, row_bytes, &rows, r0, k, out, m),
-                                _ => avx2::cols::<$q6, ROW_TILE_K>(w, row_bytes, &rows, r0, k, out, m),
-                            }
-                        };
-                    }
-                    match self.format {
-                        Format::Q4K => go!(false),
-                        Format::Q6K => go!(true),
-                    }
-                };
-            } else {
-                for (c, wc) in w.chunks_exact(row_bytes).enumerate() {
-                    let o = &mut out[c * m + r0..c * m + r1];
-                    match self.format {
-                        Format::Q4K => portable::q4k_tile(wc, &rows, r0, r1, k, o),
-                        Format::Q6K => portable::q6k_tile(wc, &rows, r0, r1, k, o),
-                    }
+            // The `n % 16` last columns (no model has any): the file's layout, portable code.
+            let mut res = [0f32; ROW_TILE_K];
+            for c in c..cols {
+                let w = &self.data[(col0 + c) * row_bytes..(col0 + c + 1) * row_bytes];
+                let o = &mut res[..r1 - r0];
+                match self.format {
+                    Format::Q4K => portable::q4k_tile(w, &rows, r0, r1, k, o),
+                    Format::Q6K => portable::q6k_tile(w, &rows, r0, r1, k, o),
+                }
+                for (i, &v) in o.iter().enumerate() {
+                    out.put(r0 + i, col0 + c, &[v]);
                 }
             }
         })
@@ -513,150 +493,6 @@ mod portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::*;
-    use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum_i32(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
-        _mm_cvtsi128_si32(s)
-    }
-
-    use super::super::q8::simd::f16_at as f16;
-
-    /// The Q4_K (`Q6 = false`) or Q6_K kernel for each weight row (`row_bytes` each) of `w`;
-    /// column `c`'s rows go to `out[c * m + r0..]`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn cols<const Q6: bool, const T: usize>(
-        w: &[u8],
-        row_bytes: usize,
-        rows: &Q8KRows,
-        r0: usize,
-        k: usize,
-        out: &mut [f32],
-        m: usize,
-    ) {
-        for (c, wc) in w.chunks_exact(row_bytes).enumerate() {
-            let o = &mut out[c * m + r0..c * m + r0 + T];
-            if Q6 {
-                q6k_tile::<T>(wc, rows, r0, k, o)
-            } else {
-                q4k_tile::<T>(wc, rows, r0, k, o)
-            }
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4k_tile<const T: usize>(w: &[u8], rows: &Q8KRows, r0: usize, k: usize, out: &mut [f32]) {
-        let kb = k / QK_K;
-        let mut acc = [0f32; T];
-        let mut accm = [0f32; T];
-        let m4 = _mm256_set1_epi8(0x0f);
-        for b in 0..kb {
-            let blk = w.as_ptr().add(b * 144);
-            let (d, dmin) = (f16(blk), f16(blk.add(2)));
-            let sm = q4k_scales_mins(std::slice::from_raw_parts(blk.add(4), 12));
-            // Scales and mins as i16: lanes 0..8 and 8..16.
-            let smv = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
-            let scv = _mm256_permute2x128_si256(smv, smv, 0x00);
-            let mv = _mm256_extracti128_si256(smv, 1);
-            let mut q = [_mm256_setzero_si256(); 8];
-            let mut s = [_mm256_setzero_si256(); 8];
-            for j in 0..4 {
-                let v = _mm256_loadu_si256(blk.add(16 + 32 * j) as *const __m256i);
-                q[2 * j] = _mm256_and_si256(v, m4);
-                q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-            }
-            for (j, sj) in s.iter_mut().enumerate() {
-                // Broadcast scale j (i16 lane j of each half) to all sixteen lanes.
-                let lo = (2 * j) as i8;
-                *sj = _mm256_shuffle_epi8(scv, _mm256_set1_epi16(i16::from_le_bytes([lo as u8, lo as u8 + 1])));
-            }
-            for i in 0..T {
-                let r = r0 + i;
-                let y = rows.quants.as_ptr().add(r * k + b * QK_K);
-                let mut sumv = _mm256_setzero_si256();
-                for j in 0..8 {
-                    let yv = _mm256_loadu_si256(y.add(32 * j) as *const __m256i);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], yv), s[j]);
-                    sumv = _mm256_add_epi32(sumv, p);
-                }
-                let sumi = hsum_i32(sumv);
-                // Σ min·(sum of the sub-block's activations): eight i16 products, summed exactly.
-                let bs = _mm_loadu_si128(rows.sums32.as_ptr().add((r * kb + b) * 8) as *const __m128i);
-                let pm = _mm_madd_epi16(mv, bs);
-                let pm = _mm_add_epi32(pm, _mm_unpackhi_epi64(pm, pm));
-                let summ = _mm_cvtsi128_si32(_mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0b01)));
-                let yd = *rows.scales.get_unchecked(r * kb + b);
-                acc[i] = (d * yd).mul_add(sumi as f32, acc[i]);
-                accm[i] = (dmin * yd).mul_add(summ as f32, accm[i]);
-            }
-        }
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = acc[i] - accm[i];
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q6k_tile<const T: usize>(w: &[u8], rows: &Q8KRows, r0: usize, k: usize, out: &mut [f32]) {
-        let kb = k / QK_K;
-        let mut acc = [0f32; T];
-        let m4 = _mm256_set1_epi8(0x0f);
-        let m2 = _mm256_set1_epi8(3);
-        let m32 = _mm256_set1_epi8(32);
-        for b in 0..kb {
-            let blk = w.as_ptr().add(b * 210);
-            let d = f16(blk.add(208));
-            let sc = blk.add(192) as *const i8;
-            // q[4c + i]: the 32 values at 128c + 32i, unsigned 0..63; s[..]: their two scales.
-            let mut q = [_mm256_setzero_si256(); 8];
-            let mut s = [_mm256_setzero_si256(); 8];
-            for c in 0..2 {
-                let ql0 = _mm256_loadu_si256(blk.add(64 * c) as *const __m256i);
-                let ql1 = _mm256_loadu_si256(blk.add(64 * c + 32) as *const __m256i);
-                let qh = _mm256_loadu_si256(blk.add(128 + 32 * c) as *const __m256i);
-                // The two high bits of each value, already shifted to bits 4..5.
-                let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4);
-                let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4);
-                let h4 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4);
-                let h6 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4);
-                q[4 * c] = _mm256_or_si256(_mm256_and_si256(ql0, m4), h0);
-                q[4 * c + 1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), h2);
-                q[4 * c + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), h4);
-                q[4 * c + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), h6);
-                for i in 0..4 {
-                    let g = 8 * c + 2 * i;
-                    s[4 * c + i] = _mm256_set_m128i(
-                        _mm_set1_epi16(*sc.add(g + 1) as i16),
-                        _mm_set1_epi16(*sc.add(g) as i16),
-                    );
-                }
-            }
-            for i in 0..T {
-                let r = r0 + i;
-                let y = rows.quants.as_ptr().add(r * k + b * QK_K);
-                let mut sumv = _mm256_setzero_si256();
-                for j in 0..8 {
-                    let yv = _mm256_loadu_si256(y.add(32 * j) as *const __m256i);
-                    // (q − 32)·y in pairs: q·y − 32·y, both exact in i16.
-                    let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q[j], yv), _mm256_maddubs_epi16(m32, yv));
-                    sumv = _mm256_add_epi32(sumv, _mm256_madd_epi16(p, s[j]));
-                }
-                let sumi = hsum_i32(sumv);
-                acc[i] = (d * *rows.scales.get_unchecked(r * kb + b)).mul_add(sumi as f32, acc[i]);
-            }
-        }
-        out.copy_from_slice(&acc[..out.len()]);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
 mod simd {
     use super::*;
     use std::arch::x86_64::*;
@@ -664,16 +500,6 @@ mod simd {
     const KMASK1: i32 = 0x3f3f_3f3f;
     const KMASK2: i32 = 0x0f0f_0f0f;
     const KMASK3: i32 = 0x0303_0303;
-
-    /// Column `c`'s rows from the 16 results of each row of the tile.
-    #[inline]
-    fn scatter<const T: usize>(res: &[[f32; GROUP]; T], r0: usize, out: &mut [f32], m: usize) {
-        for (i, a) in res.iter().enumerate() {
-            for (c, &v) in a.iter().enumerate() {
-                out[c * m + r0 + i] = v;
-            }
-        }
-    }
 
     /// Rows `r0..r0 + T` against a group of 16 interleaved Q4_K columns ([`Q4KLayout`]), with
     /// 512-bit registers: per 32-value sub-block and row, 8 `vpdpbusd` for the 16 columns'
@@ -686,8 +512,8 @@ mod simd {
         rows: &Q8KRows,
         r0: usize,
         k: usize,
-        out: &mut [f32],
-        m: usize,
+        out: &TaskOut,
+        col: usize,
     ) {
         let mut acc = [_mm512_setzero_ps(); T];
         let mut accm = [_mm512_setzero_ps(); T];
@@ -758,7 +584,9 @@ mod simd {
         for (i, r) in res.iter_mut().enumerate() {
             _mm512_storeu_ps(r.as_mut_ptr(), _mm512_sub_ps(acc[i], accm[i]));
         }
-        scatter(&res, r0, out, m);
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
     }
 
     /// The same with AVX2, each half of the group (8 columns) in a 256-bit register: the
@@ -771,8 +599,8 @@ mod simd {
         rows: &Q8KRows,
         r0: usize,
         k: usize,
-        out: &mut [f32],
-        m: usize,
+        out: &TaskOut,
+        col: usize,
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; T];
         let mut accm = [[_mm256_setzero_ps(); 2]; T];
@@ -847,7 +675,9 @@ mod simd {
                 _mm256_storeu_ps(r.as_mut_ptr().add(8 * h), _mm256_sub_ps(acc[i][h], accm[i][h]));
             }
         }
-        scatter(&res, r0, out, m);
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
     }
 
     /// Rows `r0..r0 + T` against a group of 16 interleaved Q6_K columns ([`Q6KLayout`]), with
@@ -861,8 +691,8 @@ mod simd {
         rows: &Q8KRows,
         r0: usize,
         k: usize,
-        out: &mut [f32],
-        m: usize,
+        out: &TaskOut,
+        col: usize,
     ) {
         let mut acc = [_mm512_setzero_ps(); T];
         let m4 = _mm512_set1_epi8(0x0f);
@@ -920,7 +750,9 @@ mod simd {
         for (i, r) in res.iter_mut().enumerate() {
             _mm512_storeu_ps(r.as_mut_ptr(), acc[i]);
         }
-        scatter(&res, r0, out, m);
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
     }
 
     /// The same with AVX2, each half of the group in a 256-bit register: per 16-value group,
@@ -933,8 +765,8 @@ mod simd {
         rows: &Q8KRows,
         r0: usize,
         k: usize,
-        out: &mut [f32],
-        m: usize,
+        out: &TaskOut,
+        col: usize,
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; T];
         let m4 = _mm256_set1_epi8(0x0f);
@@ -994,7 +826,9 @@ mod simd {
             _mm256_storeu_ps(r.as_mut_ptr(), acc[i][0]);
             _mm256_storeu_ps(r.as_mut_ptr().add(8), acc[i][1]);
         }
-        scatter(&res, r0, out, m);
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
     }
 }
 

@@ -233,7 +233,6 @@ impl Q8Matrix {
             let mut c = 0;
             while c < cols && col0 + c < full {
                 let g = &self.data[(col0 + c) * row_bytes..(col0 + c + GROUP) * row_bytes];
-                let o = &mut out[c * m..(c + GROUP) * m];
                 match path {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `Path::Avx512` is only chosen when AVX-512 F, BW and VNNI were
@@ -242,14 +241,14 @@ impl Q8Matrix {
                         macro_rules! go {
                             ($f:ident, $q5:literal) => {
                                 match r1 - r0 {
-                                    1 => $f::<$q5, 1>(g, kb, &rows, r0, k, o, m),
-                                    2 => $f::<$q5, 2>(g, kb, &rows, r0, k, o, m),
-                                    3 => $f::<$q5, 3>(g, kb, &rows, r0, k, o, m),
-                                    4 => $f::<$q5, 4>(g, kb, &rows, r0, k, o, m),
-                                    5 => $f::<$q5, 5>(g, kb, &rows, r0, k, o, m),
-                                    6 => $f::<$q5, 6>(g, kb, &rows, r0, k, o, m),
-                                    7 => $f::<$q5, 7>(g, kb, &rows, r0, k, o, m),
-                                    _ => $f::<$q5, ROW_TILE_32>(g, kb, &rows, r0, k, o, m),
+                                    1 => $f::<$q5, 1>(g, kb, &rows, r0, k, out, col0 + c),
+                                    2 => $f::<$q5, 2>(g, kb, &rows, r0, k, out, col0 + c),
+                                    3 => $f::<$q5, 3>(g, kb, &rows, r0, k, out, col0 + c),
+                                    4 => $f::<$q5, 4>(g, kb, &rows, r0, k, out, col0 + c),
+                                    5 => $f::<$q5, 5>(g, kb, &rows, r0, k, out, col0 + c),
+                                    6 => $f::<$q5, 6>(g, kb, &rows, r0, k, out, col0 + c),
+                                    7 => $f::<$q5, 7>(g, kb, &rows, r0, k, out, col0 + c),
+                                    _ => $f::<$q5, ROW_TILE_32>(g, kb, &rows, r0, k, out, col0 + c),
                                 }
                             };
                         }
@@ -261,7 +260,7 @@ impl Q8Matrix {
                             (Format::Q5_0, _) => go!(group_avx2, true),
                         }
                     },
-                    _ => portable::group(self.format, g, kb, &rows, r0, r1, k, o, m),
+                    _ => portable::group(self.format, g, kb, &rows, r0, r1, k, out, col0 + c),
                 }
                 c += GROUP;
             }
@@ -269,7 +268,7 @@ impl Q8Matrix {
             for c in c..cols {
                 let w = &self.data[(col0 + c) * row_bytes..(col0 + c + 1) * row_bytes];
                 for r in r0..r1 {
-                    out[c * m + r] = portable::dot(self.format, w, &rows, r, k);
+                    out.put(r, col0 + c, &[portable::dot(self.format, w, &rows, r, k)]);
                 }
             }
         })
@@ -293,36 +292,58 @@ pub(super) fn with_f32_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candl
 }
 
 /// The shared loop: `kernel(col0, cols, r0, r1, out)` writes rows `r0..r1` of output columns
-/// `col0..col0 + cols`, where `out` is those columns' `[cols][m]` results.
-/// Columns are split into tasks of [`COLS_PER_TASK`]; inside a task each tile of
-/// `row_tile` activation rows meets every column of the task, so both stay in L1. Which
-/// rows share a tile does not change any element's sequence of operations.
+/// `col0..col0 + cols` through `out`. Columns are split into tasks of [`COLS_PER_TASK`]; inside
+/// a task each tile of `row_tile` activation rows meets every column of the task, so both
+/// stay in cache. Which rows share a tile does not change any element's operations.
 pub(super) fn tiled<F>(n: usize, m: usize, row_tile: usize, kernel: F) -> Vec<f32>
 where
-    F: Fn(usize, usize, usize, usize, &mut [f32]) + Sync,
+    F: Fn(usize, usize, usize, usize, &TaskOut) + Sync,
 {
-    // Computed column-major per task ([n][m]) so tasks own disjoint memory, then transposed.
-    let mut out_t = vec![0f32; n * m];
-    out_t.par_chunks_mut(COLS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
+    let mut out = vec![0f32; m * n];
+    let shared = SharedOut { ptr: out.as_mut_ptr(), m, n };
+    (0..n.div_ceil(COLS_PER_TASK)).into_par_iter().for_each(|task| {
         let col0 = task * COLS_PER_TASK;
-        let cols = chunk.len() / m;
+        let cols = COLS_PER_TASK.min(n - col0);
+        let task_out = TaskOut { out: &shared, col0, cols };
         let mut r0 = 0;
         while r0 < m {
             let r1 = (r0 + row_tile).min(m);
-            kernel(col0, cols, r0, r1, chunk);
+            kernel(col0, cols, r0, r1, &task_out);
             r0 = r1;
         }
     });
-    if m == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; m * n];
-    for (col, src) in out_t.chunks_exact(m).enumerate() {
-        for (r, &v) in src.iter().enumerate() {
-            out[r * n + col] = v;
-        }
-    }
     out
+}
+
+/// The `[m, n]` row-major result, written by parallel tasks.
+struct SharedOut {
+    ptr: *mut f32,
+    m: usize,
+    n: usize,
+}
+
+// SAFETY: tasks reach the buffer only through `TaskOut::put`, which writes only inside the
+// task's own columns; `tiled` gives every task disjoint columns and outlives them all.
+unsafe impl Sync for SharedOut {}
+
+/// One task's view of the result: its columns `col0..col0 + cols` of every row.
+pub(super) struct TaskOut<'a> {
+    out: &'a SharedOut,
+    col0: usize,
+    cols: usize,
+}
+
+impl TaskOut<'_> {
+    /// Row `r`, columns `col..col + vals.len()` (16 consecutive columns of a group: one store).
+    #[inline]
+    pub(super) fn put(&self, r: usize, col: usize, vals: &[f32]) {
+        assert!(
+            r < self.out.m && col >= self.col0 && col + vals.len() <= self.col0 + self.cols,
+            "write outside the task's columns: this is a bug"
+        );
+        // SAFETY: in bounds (checked) and inside this task's columns, which no other task writes.
+        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), self.out.ptr.add(r * self.out.n + col), vals.len()) }
+    }
 }
 
 fn quantize_rows(xs: &[f32], m: usize, k: usize, offset: i32) -> Q8Rows {
@@ -443,10 +464,9 @@ mod portable {
         (isum as f32 * rows.scales[r * kb + b]).mul_add(wd, acc)
     }
 
-    /// Rows `r0..r1` against a group of 16 interleaved columns; column `c`'s rows go to
-    /// `out[c * m + r]`.
+    /// Rows `r0..r1` against a group of 16 interleaved columns starting at column `col`.
     #[allow(clippy::too_many_arguments)]
-    pub fn group(format: Format, g: &[u8], kb: usize, rows: &Q8Rows, r0: usize, r1: usize, k: usize, out: &mut [f32], m: usize) {
+    pub fn group(format: Format, g: &[u8], kb: usize, rows: &Q8Rows, r0: usize, r1: usize, k: usize, out: &TaskOut, col: usize) {
         let gb = GROUP * format.block_bytes();
         for c in 0..GROUP {
             for r in r0..r1 {
@@ -456,7 +476,7 @@ mod portable {
                     let u = Layout::column(format, blk, c);
                     acc = step(&u, f16_at(blk, 2 * c), rows, r, b, k, acc);
                 }
-                out[c * m + r] = acc;
+                out.put(r, col + c, &[acc]);
             }
         }
     }
@@ -467,24 +487,6 @@ pub(super) mod simd {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// An f16 (little-endian bytes at `p`) to f32 with F16C; exact, like `half`'s conversion.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in super::super) unsafe fn f16_at(p: *const u8) -> f32 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    /// Column `c`'s rows from the 16 accumulators of each row of the tile.
-    #[inline]
-    fn scatter<const T: usize>(acc: &[[f32; GROUP]; T], r0: usize, out: &mut [f32], m: usize) {
-        for (i, a) in acc.iter().enumerate() {
-            for (c, &v) in a.iter().enumerate() {
-                out[c * m + r0 + i] = v;
-            }
-        }
-    }
-
     /// Rows `r0..r0 + T` against a group of 16 interleaved columns (`kb` blocks), with 512-bit
     /// registers: per block, 8 `vpdpbusd` (64 multiply-adds each) per row.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -494,8 +496,8 @@ pub(super) mod simd {
         rows: &Q8Rows,
         r0: usize,
         k: usize,
-        out: &mut [f32],
-        m: usize,
+        out: &TaskOut,
+        col: usize,
     ) {
         let gb = if Q5 { 22 * GROUP } else { 34 * GROUP };
         let mut acc = [_mm512_setzero_ps(); T];
@@ -538,7 +540,9 @@ pub(super) mod simd {
         for (r, a) in res.iter_mut().zip(acc) {
             _mm512_storeu_ps(r.as_mut_ptr(), a);
         }
-        scatter(&res, r0, out, m);
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
     }
 
     /// The same with AVX2 (machines without AVX-512 VNNI): each half of the group (8 columns)
@@ -552,8 +556,8 @@ pub(super) mod simd {
         rows: &Q8Rows,
         r0: usize,
         k: usize,
-        out: &mut [f32],
-        m: usize,
+        out: &TaskOut,
+        col: usize,
     ) {
         let gb = if Q5 { 22 * GROUP } else { 34 * GROUP };
         let mut acc = [[_mm256_setzero_ps(); 2]; T];
@@ -610,7 +614,9 @@ pub(super) mod simd {
             _mm256_storeu_ps(r.as_mut_ptr(), a[0]);
             _mm256_storeu_ps(r.as_mut_ptr().add(8), a[1]);
         }
-        scatter(&res, r0, out, m);
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
     }
 }
 
