@@ -16,7 +16,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::q8::{nearest_i8, tiled, with_f32_rows, Path, TaskOut, GROUP};
+use super::q8::{nearest_i8, tiled, with_f32_rows, word, Path, TaskOut, GROUP};
 
 /// Rows of activations processed against each weight block while it is decoded.
 const ROW_TILE_K: usize = 8;
@@ -71,19 +71,6 @@ struct Q4KLayout;
 impl Q4KLayout {
     const BYTES: usize = 144;
 
-    /// Column `c`'s 256 values (0..15) of an original Q4_K block.
-    fn values(blk: &[u8]) -> [u8; QK_K] {
-        let mut q = [0u8; QK_K];
-        for j in 0..4 {
-            for l in 0..32 {
-                let v = blk[16 + 32 * j + l];
-                q[64 * j + l] = v & 0xF;
-                q[64 * j + 32 + l] = v >> 4;
-            }
-        }
-        q
-    }
-
     fn interleave(data: &mut [u8], n: usize, row_bytes: usize) {
         let kb = row_bytes / Self::BYTES;
         let mut src = vec![0u8; GROUP * row_bytes];
@@ -100,13 +87,18 @@ impl Q4KLayout {
                         let at = 64 + 64 * word + 4 * c;
                         dst[at..at + 4].copy_from_slice(&blk[4 + 4 * word..8 + 4 * word]);
                     }
-                    let q = Self::values(blk);
+                    // Sub-block s is the low (s even) or high nibbles of bytes 32(s/2)..+32.
+                    let qs = &blk[16..144];
                     for sb in 0..8 {
                         for p in 0..4 {
-                            for i in 0..4 {
-                                let v = 32 * sb + 4 * p + i;
-                                dst[256 + 256 * sb + 64 * p + 4 * c + i] = q[v] | (q[v + 16] << 4);
-                            }
+                            let (w1, w2) = (word(qs, 32 * (sb / 2) + 4 * p), word(qs, 32 * (sb / 2) + 4 * p + 16));
+                            let v = if sb % 2 == 0 {
+                                (w1 & 0x0f0f_0f0f) | ((w2 & 0x0f0f_0f0f) << 4)
+                            } else {
+                                ((w1 >> 4) & 0x0f0f_0f0f) | (w2 & 0xf0f0_f0f0)
+                            };
+                            let at = 256 + 256 * sb + 64 * p + 4 * c;
+                            dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
                         }
                     }
                 }
@@ -157,22 +149,6 @@ struct Q6KLayout;
 impl Q6KLayout {
     const BYTES: usize = 210;
 
-    /// A Q6_K block's 256 values, unsigned (0..63; the weight is `q − 32`).
-    fn values(blk: &[u8]) -> [u8; QK_K] {
-        let (ql, qh) = (&blk[0..128], &blk[128..192]);
-        let mut q = [0u8; QK_K];
-        for c in 0..2 {
-            let (ql, qh) = (&ql[64 * c..], &qh[32 * c..]);
-            for l in 0..32 {
-                q[128 * c + l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
-                q[128 * c + l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
-                q[128 * c + l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-                q[128 * c + l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
-            }
-        }
-        q
-    }
-
     fn interleave(data: &mut [u8], n: usize, row_bytes: usize) {
         let kb = row_bytes / Self::BYTES;
         let mut src = vec![0u8; GROUP * row_bytes];
@@ -181,7 +157,6 @@ impl Q6KLayout {
             src.copy_from_slice(region);
             for b in 0..kb {
                 let dst = &mut region[b * GROUP * Self::BYTES..(b + 1) * GROUP * Self::BYTES];
-                dst[2336..].fill(0);
                 for c in 0..GROUP {
                     let blk = &src[c * row_bytes + b * Self::BYTES..c * row_bytes + (b + 1) * Self::BYTES];
                     dst[2 * c..2 * c + 2].copy_from_slice(&blk[208..210]);
@@ -189,16 +164,25 @@ impl Q6KLayout {
                         let at = 32 + 64 * word + 4 * c;
                         dst[at..at + 4].copy_from_slice(&blk[192 + 4 * word..196 + 4 * word]);
                     }
-                    let q = Self::values(blk);
+                    let (ql, qh) = (&blk[0..128], &blk[128..192]);
                     for sb in 0..8 {
-                        for j in 0..8 {
-                            for i in 0..4 {
-                                let v = 32 * sb + 4 * j + i;
-                                if j < 4 {
-                                    dst[288 + 256 * sb + 64 * j + 4 * c + i] = (q[v] & 0xF) | ((q[v + 16] & 0xF) << 4);
-                                }
-                                dst[2336 + 128 * sb + 64 * (j / 4) + 4 * c + i] |= (q[v] >> 4) << (2 * (j % 4));
+                        // Values 32s..32s + 32: within 128-value half s / 4, the low (s % 4 < 2)
+                        // or high nibbles of `ql`, and bits 2(s % 4).. of `qh`.
+                        let (half, s4) = (sb / 4, sb % 4);
+                        let (base, shift) = (64 * half + 32 * (s4 % 2), 4 * (s4 / 2));
+                        for p in 0..4 {
+                            let (w1, w2) = (word(ql, base + 4 * p), word(ql, base + 4 * p + 16));
+                            let v = ((w1 >> shift) & 0x0f0f_0f0f) | (((w2 >> shift) & 0x0f0f_0f0f) << 4);
+                            let at = 288 + 256 * sb + 64 * p + 4 * c;
+                            dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                        }
+                        for t in 0..2 {
+                            let mut v = 0u32;
+                            for u in 0..4 {
+                                v |= ((word(qh, 32 * half + 16 * t + 4 * u) >> (2 * s4)) & 0x0303_0303) << (2 * u);
                             }
+                            let at = 2336 + 128 * sb + 64 * t + 4 * c;
+                            dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
                         }
                     }
                 }
