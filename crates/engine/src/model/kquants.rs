@@ -695,22 +695,24 @@ mod simd {
                     let v = _mm512_loadu_si512(blk.add(288 + 256 * sb + 64 * p) as *const _);
                     let lo = _mm512_and_si512(v, m4);
                     let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                    // Bits 2u..2u + 2 of the high-bit bytes to bits 4..6.
-                    let up = |h: __m512i| match p {
-                        0 => _mm512_and_si512(_mm512_slli_epi16(h, 4), m30),
-                        1 => _mm512_and_si512(_mm512_slli_epi16(h, 2), m30),
-                        2 => _mm512_and_si512(h, m30),
-                        _ => _mm512_and_si512(_mm512_srli_epi16(h, 2), m30),
+                    // Bits 2p..2p + 2 of the high-bit bytes to bits 4..6.
+                    let (h0, h1) = match p {
+                        0 => (_mm512_slli_epi16(hb[0], 4), _mm512_slli_epi16(hb[1], 4)),
+                        1 => (_mm512_slli_epi16(hb[0], 2), _mm512_slli_epi16(hb[1], 2)),
+                        2 => (hb[0], hb[1]),
+                        _ => (_mm512_srli_epi16(hb[0], 2), _mm512_srli_epi16(hb[1], 2)),
                     };
-                    w[p] = _mm512_or_si512(lo, up(hb[0]));
-                    w[p + 4] = _mm512_or_si512(hi, up(hb[1]));
+                    w[p] = _mm512_or_si512(lo, _mm512_and_si512(h0, m30));
+                    w[p + 4] = _mm512_or_si512(hi, _mm512_and_si512(h1, m30));
                 }
                 // The scales of the sub-block's two 16-value groups, sign-extended to i32.
-                let scv = [2 * sb, 2 * sb + 1].map(|grp| {
+                let mut scv = [_mm512_setzero_si512(); 2];
+                for (half, sc) in scv.iter_mut().enumerate() {
+                    let grp = 2 * sb + half;
                     let word = _mm512_loadu_si512(blk.add(32 + 64 * (grp / 4)) as *const _);
                     let up = _mm512_sllv_epi32(word, _mm512_set1_epi32(24 - 8 * (grp % 4) as i32));
-                    _mm512_srai_epi32(up, 24)
-                });
+                    *sc = _mm512_srai_epi32(up, 24);
+                }
                 for (i, is) in isum.iter_mut().enumerate() {
                     let r = r0 + i;
                     let x = rows.quants.as_ptr().add(r * k + b * QK_K + 32 * sb);
@@ -771,21 +773,23 @@ mod simd {
                         let v = _mm256_loadu_si256(blk.add(288 + 256 * sb + 64 * p + 32 * h) as *const __m256i);
                         let lo = _mm256_and_si256(v, m4);
                         let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                        let up = |x: __m256i| match p {
-                            0 => _mm256_and_si256(_mm256_slli_epi16(x, 4), m30),
-                            1 => _mm256_and_si256(_mm256_slli_epi16(x, 2), m30),
-                            2 => _mm256_and_si256(x, m30),
-                            _ => _mm256_and_si256(_mm256_srli_epi16(x, 2), m30),
+                        let (h0, h1) = match p {
+                            0 => (_mm256_slli_epi16(hb[0], 4), _mm256_slli_epi16(hb[1], 4)),
+                            1 => (_mm256_slli_epi16(hb[0], 2), _mm256_slli_epi16(hb[1], 2)),
+                            2 => (hb[0], hb[1]),
+                            _ => (_mm256_srli_epi16(hb[0], 2), _mm256_srli_epi16(hb[1], 2)),
                         };
-                        w[p] = _mm256_or_si256(lo, up(hb[0]));
-                        w[p + 4] = _mm256_or_si256(hi, up(hb[1]));
+                        w[p] = _mm256_or_si256(lo, _mm256_and_si256(h0, m30));
+                        w[p + 4] = _mm256_or_si256(hi, _mm256_and_si256(h1, m30));
                     }
-                    let scv = [2 * sb, 2 * sb + 1].map(|grp| {
+                    let mut scv = [_mm256_setzero_si256(); 2];
+                    for (half, sc) in scv.iter_mut().enumerate() {
+                        let grp = 2 * sb + half;
                         let word = _mm256_loadu_si256(blk.add(32 + 64 * (grp / 4) + 32 * h) as *const __m256i);
                         let s = _mm256_srai_epi32(_mm256_sllv_epi32(word, _mm256_set1_epi32(24 - 8 * (grp % 4) as i32)), 24);
                         // The scale in both i16 halves of each lane.
-                        _mm256_or_si256(_mm256_and_si256(s, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(s, 16))
-                    });
+                        *sc = _mm256_or_si256(_mm256_and_si256(s, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(s, 16));
+                    }
                     for (i, is) in isum.iter_mut().enumerate() {
                         let x = rows.quants.as_ptr().add((r0 + i) * k + b * QK_K + 32 * sb);
                         for (half, sc) in scv.iter().enumerate() {
