@@ -1,17 +1,18 @@
-//! Q4_K and Q6_K matrix multiplication for the CPU, on the GGUF file's own 256-value blocks.
+//! Q4_K and Q6_K matrix multiplication for the CPU, on the GGUF file's 256-value blocks.
 //!
 //! candle 0.11 has SIMD kernels for these types, but its single-row Q6_K kernel rounds
 //! differently from its multi-row one (so a decode step had to run every Q6_K layer on two
-//! copies of its row to stay batch-invariant, doubling the cost of the largest tensor of the
-//! 1.5B model, its output head), and its kernels re-quantize the activations for every call
-//! and never reuse a weight block across rows. Here, as in [`super::q8`]: activations are
-//! quantized once per call (per 256 values, scale `amax / 127`, as llama.cpp's Q8_K), each
+//! copies of its row to stay batch-invariant), and its fast multi-row kernels keep a second,
+//! re-packed copy of the weights. Here, as in [`super::q8`]: the file's bytes are re-arranged
+//! in place at load so that 16 output columns are interleaved ([`Q4KLayout`], [`Q6KLayout`];
+//! same size), activations are quantized once per call (per 256 values, scale `amax / 127`, as
+//! llama.cpp's Q8_K), AVX-512 VNNI does 64 multiply-adds per instruction for 16 columns, each
 //! weight block is decoded once per tile of rows, and the threading is [`super::q8::tiled`].
 //!
-//! Batch invariance and bitwise identity of the AVX2 and portable paths: a block's dot
-//! product is first computed exactly in integers (the sub-block scales are small integers),
-//! then each row's accumulators take one fused multiply-add per block in block order. The
-//! integer sum is the same whatever the path, so the floats are too.
+//! Batch invariance and bitwise identity of the AVX-512, AVX2 and portable paths: a block's
+//! dot product is first computed exactly in integers (the sub-block scales are small
+//! integers), then each row's accumulators take one fused multiply-add per block in block
+//! order. The integer sum is the same whatever the path, so the floats are too.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
