@@ -141,8 +141,10 @@ impl Q4KLayout {
 ///
 /// - bytes 0..32: the 16 columns' `d` (f16);
 /// - bytes 32..288: the 16 signed scales of each column as four u32 words, word-major;
-/// - bytes 288..2336: the low four bits of the values, as Q4_K's nibbles ([`Q4KLayout`]);
-/// - bytes 2336..3360: the high two bits: for each 32-value sub-block `s`, 128 bytes: for each
+/// - bytes 288..3360: for each 32-value sub-block `s`, 384 bytes (one forward stream: with the
+///   low and high bits in two separate regions the hardware prefetcher kept up with half the
+///   bandwidth): 256 bytes of the low four bits of the values, as Q4_K's nibbles
+///   ([`Q4KLayout`]), then 128 bytes of the high two bits: for each
 ///   `t` in 0..2, 64 bytes, bits `2u..2u + 2` of byte `4c + i` = value `32s + 4(4t + u) + i` of
 ///   column `c`.
 struct Q6KLayout;
@@ -174,7 +176,7 @@ impl Q6KLayout {
                         for p in 0..4 {
                             let (w1, w2) = (word(ql, base + 4 * p), word(ql, base + 4 * p + 16));
                             let v = ((w1 >> shift) & 0x0f0f_0f0f) | (((w2 >> shift) & 0x0f0f_0f0f) << 4);
-                            let at = 288 + 256 * sb + 64 * p + 4 * c;
+                            let at = 288 + 384 * sb + 64 * p + 4 * c;
                             dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
                         }
                         for t in 0..2 {
@@ -182,7 +184,7 @@ impl Q6KLayout {
                             for u in 0..4 {
                                 v |= ((word(qh, 32 * half + 16 * t + 4 * u) >> (2 * s4)) & 0x0303_0303) << (2 * u);
                             }
-                            let at = 2336 + 128 * sb + 64 * t + 4 * c;
+                            let at = 288 + 384 * sb + 256 + 64 * t + 4 * c;
                             dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
                         }
                     }
@@ -198,9 +200,9 @@ impl Q6KLayout {
             for j in 0..8 {
                 for i in 0..4 {
                     let v = 32 * sb + 4 * j + i;
-                    let byte = blk[288 + 256 * sb + 64 * (j % 4) + 4 * c + i];
+                    let byte = blk[288 + 384 * sb + 64 * (j % 4) + 4 * c + i];
                     let lo = if j < 4 { byte & 0xF } else { byte >> 4 };
-                    let hi = (blk[2336 + 128 * sb + 64 * (j / 4) + 4 * c + i] >> (2 * (j % 4))) & 3;
+                    let hi = (blk[288 + 384 * sb + 256 + 64 * (j / 4) + 4 * c + i] >> (2 * (j % 4))) & 3;
                     q[v] = lo | (hi << 4);
                 }
             }
@@ -689,11 +691,11 @@ mod simd {
             for sb in 0..8 {
                 let mut w = [_mm512_setzero_si512(); 8];
                 let hb = [
-                    _mm512_loadu_si512(blk.add(2336 + 128 * sb) as *const _),
-                    _mm512_loadu_si512(blk.add(2336 + 128 * sb + 64) as *const _),
+                    _mm512_loadu_si512(blk.add(288 + 384 * sb + 256) as *const _),
+                    _mm512_loadu_si512(blk.add(288 + 384 * sb + 320) as *const _),
                 ];
                 for p in 0..4 {
-                    let v = _mm512_loadu_si512(blk.add(288 + 256 * sb + 64 * p) as *const _);
+                    let v = _mm512_loadu_si512(blk.add(288 + 384 * sb + 64 * p) as *const _);
                     let lo = _mm512_and_si512(v, m4);
                     let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
                     // Bits 2p..2p + 2 of the high-bit bytes to bits 4..6.
@@ -767,11 +769,11 @@ mod simd {
                 for sb in 0..8 {
                     let mut w = [_mm256_setzero_si256(); 8];
                     let hb = [
-                        _mm256_loadu_si256(blk.add(2336 + 128 * sb + 32 * h) as *const __m256i),
-                        _mm256_loadu_si256(blk.add(2336 + 128 * sb + 64 + 32 * h) as *const __m256i),
+                        _mm256_loadu_si256(blk.add(288 + 384 * sb + 256 + 32 * h) as *const __m256i),
+                        _mm256_loadu_si256(blk.add(288 + 384 * sb + 320 + 32 * h) as *const __m256i),
                     ];
                     for p in 0..4 {
-                        let v = _mm256_loadu_si256(blk.add(288 + 256 * sb + 64 * p + 32 * h) as *const __m256i);
+                        let v = _mm256_loadu_si256(blk.add(288 + 384 * sb + 64 * p + 32 * h) as *const __m256i);
                         let lo = _mm256_and_si256(v, m4);
                         let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                         let (h0, h1) = match p {
