@@ -1,22 +1,23 @@
-//! Q4_K and Q6_K matrix multiplication for the CPU, on the GGUF file's own 256-value blocks.
+//! Q4_K and Q6_K matrix multiplication for the CPU, on the GGUF file's 256-value blocks.
 //!
 //! candle 0.11 has SIMD kernels for these types, but its single-row Q6_K kernel rounds
 //! differently from its multi-row one (so a decode step had to run every Q6_K layer on two
-//! copies of its row to stay batch-invariant, doubling the cost of the largest tensor of the
-//! 1.5B model, its output head), and its kernels re-quantize the activations for every call
-//! and never reuse a weight block across rows. Here, as in [`super::q8`]: activations are
-//! quantized once per call (per 256 values, scale `amax / 127`, as llama.cpp's Q8_K), each
+//! copies of its row to stay batch-invariant), and its fast multi-row kernels keep a second,
+//! re-packed copy of the weights. Here, as in [`super::q8`]: the file's bytes are re-arranged
+//! in place at load so that 16 output columns are interleaved ([`Q4KLayout`], [`Q6KLayout`];
+//! same size), activations are quantized once per call (per 256 values, scale `amax / 127`, as
+//! llama.cpp's Q8_K), AVX-512 VNNI does 64 multiply-adds per instruction for 16 columns, each
 //! weight block is decoded once per tile of rows, and the threading is [`super::q8::tiled`].
 //!
-//! Batch invariance and bitwise identity of the AVX2 and portable paths: a block's dot
-//! product is first computed exactly in integers (the sub-block scales are small integers),
-//! then each row's accumulators take one fused multiply-add per block in block order. The
-//! integer sum is the same whatever the path, so the floats are too.
+//! Batch invariance and bitwise identity of the AVX-512, AVX2 and portable paths: a block's
+//! dot product is first computed exactly in integers (the sub-block scales are small
+//! integers), then each row's accumulators take one fused multiply-add per block in block
+//! order. The integer sum is the same whatever the path, so the floats are too.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::q8::{nearest_i8, simd_available, tiled, with_f32_rows};
+use super::q8::{nearest_i8, tiled, with_f32_rows, word, Path, TaskOut, GROUP};
 
 /// Rows of activations processed against each weight block while it is decoded.
 const ROW_TILE_K: usize = 8;
@@ -48,7 +49,180 @@ pub struct KMatrix {
     n: usize,
     k: usize,
     format: Format,
+    /// Groups of 16 columns in the interleaved layout ([`Q4KLayout`], [`Q6KLayout`]), then
+    /// the `n % 16` remaining columns as in the file.
     data: Vec<u8>,
+}
+
+/// Q4_K's interleaved layout for a group of [`GROUP`] columns (re-arranged in place at load,
+/// same size). Superblock `b` of the group (2304 bytes at `b · 2304`):
+///
+/// - bytes 0..32 and 32..64: the 16 columns' `d` and `dmin` (f16);
+/// - bytes 64..256: the 12 packed scale bytes of each column as three little-endian u32
+///   words, word-major (word 0 of the 16 columns, then word 1, then word 2), so the word
+///   operations that unpack them (ggml's) run on 16 columns at once;
+/// - bytes 256..2304: for each 32-value sub-block `s`, 256 bytes: for each `p` in 0..4, 64
+///   bytes, byte `4c + i` = value `32s + 4p + i` of column `c` (low nibble) and value
+///   `32s + 4p + 16 + i` (high nibble).
+///
+/// One 512-bit register of decoded nibbles then holds four consecutive values of each of the
+/// 16 columns, which `vpdpbusd` multiplies with four activation bytes broadcast to every lane.
+struct Q4KLayout;
+
+impl Q4KLayout {
+    const BYTES: usize = 144;
+
+    fn interleave(data: &mut [u8], n: usize, row_bytes: usize) {
+        let kb = row_bytes / Self::BYTES;
+        let mut src = vec![0u8; GROUP * row_bytes];
+        for g in 0..n / GROUP {
+            let region = &mut data[g * GROUP * row_bytes..(g + 1) * GROUP * row_bytes];
+            src.copy_from_slice(region);
+            for b in 0..kb {
+                let dst = &mut region[b * GROUP * Self::BYTES..(b + 1) * GROUP * Self::BYTES];
+                for c in 0..GROUP {
+                    let blk = &src[c * row_bytes + b * Self::BYTES..c * row_bytes + (b + 1) * Self::BYTES];
+                    dst[2 * c..2 * c + 2].copy_from_slice(&blk[0..2]);
+                    dst[32 + 2 * c..34 + 2 * c].copy_from_slice(&blk[2..4]);
+                    for word in 0..3 {
+                        let at = 64 + 64 * word + 4 * c;
+                        dst[at..at + 4].copy_from_slice(&blk[4 + 4 * word..8 + 4 * word]);
+                    }
+                    // Sub-block s is the low (s even) or high nibbles of bytes 32(s/2)..+32.
+                    let qs = &blk[16..144];
+                    for sb in 0..8 {
+                        for p in 0..4 {
+                            let (w1, w2) = (word(qs, 32 * (sb / 2) + 4 * p), word(qs, 32 * (sb / 2) + 4 * p + 16));
+                            let v = if sb % 2 == 0 {
+                                (w1 & 0x0f0f_0f0f) | ((w2 & 0x0f0f_0f0f) << 4)
+                            } else {
+                                ((w1 >> 4) & 0x0f0f_0f0f) | (w2 & 0xf0f0_f0f0)
+                            };
+                            let at = 256 + 256 * sb + 64 * p + 4 * c;
+                            dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Column `c` of an interleaved superblock, back in the file's block layout.
+    fn column(blk: &[u8], c: usize) -> [u8; 144] {
+        let mut out = [0u8; 144];
+        out[0..2].copy_from_slice(&blk[2 * c..2 * c + 2]);
+        out[2..4].copy_from_slice(&blk[32 + 2 * c..34 + 2 * c]);
+        for word in 0..3 {
+            let at = 64 + 64 * word + 4 * c;
+            out[4 + 4 * word..8 + 4 * word].copy_from_slice(&blk[at..at + 4]);
+        }
+        let mut q = [0u8; QK_K];
+        for sb in 0..8 {
+            for p in 0..4 {
+                for i in 0..4 {
+                    let v = 32 * sb + 4 * p + i;
+                    let byte = blk[256 + 256 * sb + 64 * p + 4 * c + i];
+                    q[v] = byte & 0xF;
+                    q[v + 16] = byte >> 4;
+                }
+            }
+        }
+        for j in 0..4 {
+            for l in 0..32 {
+                out[16 + 32 * j + l] = q[64 * j + l] | (q[64 * j + 32 + l] << 4);
+            }
+        }
+        out
+    }
+}
+
+/// Q6_K's interleaved layout for a group of [`GROUP`] columns (same size as the file's 16
+/// blocks). Superblock `b` of the group (3360 bytes at `b · 3360`):
+///
+/// - bytes 0..32: the 16 columns' `d` (f16);
+/// - bytes 32..288: the 16 signed scales of each column as four u32 words, word-major;
+/// - bytes 288..3360: for each 32-value sub-block `s`, 384 bytes (one forward stream: with the
+///   low and high bits in two separate regions the hardware prefetcher kept up with half the
+///   bandwidth): 256 bytes of the low four bits of the values, as Q4_K's nibbles
+///   ([`Q4KLayout`]), then 128 bytes of the high two bits: for each
+///   `t` in 0..2, 64 bytes, bits `2u..2u + 2` of byte `4c + i` = value `32s + 4(4t + u) + i` of
+///   column `c`.
+struct Q6KLayout;
+
+impl Q6KLayout {
+    const BYTES: usize = 210;
+
+    fn interleave(data: &mut [u8], n: usize, row_bytes: usize) {
+        let kb = row_bytes / Self::BYTES;
+        let mut src = vec![0u8; GROUP * row_bytes];
+        for g in 0..n / GROUP {
+            let region = &mut data[g * GROUP * row_bytes..(g + 1) * GROUP * row_bytes];
+            src.copy_from_slice(region);
+            for b in 0..kb {
+                let dst = &mut region[b * GROUP * Self::BYTES..(b + 1) * GROUP * Self::BYTES];
+                for c in 0..GROUP {
+                    let blk = &src[c * row_bytes + b * Self::BYTES..c * row_bytes + (b + 1) * Self::BYTES];
+                    dst[2 * c..2 * c + 2].copy_from_slice(&blk[208..210]);
+                    for word in 0..4 {
+                        let at = 32 + 64 * word + 4 * c;
+                        dst[at..at + 4].copy_from_slice(&blk[192 + 4 * word..196 + 4 * word]);
+                    }
+                    let (ql, qh) = (&blk[0..128], &blk[128..192]);
+                    for sb in 0..8 {
+                        // Values 32s..32s + 32: within 128-value half s / 4, the low (s % 4 < 2)
+                        // or high nibbles of `ql`, and bits 2(s % 4).. of `qh`.
+                        let (half, s4) = (sb / 4, sb % 4);
+                        let (base, shift) = (64 * half + 32 * (s4 % 2), 4 * (s4 / 2));
+                        for p in 0..4 {
+                            let (w1, w2) = (word(ql, base + 4 * p), word(ql, base + 4 * p + 16));
+                            let v = ((w1 >> shift) & 0x0f0f_0f0f) | (((w2 >> shift) & 0x0f0f_0f0f) << 4);
+                            let at = 288 + 384 * sb + 64 * p + 4 * c;
+                            dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                        }
+                        for t in 0..2 {
+                            let mut v = 0u32;
+                            for u in 0..4 {
+                                v |= ((word(qh, 32 * half + 16 * t + 4 * u) >> (2 * s4)) & 0x0303_0303) << (2 * u);
+                            }
+                            let at = 288 + 384 * sb + 256 + 64 * t + 4 * c;
+                            dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Column `c` of an interleaved superblock, back in the file's block layout.
+    fn column(blk: &[u8], c: usize) -> [u8; 210] {
+        let mut q = [0u8; QK_K];
+        for sb in 0..8 {
+            for j in 0..8 {
+                for i in 0..4 {
+                    let v = 32 * sb + 4 * j + i;
+                    let byte = blk[288 + 384 * sb + 64 * (j % 4) + 4 * c + i];
+                    let lo = if j < 4 { byte & 0xF } else { byte >> 4 };
+                    let hi = (blk[288 + 384 * sb + 256 + 64 * (j / 4) + 4 * c + i] >> (2 * (j % 4))) & 3;
+                    q[v] = lo | (hi << 4);
+                }
+            }
+        }
+        let mut out = [0u8; 210];
+        for c2 in 0..2 {
+            for l in 0..32 {
+                let v = |o: usize| q[128 * c2 + l + o];
+                out[64 * c2 + l] = (v(0) & 0xF) | ((v(64) & 0xF) << 4);
+                out[64 * c2 + l + 32] = (v(32) & 0xF) | ((v(96) & 0xF) << 4);
+                out[128 + 32 * c2 + l] = (v(0) >> 4) | ((v(32) >> 4) << 2) | ((v(64) >> 4) << 4) | ((v(96) >> 4) << 6);
+            }
+        }
+        for word in 0..4 {
+            let at = 32 + 64 * word + 4 * c;
+            out[192 + 4 * word..196 + 4 * word].copy_from_slice(&blk[at..at + 4]);
+        }
+        out[208..210].copy_from_slice(&blk[2 * c..2 * c + 2]);
+        out
+    }
 }
 
 /// Activations quantized per 256 values (llama.cpp's Q8_K): int8 values, an f32 scale per
@@ -58,6 +232,8 @@ struct Q8KRows {
     scales: Vec<f32>,
     /// Eight per block, as i16 (|sum| ≤ 32·127) so SIMD can load a block's eight at once.
     sums32: Vec<i16>,
+    /// Sixteen per block: `−32 ·` the sum of each 16 values (Q6_K's offset).
+    bias16: Vec<i32>,
 }
 
 impl KMatrix {
@@ -66,19 +242,29 @@ impl KMatrix {
     }
 
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
-        let format = match t.dtype() {
+        let (n, k) = t.shape().dims2()?;
+        Self::from_bytes(t.dtype(), n, k, t.data()?.into_owned())
+    }
+
+    /// Take a weight `[n, k]` of GGML type `dtype` from its bytes as stored in the file.
+    pub fn from_bytes(dtype: GgmlDType, n: usize, k: usize, data: Vec<u8>) -> candle_core::Result<Self> {
+        let format = match dtype {
             GgmlDType::Q4K => Format::Q4K,
             GgmlDType::Q6K => Format::Q6K,
             other => candle_core::bail!("KMatrix needs Q4_K or Q6_K, got {other:?}"),
         };
-        let (n, k) = t.shape().dims2()?;
         if k % QK_K != 0 {
             candle_core::bail!("{format:?} row length {k} is not a multiple of {QK_K}");
         }
-        let data = t.data()?.into_owned();
         let want = n * k / QK_K * format.block_bytes();
         if data.len() != want {
             candle_core::bail!("{format:?} data has {} bytes, expected {want}", data.len());
+        }
+        let mut data = data;
+        let row_bytes = k / QK_K * format.block_bytes();
+        match format {
+            Format::Q4K => Q4KLayout::interleave(&mut data, n, row_bytes),
+            Format::Q6K => Q6KLayout::interleave(&mut data, n, row_bytes),
         }
         Ok(KMatrix { n, k, format, data })
     }
@@ -89,47 +275,84 @@ impl KMatrix {
         if k != self.k {
             candle_core::bail!("quantized matmul: input has {k} columns, weight expects {}", self.k);
         }
-        let out = with_f32_rows(x, |xs| self.matmul(xs, m, simd_available()))?;
+        let out = with_f32_rows(x, |xs| self.matmul(xs, m, Path::best()))?;
         Tensor::from_vec(out, (m, self.n), &Device::Cpu)
     }
 
-    fn matmul(&self, xs: &[f32], m: usize, simd: bool) -> Vec<f32> {
+    fn matmul(&self, xs: &[f32], m: usize, path: Path) -> Vec<f32> {
         let rows = quantize_rows(xs, m, self.k);
-        let row_bytes = self.k / QK_K * self.format.block_bytes();
+        let (k, kb) = (self.k, self.k / QK_K);
+        let row_bytes = kb * self.format.block_bytes();
+        let full = self.n / GROUP * GROUP;
+        let gb = GROUP * self.format.block_bytes();
         tiled(self.n, m, ROW_TILE_K, |col0, cols, r0, r1, out| {
-            let w = &self.data[col0 * row_bytes..(col0 + cols) * row_bytes];
-            let k = self.k;
-            if simd {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `simd` is only true when AVX2, FMA and F16C were detected at run time.
-                unsafe {
-                    // The tile height is a constant in each instance, so the row loop unrolls.
-                    macro_rules! go {
-                        ($q6:literal) => {
-                            match r1 - r0 {
-                                1 => avx2::cols::<$q6, 1>(w, row_bytes, &rows, r0, k, out, m),
-                                2 => avx2::cols::<$q6, 2>(w, row_bytes, &rows, r0, k, out, m),
-                                3 => avx2::cols::<$q6, 3>(w, row_bytes, &rows, r0, k, out, m),
-                                4 => avx2::cols::<$q6, 4>(w, row_bytes, &rows, r0, k, out, m),
-                                5 => avx2::cols::<$q6, 5>(w, row_bytes, &rows, r0, k, out, m),
-                                6 => avx2::cols::<$q6, 6>(w, row_bytes, &rows, r0, k, out, m),
-                                7 => avx2::cols::<$q6, 7>(w, row_bytes, &rows, r0, k, out, m),
-                                _ => avx2::cols::<$q6, ROW_TILE_K>(w, row_bytes, &rows, r0, k, out, m),
+            let mut c = 0;
+            while c < cols && col0 + c < full {
+                let g = &self.data[(col0 + c) * row_bytes..(col0 + c + GROUP) * row_bytes];
+                match path {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Path::Avx512` is only chosen when AVX-512 F, BW and VNNI were
+                    // detected at run time, `Path::Avx2` when AVX2, FMA and F16C were.
+                    Path::Avx512 | Path::Avx2 => unsafe {
+                        macro_rules! go {
+                            ($f:ident) => {
+                                match r1 - r0 {
+                                    1 => simd::$f::<1>(g, kb, &rows, r0, k, out, col0 + c),
+                                    2 => simd::$f::<2>(g, kb, &rows, r0, k, out, col0 + c),
+                                    3 => simd::$f::<3>(g, kb, &rows, r0, k, out, col0 + c),
+                                    4 => simd::$f::<4>(g, kb, &rows, r0, k, out, col0 + c),
+                                    5 => simd::$f::<5>(g, kb, &rows, r0, k, out, col0 + c),
+                                    6 => simd::$f::<6>(g, kb, &rows, r0, k, out, col0 + c),
+                                    7 => simd::$f::<7>(g, kb, &rows, r0, k, out, col0 + c),
+                                    _ => simd::$f::<ROW_TILE_K>(g, kb, &rows, r0, k, out, col0 + c),
+                                }
+                            };
+                        }
+                        match (self.format, path) {
+                            (Format::Q4K, Path::Avx512) => go!(q4k_group_avx512),
+                            (Format::Q4K, _) => go!(q4k_group_avx2),
+                            (Format::Q6K, Path::Avx512) => go!(q6k_group_avx512),
+                            (Format::Q6K, _) => go!(q6k_group_avx2),
+                        }
+                    },
+                    _ => {
+                        // The reference: each column back in the file's layout.
+                        let mut col = vec![0u8; row_bytes];
+                        let mut res = [0f32; ROW_TILE_K];
+                        let bb = self.format.block_bytes();
+                        for cc in 0..GROUP {
+                            for b in 0..kb {
+                                let blk = &g[b * gb..(b + 1) * gb];
+                                let dst = &mut col[b * bb..(b + 1) * bb];
+                                match self.format {
+                                    Format::Q4K => dst.copy_from_slice(&Q4KLayout::column(blk, cc)),
+                                    Format::Q6K => dst.copy_from_slice(&Q6KLayout::column(blk, cc)),
+                                }
                             }
-                        };
+                            let o = &mut res[..r1 - r0];
+                            match self.format {
+                                Format::Q4K => portable::q4k_tile(&col, &rows, r0, r1, k, o),
+                                Format::Q6K => portable::q6k_tile(&col, &rows, r0, r1, k, o),
+                            }
+                            for (i, &v) in o.iter().enumerate() {
+                                out.put(r0 + i, col0 + c + cc, &[v]);
+                            }
+                        }
                     }
-                    match self.format {
-                        Format::Q4K => go!(false),
-                        Format::Q6K => go!(true),
-                    }
-                };
-            } else {
-                for (c, wc) in w.chunks_exact(row_bytes).enumerate() {
-                    let o = &mut out[c * m + r0..c * m + r1];
-                    match self.format {
-                        Format::Q4K => portable::q4k_tile(wc, &rows, r0, r1, k, o),
-                        Format::Q6K => portable::q6k_tile(wc, &rows, r0, r1, k, o),
-                    }
+                }
+                c += GROUP;
+            }
+            // The `n % 16` last columns (no model has any): the file's layout, portable code.
+            let mut res = [0f32; ROW_TILE_K];
+            for c in c..cols {
+                let w = &self.data[(col0 + c) * row_bytes..(col0 + c + 1) * row_bytes];
+                let o = &mut res[..r1 - r0];
+                match self.format {
+                    Format::Q4K => portable::q4k_tile(w, &rows, r0, r1, k, o),
+                    Format::Q6K => portable::q6k_tile(w, &rows, r0, r1, k, o),
+                }
+                for (i, &v) in o.iter().enumerate() {
+                    out.put(r0 + i, col0 + c, &[v]);
                 }
             }
         })
@@ -140,6 +363,7 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> Q8KRows {
     let mut quants = vec![0i8; m * k];
     let mut scales = vec![0f32; m * k / QK_K];
     let mut sums32 = vec![0i16; m * k / 32];
+    let mut bias16 = vec![0i32; m * k / 16];
     for (bi, (xb, qb)) in xs.chunks_exact(QK_K).zip(quants.chunks_exact_mut(QK_K)).enumerate() {
         let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -151,8 +375,11 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> Q8KRows {
         for (s, q) in sums32[bi * 8..bi * 8 + 8].iter_mut().zip(qb.chunks_exact(32)) {
             *s = q.iter().map(|&v| v as i16).sum();
         }
+        for (s, q) in bias16[bi * 16..bi * 16 + 16].iter_mut().zip(qb.chunks_exact(16)) {
+            *s = -32 * q.iter().map(|&v| v as i32).sum::<i32>();
+        }
     }
-    Q8KRows { quants, scales, sums32 }
+    Q8KRows { quants, scales, sums32, bias16 }
 }
 
 #[inline]
@@ -253,146 +480,346 @@ mod portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod simd {
     use super::*;
     use std::arch::x86_64::*;
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn hsum_i32(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
-        _mm_cvtsi128_si32(s)
-    }
+    const KMASK1: i32 = 0x3f3f_3f3f;
+    const KMASK2: i32 = 0x0f0f_0f0f;
+    const KMASK3: i32 = 0x0303_0303;
 
-    use super::super::q8::avx2::f16_at as f16;
-
-    /// The Q4_K (`Q6 = false`) or Q6_K kernel for each weight row (`row_bytes` each) of `w`;
-    /// column `c`'s rows go to `out[c * m + r0..]`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn cols<const Q6: bool, const T: usize>(
-        w: &[u8],
-        row_bytes: usize,
+    /// Rows `r0..r0 + T` against a group of 16 interleaved Q4_K columns ([`Q4KLayout`]), with
+    /// 512-bit registers: per 32-value sub-block and row, 8 `vpdpbusd` for the 16 columns'
+    /// exact dot products, one multiply by their scales; the mins term with 4 `vpdpwssd`.
+    /// The same integers and float steps as [`portable::q4k_tile`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q4k_group_avx512<const T: usize>(
+        g: &[u8],
+        kb: usize,
         rows: &Q8KRows,
         r0: usize,
         k: usize,
-        out: &mut [f32],
-        m: usize,
+        out: &TaskOut,
+        col: usize,
     ) {
-        for (c, wc) in w.chunks_exact(row_bytes).enumerate() {
-            let o = &mut out[c * m + r0..c * m + r0 + T];
-            if Q6 {
-                q6k_tile::<T>(wc, rows, r0, k, o)
-            } else {
-                q4k_tile::<T>(wc, rows, r0, k, o)
-            }
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4k_tile<const T: usize>(w: &[u8], rows: &Q8KRows, r0: usize, k: usize, out: &mut [f32]) {
-        let kb = k / QK_K;
-        let mut acc = [0f32; T];
-        let mut accm = [0f32; T];
-        let m4 = _mm256_set1_epi8(0x0f);
+        let mut acc = [_mm512_setzero_ps(); T];
+        let mut accm = [_mm512_setzero_ps(); T];
+        let m4 = _mm512_set1_epi8(0x0f);
+        let byte = _mm512_set1_epi32(0xff);
+        let (k1, k2, k3) = (_mm512_set1_epi32(KMASK1), _mm512_set1_epi32(KMASK2), _mm512_set1_epi32(KMASK3));
         for b in 0..kb {
-            let blk = w.as_ptr().add(b * 144);
-            let (d, dmin) = (f16(blk), f16(blk.add(2)));
-            let sm = q4k_scales_mins(std::slice::from_raw_parts(blk.add(4), 12));
-            // Scales and mins as i16: lanes 0..8 and 8..16.
-            let smv = _mm256_cvtepu8_epi16(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
-            let scv = _mm256_permute2x128_si256(smv, smv, 0x00);
-            let mv = _mm256_extracti128_si256(smv, 1);
-            let mut q = [_mm256_setzero_si256(); 8];
-            let mut s = [_mm256_setzero_si256(); 8];
-            for j in 0..4 {
-                let v = _mm256_loadu_si256(blk.add(16 + 32 * j) as *const __m256i);
-                q[2 * j] = _mm256_and_si256(v, m4);
-                q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            let blk = g.as_ptr().add(b * GROUP * 144);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+            let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(32) as *const __m256i));
+            let u0 = _mm512_loadu_si512(blk.add(64) as *const _);
+            let u1 = _mm512_loadu_si512(blk.add(128) as *const _);
+            let u2 = _mm512_loadu_si512(blk.add(192) as *const _);
+            // Bytes 0..4 of each lane: scales 0..4 (`sc[0]`), 4..8 (`sc[1]`); mins likewise.
+            let sc = [
+                _mm512_and_si512(u0, k1),
+                _mm512_or_si512(_mm512_and_si512(u2, k2), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 6), k3), 4)),
+            ];
+            let mn = [
+                _mm512_and_si512(u1, k1),
+                _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi32(u2, 4), k2),
+                    _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k3), 4),
+                ),
+            ];
+            let mut isum = [_mm512_setzero_si512(); T];
+            for sb in 0..8 {
+                let scv = _mm512_and_si512(_mm512_srlv_epi32(sc[sb / 4], _mm512_set1_epi32(8 * (sb % 4) as i32)), byte);
+                let mut w = [_mm512_setzero_si512(); 8];
+                for p in 0..4 {
+                    let v = _mm512_loadu_si512(blk.add(256 + 256 * sb + 64 * p) as *const _);
+                    w[p] = _mm512_and_si512(v, m4);
+                    w[p + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                }
+                for (i, is) in isum.iter_mut().enumerate() {
+                    let x = rows.quants.as_ptr().add((r0 + i) * k + b * QK_K + 32 * sb);
+                    let mut dot = _mm512_setzero_si512();
+                    for (j, wj) in w.iter().enumerate() {
+                        let xv = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(4 * j) as *const i32));
+                        dot = _mm512_dpbusd_epi32(dot, *wj, xv);
+                    }
+                    *is = _mm512_add_epi32(*is, _mm512_mullo_epi32(dot, scv));
+                }
             }
-            for (j, sj) in s.iter_mut().enumerate() {
-                // Broadcast scale j (i16 lane j of each half) to all sixteen lanes.
-                let lo = (2 * j) as i8;
-                *sj = _mm256_shuffle_epi8(scv, _mm256_set1_epi16(i16::from_le_bytes([lo as u8, lo as u8 + 1])));
-            }
+            // Mins as i16 pairs (m0, m1), (m2, m3), (m4, m5), (m6, m7) in each lane.
+            let lo16 = _mm512_set1_epi32(0xff);
+            let hi16 = _mm512_set1_epi32(0xff_0000);
+            let pairs = [
+                _mm512_or_si512(_mm512_and_si512(mn[0], lo16), _mm512_and_si512(_mm512_slli_epi32(mn[0], 8), hi16)),
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(mn[0], 16), lo16), _mm512_and_si512(_mm512_srli_epi32(mn[0], 8), hi16)),
+                _mm512_or_si512(_mm512_and_si512(mn[1], lo16), _mm512_and_si512(_mm512_slli_epi32(mn[1], 8), hi16)),
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(mn[1], 16), lo16), _mm512_and_si512(_mm512_srli_epi32(mn[1], 8), hi16)),
+            ];
             for i in 0..T {
                 let r = r0 + i;
-                let y = rows.quants.as_ptr().add(r * k + b * QK_K);
-                let mut sumv = _mm256_setzero_si256();
-                for j in 0..8 {
-                    let yv = _mm256_loadu_si256(y.add(32 * j) as *const __m256i);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q[j], yv), s[j]);
-                    sumv = _mm256_add_epi32(sumv, p);
+                let bs = rows.sums32.as_ptr().add((r * kb + b) * 8) as *const u8;
+                let mut summ = _mm512_setzero_si512();
+                for (q, pq) in pairs.iter().enumerate() {
+                    let bv = _mm512_set1_epi32(std::ptr::read_unaligned(bs.add(4 * q) as *const i32));
+                    summ = _mm512_dpwssd_epi32(summ, *pq, bv);
                 }
-                let sumi = hsum_i32(sumv);
-                // Σ min·(sum of the sub-block's activations): eight i16 products, summed exactly.
-                let bs = _mm_loadu_si128(rows.sums32.as_ptr().add((r * kb + b) * 8) as *const __m128i);
-                let pm = _mm_madd_epi16(mv, bs);
-                let pm = _mm_add_epi32(pm, _mm_unpackhi_epi64(pm, pm));
-                let summ = _mm_cvtsi128_si32(_mm_add_epi32(pm, _mm_shuffle_epi32(pm, 0b01)));
-                let yd = *rows.scales.get_unchecked(r * kb + b);
-                acc[i] = (d * yd).mul_add(sumi as f32, acc[i]);
-                accm[i] = (dmin * yd).mul_add(summ as f32, accm[i]);
+                let yd = _mm512_set1_ps(*rows.scales.get_unchecked(r * kb + b));
+                acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, yd), _mm512_cvtepi32_ps(isum[i]), acc[i]);
+                accm[i] = _mm512_fmadd_ps(_mm512_mul_ps(dmin, yd), _mm512_cvtepi32_ps(summ), accm[i]);
             }
         }
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = acc[i] - accm[i];
+        let mut res = [[0f32; GROUP]; T];
+        for (i, r) in res.iter_mut().enumerate() {
+            _mm512_storeu_ps(r.as_mut_ptr(), _mm512_sub_ps(acc[i], accm[i]));
+        }
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
         }
     }
 
-    #[inline]
+    /// The same with AVX2, each half of the group (8 columns) in a 256-bit register: the
+    /// eight `vpmaddubsw` pair sums of a sub-block add up exactly in i16 (≤ 8·2·15·127), and
+    /// one `vpmaddwd` multiplies them by the scale into i32.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q6k_tile<const T: usize>(w: &[u8], rows: &Q8KRows, r0: usize, k: usize, out: &mut [f32]) {
-        let kb = k / QK_K;
-        let mut acc = [0f32; T];
+    pub(super) unsafe fn q4k_group_avx2<const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8KRows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        let mut accm = [[_mm256_setzero_ps(); 2]; T];
         let m4 = _mm256_set1_epi8(0x0f);
-        let m2 = _mm256_set1_epi8(3);
+        let byte = _mm256_set1_epi32(0xff);
+        let (k1, k2, k3) = (_mm256_set1_epi32(KMASK1), _mm256_set1_epi32(KMASK2), _mm256_set1_epi32(KMASK3));
+        let lo16 = _mm256_set1_epi32(0xff);
+        let hi16 = _mm256_set1_epi32(0xff_0000);
+        for b in 0..kb {
+            let blk = g.as_ptr().add(b * GROUP * 144);
+            for h in 0..2 {
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
+                let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(32 + 16 * h) as *const __m128i));
+                let u0 = _mm256_loadu_si256(blk.add(64 + 32 * h) as *const __m256i);
+                let u1 = _mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i);
+                let u2 = _mm256_loadu_si256(blk.add(192 + 32 * h) as *const __m256i);
+                let sc = [
+                    _mm256_and_si256(u0, k1),
+                    _mm256_or_si256(_mm256_and_si256(u2, k2), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), k3), 4)),
+                ];
+                let mn = [
+                    _mm256_and_si256(u1, k1),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi32(u2, 4), k2),
+                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), k3), 4),
+                    ),
+                ];
+                let mut isum = [_mm256_setzero_si256(); T];
+                for sb in 0..8 {
+                    let s = _mm256_and_si256(_mm256_srlv_epi32(sc[sb / 4], _mm256_set1_epi32(8 * (sb % 4) as i32)), byte);
+                    // The scale in both i16 halves of each lane.
+                    let scv = _mm256_or_si256(s, _mm256_slli_epi32(s, 16));
+                    let mut w = [_mm256_setzero_si256(); 8];
+                    for p in 0..4 {
+                        let v = _mm256_loadu_si256(blk.add(256 + 256 * sb + 64 * p + 32 * h) as *const __m256i);
+                        w[p] = _mm256_and_si256(v, m4);
+                        w[p + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    }
+                    for (i, is) in isum.iter_mut().enumerate() {
+                        let x = rows.quants.as_ptr().add((r0 + i) * k + b * QK_K + 32 * sb);
+                        let mut s16 = _mm256_setzero_si256();
+                        for (j, wj) in w.iter().enumerate() {
+                            let xv = _mm256_set1_epi32(std::ptr::read_unaligned(x.add(4 * j) as *const i32));
+                            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*wj, xv));
+                        }
+                        *is = _mm256_add_epi32(*is, _mm256_madd_epi16(s16, scv));
+                    }
+                }
+                let pairs = [
+                    _mm256_or_si256(_mm256_and_si256(mn[0], lo16), _mm256_and_si256(_mm256_slli_epi32(mn[0], 8), hi16)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(mn[0], 16), lo16), _mm256_and_si256(_mm256_srli_epi32(mn[0], 8), hi16)),
+                    _mm256_or_si256(_mm256_and_si256(mn[1], lo16), _mm256_and_si256(_mm256_slli_epi32(mn[1], 8), hi16)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(mn[1], 16), lo16), _mm256_and_si256(_mm256_srli_epi32(mn[1], 8), hi16)),
+                ];
+                for i in 0..T {
+                    let r = r0 + i;
+                    let bs = rows.sums32.as_ptr().add((r * kb + b) * 8) as *const u8;
+                    let mut summ = _mm256_setzero_si256();
+                    for (q, pq) in pairs.iter().enumerate() {
+                        let bv = _mm256_set1_epi32(std::ptr::read_unaligned(bs.add(4 * q) as *const i32));
+                        summ = _mm256_add_epi32(summ, _mm256_madd_epi16(*pq, bv));
+                    }
+                    let yd = _mm256_set1_ps(*rows.scales.get_unchecked(r * kb + b));
+                    acc[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(d, yd), _mm256_cvtepi32_ps(isum[i]), acc[i][h]);
+                    accm[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(dmin, yd), _mm256_cvtepi32_ps(summ), accm[i][h]);
+                }
+            }
+        }
+        let mut res = [[0f32; GROUP]; T];
+        for (i, r) in res.iter_mut().enumerate() {
+            for h in 0..2 {
+                _mm256_storeu_ps(r.as_mut_ptr().add(8 * h), _mm256_sub_ps(acc[i][h], accm[i][h]));
+            }
+        }
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
+    }
+
+    /// Rows `r0..r0 + T` against a group of 16 interleaved Q6_K columns ([`Q6KLayout`]), with
+    /// 512-bit registers: per 16-value group and row, the exact `Σ (q − 32)·x` of the 16
+    /// columns as `−32·Σx` plus 4 `vpdpbusd`, times the group's scales. The same integers and
+    /// float steps as [`portable::q6k_tile`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn q6k_group_avx512<const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8KRows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        let mut acc = [_mm512_setzero_ps(); T];
+        let m4 = _mm512_set1_epi8(0x0f);
+        let m30 = _mm512_set1_epi8(0x30);
+        for b in 0..kb {
+            let blk = g.as_ptr().add(b * GROUP * 210);
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+            let mut isum = [_mm512_setzero_si512(); T];
+            for sb in 0..8 {
+                let mut w = [_mm512_setzero_si512(); 8];
+                let hb = [
+                    _mm512_loadu_si512(blk.add(288 + 384 * sb + 256) as *const _),
+                    _mm512_loadu_si512(blk.add(288 + 384 * sb + 320) as *const _),
+                ];
+                for p in 0..4 {
+                    let v = _mm512_loadu_si512(blk.add(288 + 384 * sb + 64 * p) as *const _);
+                    let lo = _mm512_and_si512(v, m4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                    // Bits 2p..2p + 2 of the high-bit bytes to bits 4..6.
+                    let (h0, h1) = match p {
+                        0 => (_mm512_slli_epi16(hb[0], 4), _mm512_slli_epi16(hb[1], 4)),
+                        1 => (_mm512_slli_epi16(hb[0], 2), _mm512_slli_epi16(hb[1], 2)),
+                        2 => (hb[0], hb[1]),
+                        _ => (_mm512_srli_epi16(hb[0], 2), _mm512_srli_epi16(hb[1], 2)),
+                    };
+                    w[p] = _mm512_or_si512(lo, _mm512_and_si512(h0, m30));
+                    w[p + 4] = _mm512_or_si512(hi, _mm512_and_si512(h1, m30));
+                }
+                // The scales of the sub-block's two 16-value groups, sign-extended to i32.
+                let mut scv = [_mm512_setzero_si512(); 2];
+                for (half, sc) in scv.iter_mut().enumerate() {
+                    let grp = 2 * sb + half;
+                    let word = _mm512_loadu_si512(blk.add(32 + 64 * (grp / 4)) as *const _);
+                    let up = _mm512_sllv_epi32(word, _mm512_set1_epi32(24 - 8 * (grp % 4) as i32));
+                    *sc = _mm512_srai_epi32(up, 24);
+                }
+                for (i, is) in isum.iter_mut().enumerate() {
+                    let r = r0 + i;
+                    let x = rows.quants.as_ptr().add(r * k + b * QK_K + 32 * sb);
+                    let bias = rows.bias16.as_ptr().add((r * kb + b) * 16 + 2 * sb);
+                    for (half, sc) in scv.iter().enumerate() {
+                        let mut dot = _mm512_set1_epi32(*bias.add(half));
+                        for j in 4 * half..4 * half + 4 {
+                            let xv = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(4 * j) as *const i32));
+                            dot = _mm512_dpbusd_epi32(dot, w[j], xv);
+                        }
+                        *is = _mm512_add_epi32(*is, _mm512_mullo_epi32(dot, *sc));
+                    }
+                }
+            }
+            for i in 0..T {
+                let yd = _mm512_set1_ps(*rows.scales.get_unchecked((r0 + i) * kb + b));
+                acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(d, yd), _mm512_cvtepi32_ps(isum[i]), acc[i]);
+            }
+        }
+        let mut res = [[0f32; GROUP]; T];
+        for (i, r) in res.iter_mut().enumerate() {
+            _mm512_storeu_ps(r.as_mut_ptr(), acc[i]);
+        }
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
+    }
+
+    /// The same with AVX2, each half of the group in a 256-bit register: per 16-value group,
+    /// `(q − 32)·x` pair sums as `vpmaddubsw(q, x) − vpmaddubsw(32, x)`, four of them summed
+    /// exactly in i16 (≤ 4·2·32·127), then one `vpmaddwd` by the scale.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q6k_group_avx2<const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8KRows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        let m4 = _mm256_set1_epi8(0x0f);
+        let m30 = _mm256_set1_epi8(0x30);
         let m32 = _mm256_set1_epi8(32);
         for b in 0..kb {
-            let blk = w.as_ptr().add(b * 210);
-            let d = f16(blk.add(208));
-            let sc = blk.add(192) as *const i8;
-            // q[4c + i]: the 32 values at 128c + 32i, unsigned 0..63; s[..]: their two scales.
-            let mut q = [_mm256_setzero_si256(); 8];
-            let mut s = [_mm256_setzero_si256(); 8];
-            for c in 0..2 {
-                let ql0 = _mm256_loadu_si256(blk.add(64 * c) as *const __m256i);
-                let ql1 = _mm256_loadu_si256(blk.add(64 * c + 32) as *const __m256i);
-                let qh = _mm256_loadu_si256(blk.add(128 + 32 * c) as *const __m256i);
-                // The two high bits of each value, already shifted to bits 4..5.
-                let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4);
-                let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4);
-                let h4 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4);
-                let h6 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4);
-                q[4 * c] = _mm256_or_si256(_mm256_and_si256(ql0, m4), h0);
-                q[4 * c + 1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), h2);
-                q[4 * c + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), h4);
-                q[4 * c + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), h6);
-                for i in 0..4 {
-                    let g = 8 * c + 2 * i;
-                    s[4 * c + i] = _mm256_set_m128i(
-                        _mm_set1_epi16(*sc.add(g + 1) as i16),
-                        _mm_set1_epi16(*sc.add(g) as i16),
-                    );
+            let blk = g.as_ptr().add(b * GROUP * 210);
+            for h in 0..2 {
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
+                let mut isum = [_mm256_setzero_si256(); T];
+                for sb in 0..8 {
+                    let mut w = [_mm256_setzero_si256(); 8];
+                    let hb = [
+                        _mm256_loadu_si256(blk.add(288 + 384 * sb + 256 + 32 * h) as *const __m256i),
+                        _mm256_loadu_si256(blk.add(288 + 384 * sb + 320 + 32 * h) as *const __m256i),
+                    ];
+                    for p in 0..4 {
+                        let v = _mm256_loadu_si256(blk.add(288 + 384 * sb + 64 * p + 32 * h) as *const __m256i);
+                        let lo = _mm256_and_si256(v, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                        let (h0, h1) = match p {
+                            0 => (_mm256_slli_epi16(hb[0], 4), _mm256_slli_epi16(hb[1], 4)),
+                            1 => (_mm256_slli_epi16(hb[0], 2), _mm256_slli_epi16(hb[1], 2)),
+                            2 => (hb[0], hb[1]),
+                            _ => (_mm256_srli_epi16(hb[0], 2), _mm256_srli_epi16(hb[1], 2)),
+                        };
+                        w[p] = _mm256_or_si256(lo, _mm256_and_si256(h0, m30));
+                        w[p + 4] = _mm256_or_si256(hi, _mm256_and_si256(h1, m30));
+                    }
+                    let mut scv = [_mm256_setzero_si256(); 2];
+                    for (half, sc) in scv.iter_mut().enumerate() {
+                        let grp = 2 * sb + half;
+                        let word = _mm256_loadu_si256(blk.add(32 + 64 * (grp / 4) + 32 * h) as *const __m256i);
+                        let s = _mm256_srai_epi32(_mm256_sllv_epi32(word, _mm256_set1_epi32(24 - 8 * (grp % 4) as i32)), 24);
+                        // The scale in both i16 halves of each lane.
+                        *sc = _mm256_or_si256(_mm256_and_si256(s, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(s, 16));
+                    }
+                    for (i, is) in isum.iter_mut().enumerate() {
+                        let x = rows.quants.as_ptr().add((r0 + i) * k + b * QK_K + 32 * sb);
+                        for (half, sc) in scv.iter().enumerate() {
+                            let mut s16 = _mm256_setzero_si256();
+                            for j in 4 * half..4 * half + 4 {
+                                let xv = _mm256_set1_epi32(std::ptr::read_unaligned(x.add(4 * j) as *const i32));
+                                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(w[j], xv), _mm256_maddubs_epi16(m32, xv));
+                                s16 = _mm256_add_epi16(s16, p);
+                            }
+                            *is = _mm256_add_epi32(*is, _mm256_madd_epi16(s16, *sc));
+                        }
+                    }
                 }
-            }
-            for i in 0..T {
-                let r = r0 + i;
-                let y = rows.quants.as_ptr().add(r * k + b * QK_K);
-                let mut sumv = _mm256_setzero_si256();
-                for j in 0..8 {
-                    let yv = _mm256_loadu_si256(y.add(32 * j) as *const __m256i);
-                    // (q − 32)·y in pairs: q·y − 32·y, both exact in i16.
-                    let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q[j], yv), _mm256_maddubs_epi16(m32, yv));
-                    sumv = _mm256_add_epi32(sumv, _mm256_madd_epi16(p, s[j]));
+                for i in 0..T {
+                    let yd = _mm256_set1_ps(*rows.scales.get_unchecked((r0 + i) * kb + b));
+                    acc[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(d, yd), _mm256_cvtepi32_ps(isum[i]), acc[i][h]);
                 }
-                let sumi = hsum_i32(sumv);
-                acc[i] = (d * *rows.scales.get_unchecked(r * kb + b)).mul_add(sumi as f32, acc[i]);
             }
         }
-        out.copy_from_slice(&acc[..out.len()]);
+        let mut res = [[0f32; GROUP]; T];
+        for (i, r) in res.iter_mut().enumerate() {
+            _mm256_storeu_ps(r.as_mut_ptr(), acc[i][0]);
+            _mm256_storeu_ps(r.as_mut_ptr().add(8), acc[i][1]);
+        }
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
     }
 }
 
@@ -412,21 +839,61 @@ mod tests {
     fn simd_and_portable_paths_are_bitwise_identical() {
         for dt in [GgmlDType::Q4K, GgmlDType::Q6K] {
             let (q, xs, _) = setup(dt, 70, 512, 9);
-            let a = q.matmul(&xs, 9, false);
-            if simd_available() {
-                assert_eq!(a, q.matmul(&xs, 9, true), "{dt:?}");
+            let a = q.matmul(&xs, 9, Path::Portable);
+            if super::super::q8::simd_available() {
+                assert_eq!(a, q.matmul(&xs, 9, Path::Avx2), "{dt:?} AVX2");
+            }
+            if super::super::q8::avx512_available() {
+                assert_eq!(a, q.matmul(&xs, 9, Path::Avx512), "{dt:?} AVX-512");
             }
         }
     }
 
     #[test]
+    fn the_q4k_interleaved_layout_keeps_every_byte() {
+        let w = Tensor::randn(0f32, 1., (40, 512), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let file = q.data().unwrap().into_owned();
+        let ours = KMatrix::from_qtensor(&q).unwrap();
+        assert_eq!(ours.data.len(), file.len());
+        let row_bytes = 2 * 144;
+        for col in 0..32 {
+            for b in 0..2 {
+                let (g, c) = (col / GROUP, col % GROUP);
+                let gblk = &ours.data[g * GROUP * row_bytes + b * GROUP * 144..][..GROUP * 144];
+                assert_eq!(Q4KLayout::column(gblk, c)[..], file[col * row_bytes + b * 144..][..144]);
+            }
+        }
+        // The last 8 columns keep the file's layout.
+        assert_eq!(ours.data[32 * row_bytes..], file[32 * row_bytes..]);
+    }
+
+    #[test]
+    fn the_q6k_interleaved_layout_keeps_every_byte() {
+        let w = Tensor::randn(0f32, 1., (40, 512), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q6K).unwrap();
+        let file = q.data().unwrap().into_owned();
+        let ours = KMatrix::from_qtensor(&q).unwrap();
+        assert_eq!(ours.data.len(), file.len());
+        let row_bytes = 2 * 210;
+        for col in 0..32 {
+            for b in 0..2 {
+                let (g, c) = (col / GROUP, col % GROUP);
+                let gblk = &ours.data[g * GROUP * row_bytes + b * GROUP * 210..][..GROUP * 210];
+                assert_eq!(Q6KLayout::column(gblk, c)[..], file[col * row_bytes + b * 210..][..210]);
+            }
+        }
+        assert_eq!(ours.data[32 * row_bytes..], file[32 * row_bytes..]);
+    }
+
+    #[test]
     fn rows_do_not_depend_on_the_batch() {
         for dt in [GgmlDType::Q4K, GgmlDType::Q6K] {
-            let (q, xs, _) = setup(dt, 64, 512, 7);
-            let all = q.matmul(&xs, 7, simd_available());
+            let (q, xs, _) = setup(dt, 70, 512, 7);
+            let all = q.matmul(&xs, 7, Path::best());
             for r in 0..7 {
-                let one = q.matmul(&xs[r * 512..(r + 1) * 512], 1, simd_available());
-                assert_eq!(one[..], all[r * 64..(r + 1) * 64], "{dt:?}");
+                let one = q.matmul(&xs[r * 512..(r + 1) * 512], 1, Path::best());
+                assert_eq!(one[..], all[r * 70..(r + 1) * 70], "{dt:?}");
             }
         }
     }
@@ -437,11 +904,11 @@ mod tests {
             let (q, xs, deq) = setup(dt, 48, 1024, 3);
             let x = Tensor::from_vec(xs.clone(), (3, 1024), &Device::Cpu).unwrap();
             let exact = x.matmul(&deq.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for simd in [false, simd_available()] {
-                let ours = q.matmul(&xs, 3, simd);
+            for path in [Path::Portable, Path::best()] {
+                let ours = q.matmul(&xs, 3, path);
                 let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let worst = exact.iter().zip(&ours).fold(0f32, |a, (e, o)| a.max((e - o).abs()));
-                assert!(worst < 0.02 * scale, "{dt:?} simd={simd}: worst {worst} vs scale {scale}");
+                assert!(worst < 0.02 * scale, "{dt:?} {path:?}: worst {worst} vs scale {scale}");
             }
         }
     }

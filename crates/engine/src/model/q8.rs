@@ -1,29 +1,34 @@
-//! Quantized matrix multiplication for the CPU on the file's own blocks of 32 values
-//! (Q8_0 and Q5_0), with the threading and tiling shared by [`super::kquants`].
+//! Quantized matrix multiplication for the CPU on blocks of 32 values (Q8_0 and Q5_0), with
+//! the threading and tiling shared by [`super::kquants`].
 //!
-//! candle 0.11's Q8_0 CPU kernel costs the same per row at 1 or 64 rows (measured: ~14
-//! GMAC/s on 2 cores, see docs/benchmarks.md) and it has no SIMD kernel for Q5_0 at all. Here
-//! the weights stay in the GGUF file's block layout (Q5_0: 22 bytes per 32 values, 0.69 bytes
-//! per weight; an earlier version re-packed Q5_0 to Q8_0 at load, which cost 1.5× the memory
-//! traffic of a decode step), the activations are quantized once per call (per 32 values, scale
-//! `amax / 127` rounded to f16, as llama.cpp does for Q8_0 dot products), and every weight
-//! block is decoded to 32 signed bytes once per tile of rows, while it is in registers.
+//! candle 0.11's Q8_0 CPU kernel costs the same per row at 1 or 64 rows and it has no SIMD
+//! kernel for Q5_0 at all. Here the weights keep the file's bytes (Q5_0: 22 bytes per 32
+//! values), but at load every group of [`GROUP`] output columns is re-arranged in place (same
+//! size) so that one AVX-512 register holds four consecutive weights of each of the 16
+//! columns: one `vpdpbusd` against four activation bytes broadcast to every lane does 64
+//! multiply-adds for 16 columns at once, and the per-block float step is done for 16 columns
+//! with one multiply and one fused multiply-add (see [`Layout`]). The activations are quantized
+//! once per call (per 32 values, scale `amax / 127` rounded to f16, as llama.cpp does for Q8_0
+//! dot products).
 //!
-//! Each output element is computed by the same sequence of operations whatever the number of
-//! rows (eight i32 lanes per block, one fused multiply-add per lane and block, one fixed final
-//! reduction), so results are batch-invariant; the AVX2 and the portable paths are bitwise
-//! identical (tested): a block's integer lane sums are exact, and the float operations are the
-//! same ones in the same order.
+//! Each output element is computed by the same operations whatever the number of rows or the
+//! path: per block, the exact integer dot product `isum` of the 32 weights and activations,
+//! then `acc = (isum · x_scale) · w_scale + acc` (one rounding for the product, one for the
+//! fused multiply-add), blocks in order. So results are batch-invariant, and the AVX-512, AVX2
+//! and portable paths are bitwise identical (tested).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 const QK: usize = 32;
-/// Rows of activations processed against each weight block while it is decoded.
+/// Output columns interleaved per group (16 i32 lanes of a 512-bit register).
+pub(super) const GROUP: usize = 16;
+/// Rows of activations processed against each decoded weight block.
 const ROW_TILE_32: usize = 8;
-/// Output columns per parallel task: small enough that a busy core only delays a sliver of
-/// the work (rayon's other thread steals the rest), large enough to amortize scheduling.
+/// Output columns per parallel task (a multiple of [`GROUP`]): small enough that a busy core
+/// only delays a sliver of the work (rayon's other thread steals the rest), large enough to
+/// amortize scheduling.
 const COLS_PER_TASK: usize = 32;
 
 /// The weight formats with 32-value blocks.
@@ -43,41 +48,161 @@ impl Format {
             Format::Q5_0 => 22,
         }
     }
+
+    /// What the stored unsigned weight `u` is offset by: the weight is `u − OFFSET`.
+    fn offset(self) -> i32 {
+        match self {
+            Format::Q8_0 => 128,
+            Format::Q5_0 => 16,
+        }
+    }
 }
 
-/// A Q8_0 or Q5_0 weight `[n, k]`, in the GGUF file's own block layout.
+/// The interleaved layout of a group of [`GROUP`] columns (the first `n − n % 16` columns;
+/// the rest keep the file's layout). Block `b` of the group (`16 × block_bytes` bytes at
+/// `b · 16 · block_bytes` from the group's start) holds:
+///
+/// - bytes 0..32: the 16 columns' f16 scales;
+/// - Q8_0, bytes 32..544: for each quad `j` of 4 values (0..8), 64 bytes, bytes `4c..4c + 4`
+///   = values `4j..4j + 4` of column `c` as `q + 128` (unsigned);
+/// - Q5_0, bytes 32..96: for each quad `j`, a little-endian u64 whose bit `4c + i` is the
+///   fifth bit of value `4j + i` of column `c`; bytes 96..352: for each `p` in 0..4, 64 bytes,
+///   byte `4c + i` = value `4p + i` of column `c` (low nibble) and value `4(p + 4) + i` (high
+///   nibble); the weight is `q5 − 16`.
+///
+/// A weight is thus `u − OFFSET` with `u` unsigned (`vpdpbusd` takes unsigned × signed bytes),
+/// and `Σ (u − OFFSET)·x = Σ u·x − OFFSET·Σ x`, with `−OFFSET·Σ x` computed once per activation
+/// block; all exact in i32.
+struct Layout;
+
+impl Layout {
+    /// Re-arrange the first `n − n % 16` columns in place (word operations: a fraction of a
+    /// second for the demo models).
+    fn interleave(format: Format, data: &mut [u8], n: usize, row_bytes: usize) {
+        let bb = format.block_bytes();
+        let kb = row_bytes / bb;
+        let mut src = vec![0u8; GROUP * row_bytes];
+        for g in 0..n / GROUP {
+            let region = &mut data[g * GROUP * row_bytes..(g + 1) * GROUP * row_bytes];
+            src.copy_from_slice(region);
+            for b in 0..kb {
+                let dst = &mut region[b * GROUP * bb..(b + 1) * GROUP * bb];
+                let mut high = [0u64; 8];
+                for c in 0..GROUP {
+                    let blk = &src[c * row_bytes + b * bb..c * row_bytes + (b + 1) * bb];
+                    dst[2 * c..2 * c + 2].copy_from_slice(&blk[0..2]);
+                    match format {
+                        Format::Q8_0 => {
+                            for j in 0..8 {
+                                let u = word(blk, 2 + 4 * j) ^ 0x8080_8080;
+                                dst[32 + 64 * j + 4 * c..36 + 64 * j + 4 * c].copy_from_slice(&u.to_le_bytes());
+                            }
+                        }
+                        Format::Q5_0 => {
+                            // The file's byte j already holds value j (low nibble) and j + 16.
+                            for p in 0..4 {
+                                dst[96 + 64 * p + 4 * c..100 + 64 * p + 4 * c].copy_from_slice(&blk[6 + 4 * p..10 + 4 * p]);
+                            }
+                            let qh = word(blk, 2);
+                            for (j, h) in high.iter_mut().enumerate() {
+                                *h |= (((qh >> (4 * j)) & 0xf) as u64) << (4 * c);
+                            }
+                        }
+                    }
+                }
+                if format == Format::Q5_0 {
+                    for (j, h) in high.iter().enumerate() {
+                        dst[32 + 8 * j..40 + 8 * j].copy_from_slice(&h.to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Column `c` (of 16) of an interleaved block: its 32 unsigned values.
+    fn column(format: Format, blk: &[u8], c: usize) -> [u8; QK] {
+        let mut v = [0u8; QK];
+        for j in 0..8 {
+            for i in 0..4 {
+                v[4 * j + i] = match format {
+                    Format::Q8_0 => blk[32 + 64 * j + 4 * c + i],
+                    Format::Q5_0 => {
+                        let p = j % 4;
+                        let byte = blk[96 + 64 * p + 4 * c + i];
+                        let nib = if j < 4 { byte & 0x0f } else { byte >> 4 };
+                        let bits = u64::from_le_bytes(blk[32 + 8 * j..40 + 8 * j].try_into().expect("8 bytes"));
+                        nib | ((((bits >> (4 * c + i)) & 1) as u8) << 4)
+                    }
+                };
+            }
+        }
+        v
+    }
+}
+
+/// A Q8_0 or Q5_0 weight `[n, k]`: the file's bytes, groups of 16 columns interleaved.
 #[derive(Debug)]
 pub struct Q8Matrix {
     n: usize,
     k: usize,
     format: Format,
-    /// `n` rows of `k / 32` blocks.
+    /// Groups of 16 columns in the interleaved [`Layout`], then the `n % 16` remaining columns
+    /// in the file's layout (`k / 32` blocks each).
     data: Vec<u8>,
 }
 
-/// Activations quantized per 32 values: int8 values and an f32 scale (f16-rounded) per block.
+/// Activations quantized per 32 values: int8 values, an f32 scale (f16-rounded) per block, and
+/// per block `−OFFSET · Σ x` for the weight format's offset.
 struct Q8Rows {
     quants: Vec<i8>,
     scales: Vec<f32>,
+    bias: Vec<i32>,
+}
+
+/// Which code computes the product (all give bitwise the same result).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Path {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Path {
+    /// The fastest path this CPU has (checked once).
+    pub(super) fn best() -> Path {
+        if avx512_available() {
+            Path::Avx512
+        } else if simd_available() {
+            Path::Avx2
+        } else {
+            Path::Portable
+        }
+    }
 }
 
 impl Q8Matrix {
-    /// Take a Q8_0 or Q5_0 `QTensor` `[n, k]` (its bytes are kept as they are).
+    /// Take a Q8_0 or Q5_0 `QTensor` `[n, k]`.
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
-        let format = match t.dtype() {
+        let (n, k) = t.shape().dims2()?;
+        Self::from_bytes(t.dtype(), n, k, t.data()?.into_owned())
+    }
+
+    /// Take a weight `[n, k]` of GGML type `dtype` from its bytes as stored in the file; they
+    /// are re-arranged in place.
+    pub fn from_bytes(dtype: GgmlDType, n: usize, k: usize, mut data: Vec<u8>) -> candle_core::Result<Self> {
+        let format = match dtype {
             GgmlDType::Q8_0 => Format::Q8_0,
             GgmlDType::Q5_0 => Format::Q5_0,
             other => candle_core::bail!("Q8Matrix needs Q8_0 or Q5_0, got {other:?}"),
         };
-        let (n, k) = t.shape().dims2()?;
         if k % QK != 0 {
             candle_core::bail!("{format:?} row length {k} is not a multiple of {QK}");
         }
-        let data = t.data()?.into_owned();
         let want = n * k / QK * format.block_bytes();
         if data.len() != want {
             candle_core::bail!("{format:?} data has {} bytes, expected {want}", data.len());
         }
+        Layout::interleave(format, &mut data, n, k / QK * format.block_bytes());
         Ok(Q8Matrix { n, k, format, data })
     }
 
@@ -92,51 +217,55 @@ impl Q8Matrix {
         if k != self.k {
             candle_core::bail!("quantized matmul: input has {k} columns, weight expects {}", self.k);
         }
-        let out = with_f32_rows(x, |xs| self.matmul(xs, m, simd_available()))?;
+        let out = with_f32_rows(x, |xs| self.matmul(xs, m, Path::best()))?;
         Tensor::from_vec(out, (m, self.n), &Device::Cpu)
     }
 
-    fn matmul(&self, xs: &[f32], m: usize, simd: bool) -> Vec<f32> {
-        self.matmul_with(xs, m, simd, simd && vnni_available())
-    }
-
-    fn matmul_with(&self, xs: &[f32], m: usize, simd: bool, vnni: bool) -> Vec<f32> {
-        let rows = quantize_rows(xs, m, self.k);
-        let row_bytes = self.k / QK * self.format.block_bytes();
+    fn matmul(&self, xs: &[f32], m: usize, path: Path) -> Vec<f32> {
+        let rows = quantize_rows(xs, m, self.k, self.format.offset());
+        let (k, kb, bb) = (self.k, self.k / QK, self.format.block_bytes());
+        let row_bytes = kb * bb;
+        let full = self.n / GROUP * GROUP;
         tiled(self.n, m, ROW_TILE_32, |col0, cols, r0, r1, out| {
-            let w = &self.data[col0 * row_bytes..(col0 + cols) * row_bytes];
-            let k = self.k;
-            if simd {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `simd` is only true when AVX2, FMA and F16C were detected at run time,
-                // `vnni` only when AVX512-VNNI and AVX512-VL were too.
-                unsafe {
-                    // The tile height is a constant in each instance, so the row loop unrolls.
-                    macro_rules! go {
-                        ($f:ident, $q5:literal) => {
-                            match r1 - r0 {
-                                1 => $f::<$q5, 1>(w, row_bytes, &rows, r0, k, out, m),
-                                2 => $f::<$q5, 2>(w, row_bytes, &rows, r0, k, out, m),
-                                3 => $f::<$q5, 3>(w, row_bytes, &rows, r0, k, out, m),
-                                4 => $f::<$q5, 4>(w, row_bytes, &rows, r0, k, out, m),
-                                5 => $f::<$q5, 5>(w, row_bytes, &rows, r0, k, out, m),
-                                6 => $f::<$q5, 6>(w, row_bytes, &rows, r0, k, out, m),
-                                7 => $f::<$q5, 7>(w, row_bytes, &rows, r0, k, out, m),
-                                _ => $f::<$q5, ROW_TILE_32>(w, row_bytes, &rows, r0, k, out, m),
-                            }
-                        };
-                    }
-                    use avx2::{dot_cols_avx2, dot_cols_vnni};
-                    match (self.format, vnni) {
-                        (Format::Q8_0, false) => go!(dot_cols_avx2, false),
-                        (Format::Q5_0, false) => go!(dot_cols_avx2, true),
-                        (Format::Q8_0, true) => go!(dot_cols_vnni, false),
-                        (Format::Q5_0, true) => go!(dot_cols_vnni, true),
-                    }
-                };
-            } else {
-                for (c, wc) in w.chunks_exact(row_bytes).enumerate() {
-                    portable::dot_tile(self.format, wc, &rows, r0, r1, k, &mut out[c * m + r0..c * m + r1]);
+            let mut c = 0;
+            while c < cols && col0 + c < full {
+                let g = &self.data[(col0 + c) * row_bytes..(col0 + c + GROUP) * row_bytes];
+                match path {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `Path::Avx512` is only chosen when AVX-512 F, BW and VNNI were
+                    // detected at run time, `Path::Avx2` when AVX2, FMA and F16C were.
+                    Path::Avx512 | Path::Avx2 => unsafe {
+                        macro_rules! go {
+                            ($f:ident, $q5:literal) => {
+                                match r1 - r0 {
+                                    1 => $f::<$q5, 1>(g, kb, &rows, r0, k, out, col0 + c),
+                                    2 => $f::<$q5, 2>(g, kb, &rows, r0, k, out, col0 + c),
+                                    3 => $f::<$q5, 3>(g, kb, &rows, r0, k, out, col0 + c),
+                                    4 => $f::<$q5, 4>(g, kb, &rows, r0, k, out, col0 + c),
+                                    5 => $f::<$q5, 5>(g, kb, &rows, r0, k, out, col0 + c),
+                                    6 => $f::<$q5, 6>(g, kb, &rows, r0, k, out, col0 + c),
+                                    7 => $f::<$q5, 7>(g, kb, &rows, r0, k, out, col0 + c),
+                                    _ => $f::<$q5, ROW_TILE_32>(g, kb, &rows, r0, k, out, col0 + c),
+                                }
+                            };
+                        }
+                        use simd::{group_avx2, group_avx512};
+                        match (self.format, path) {
+                            (Format::Q8_0, Path::Avx512) => go!(group_avx512, false),
+                            (Format::Q5_0, Path::Avx512) => go!(group_avx512, true),
+                            (Format::Q8_0, _) => go!(group_avx2, false),
+                            (Format::Q5_0, _) => go!(group_avx2, true),
+                        }
+                    },
+                    _ => portable::group(self.format, g, kb, &rows, r0, r1, k, out, col0 + c),
+                }
+                c += GROUP;
+            }
+            // The `n % 16` last columns, in the file's layout.
+            for c in c..cols {
+                let w = &self.data[(col0 + c) * row_bytes..(col0 + c + 1) * row_bytes];
+                for r in r0..r1 {
+                    out.put(r, col0 + c, &[portable::dot(self.format, w, &rows, r, k)]);
                 }
             }
         })
@@ -160,41 +289,64 @@ pub(super) fn with_f32_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candl
 }
 
 /// The shared loop: `kernel(col0, cols, r0, r1, out)` writes rows `r0..r1` of output columns
-/// `col0..col0 + cols`, where `out` is those columns' `[cols][m]` results.
-/// Columns are split into tasks of [`COLS_PER_TASK`]; inside a task each tile of
-/// `row_tile` activation rows meets every column of the task, so both stay in L1. Which
-/// rows share a tile does not change any element's sequence of operations.
+/// `col0..col0 + cols` through `out`. Columns are split into tasks of [`COLS_PER_TASK`]; inside
+/// a task each tile of `row_tile` activation rows meets every column of the task, so both
+/// stay in cache. Which rows share a tile does not change any element's operations.
 pub(super) fn tiled<F>(n: usize, m: usize, row_tile: usize, kernel: F) -> Vec<f32>
 where
-    F: Fn(usize, usize, usize, usize, &mut [f32]) + Sync,
+    F: Fn(usize, usize, usize, usize, &TaskOut) + Sync,
 {
-    // Computed column-major per task ([n][m]) so tasks own disjoint memory, then transposed.
-    let mut out_t = vec![0f32; n * m];
-    out_t.par_chunks_mut(COLS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
+    let mut out = vec![0f32; m * n];
+    let shared = SharedOut { ptr: out.as_mut_ptr(), m, n };
+    (0..n.div_ceil(COLS_PER_TASK)).into_par_iter().for_each(|task| {
         let col0 = task * COLS_PER_TASK;
-        let cols = chunk.len() / m;
+        let cols = COLS_PER_TASK.min(n - col0);
+        let task_out = TaskOut { out: &shared, col0, cols };
         let mut r0 = 0;
         while r0 < m {
             let r1 = (r0 + row_tile).min(m);
-            kernel(col0, cols, r0, r1, chunk);
+            kernel(col0, cols, r0, r1, &task_out);
             r0 = r1;
         }
     });
-    if m == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; m * n];
-    for (col, src) in out_t.chunks_exact(m).enumerate() {
-        for (r, &v) in src.iter().enumerate() {
-            out[r * n + col] = v;
-        }
-    }
     out
 }
 
-fn quantize_rows(xs: &[f32], m: usize, k: usize) -> Q8Rows {
+/// The `[m, n]` row-major result, written by parallel tasks.
+struct SharedOut {
+    ptr: *mut f32,
+    m: usize,
+    n: usize,
+}
+
+// SAFETY: tasks reach the buffer only through `TaskOut::put`, which writes only inside the
+// task's own columns; `tiled` gives every task disjoint columns and outlives them all.
+unsafe impl Sync for SharedOut {}
+
+/// One task's view of the result: its columns `col0..col0 + cols` of every row.
+pub(super) struct TaskOut<'a> {
+    out: &'a SharedOut,
+    col0: usize,
+    cols: usize,
+}
+
+impl TaskOut<'_> {
+    /// Row `r`, columns `col..col + vals.len()` (16 consecutive columns of a group: one store).
+    #[inline]
+    pub(super) fn put(&self, r: usize, col: usize, vals: &[f32]) {
+        assert!(
+            r < self.out.m && col >= self.col0 && col + vals.len() <= self.col0 + self.cols,
+            "write outside the task's columns: this is a bug"
+        );
+        // SAFETY: in bounds (checked) and inside this task's columns, which no other task writes.
+        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), self.out.ptr.add(r * self.out.n + col), vals.len()) }
+    }
+}
+
+fn quantize_rows(xs: &[f32], m: usize, k: usize, offset: i32) -> Q8Rows {
     let mut quants = vec![0i8; m * k];
     let mut scales = vec![0f32; m * k / QK];
+    let mut bias = vec![0i32; m * k / QK];
     for (bi, (xb, qb)) in xs.chunks_exact(QK).zip(quants.chunks_exact_mut(QK)).enumerate() {
         let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -205,8 +357,9 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> Q8Rows {
             *q = nearest_i8(v * id);
         }
         scales[bi] = d;
+        bias[bi] = -offset * qb.iter().map(|&q| q as i32).sum::<i32>();
     }
-    Q8Rows { quants, scales }
+    Q8Rows { quants, scales, bias }
 }
 
 /// `x` (|x| ≤ 127 up to rounding) to the nearest integer, ties to even, as ggml's
@@ -218,18 +371,20 @@ pub(super) fn nearest_i8(x: f32) -> i8 {
     ((t.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000).clamp(-127, 127) as i8
 }
 
-/// Whether the AVX512-VNNI variant of the 32-value kernels (`vpdpbusd` on 256-bit vectors
-/// in place of AVX2's `vpmaddubsw` + `vpmaddwd`, same integer results) can run; checked once.
-pub fn vnni_available() -> bool {
+/// Whether the AVX-512 paths (F, BW, VL and VNNI, with AVX2, FMA and F16C) can run; checked
+/// once. `SILICA_NO_AVX512` in the environment turns them off (the AVX2 paths then run).
+pub fn avx512_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
             simd_available()
-                && std::is_x86_feature_detected!("avx512vnni")
+                && std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
                 && std::is_x86_feature_detected!("avx512vl")
-                && std::env::var_os("SILICA_NO_VNNI").is_none()
+                && std::is_x86_feature_detected!("avx512vnni")
+                && std::env::var_os("SILICA_NO_AVX512").is_none()
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -256,174 +411,216 @@ pub fn simd_available() -> bool {
     }
 }
 
+/// The little-endian u32 at byte `at`.
+#[inline]
+pub(super) fn word(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
 #[inline]
 fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// Final reduction of the eight lanes, in a fixed order shared by both paths.
-#[inline]
-fn reduce8(a: [f32; 8]) -> f32 {
-    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
-}
-
 mod portable {
     use super::*;
 
-    /// One block's 32 weights as signed bytes.
-    fn decode(format: Format, b: &[u8], out: &mut [i8; QK]) {
+    /// A block's 32 values as the unsigned `u = weight + OFFSET`.
+    pub fn unsigned_values(format: Format, b: &[u8]) -> [u8; QK] {
+        let mut out = [0u8; QK];
         match format {
             Format::Q8_0 => {
                 for (o, &q) in out.iter_mut().zip(&b[2..2 + QK]) {
-                    *o = q as i8;
+                    *o = q ^ 0x80;
                 }
             }
             Format::Q5_0 => {
                 let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                 for j in 0..16 {
                     let q = b[6 + j];
-                    let lo = (q & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
-                    let hi = (q >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
-                    out[j] = lo as i8 - 16;
-                    out[j + 16] = hi as i8 - 16;
+                    out[j] = (q & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+                    out[j + 16] = (q >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
                 }
             }
         }
+        out
     }
 
-    /// Rows `r0..r1` of the activations against one weight column. Lane `l` of a block sums
-    /// the products of values `4l..4l+3`, exactly as AVX2's maddubs+madd (or VNNI's dpbusd)
-    /// groups them; then `acc = (isum · x_scale) · w_scale + acc`, one rounding for the
-    /// product and one for the fused multiply-add.
-    pub fn dot_tile(format: Format, w: &[u8], rows: &Q8Rows, r0: usize, r1: usize, k: usize, out: &mut [f32]) {
-        let kb = k / QK;
+    /// One output element: row `r` against a column `w` in the file's layout. The reference
+    /// semantics of every path.
+    pub fn dot(format: Format, w: &[u8], rows: &Q8Rows, r: usize, k: usize) -> f32 {
         let bb = format.block_bytes();
-        let mut acc = [[0f32; 8]; ROW_TILE_32];
-        let mut wq = [0i8; QK];
-        for b in 0..kb {
+        let mut acc = 0f32;
+        for b in 0..k / QK {
             let blk = &w[b * bb..(b + 1) * bb];
-            decode(format, blk, &mut wq);
-            let wd = f16_at(blk, 0);
-            for (a, r) in acc.iter_mut().zip(r0..r1) {
-                let x = &rows.quants[r * k + b * QK..r * k + (b + 1) * QK];
-                let xd = rows.scales[r * kb + b];
-                for (l, a) in a.iter_mut().enumerate() {
-                    let mut isum = 0i32;
-                    for j in 4 * l..4 * l + 4 {
-                        isum += wq[j] as i32 * x[j] as i32;
-                    }
-                    *a = (isum as f32 * xd).mul_add(wd, *a);
-                }
-            }
+            acc = step(&unsigned_values(format, blk), f16_at(blk, 0), rows, r, b, k, acc);
         }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = reduce8(a);
+        acc
+    }
+
+    /// `acc = (isum · x_scale) · w_scale + acc` for block `b` of row `r`, `isum` exact.
+    #[inline]
+    fn step(u: &[u8; QK], wd: f32, rows: &Q8Rows, r: usize, b: usize, k: usize, acc: f32) -> f32 {
+        let kb = k / QK;
+        let x = &rows.quants[r * k + b * QK..r * k + (b + 1) * QK];
+        let isum = rows.bias[r * kb + b] + u.iter().zip(x).map(|(&u, &x)| u as i32 * x as i32).sum::<i32>();
+        (isum as f32 * rows.scales[r * kb + b]).mul_add(wd, acc)
+    }
+
+    /// Rows `r0..r1` against a group of 16 interleaved columns starting at column `col`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group(format: Format, g: &[u8], kb: usize, rows: &Q8Rows, r0: usize, r1: usize, k: usize, out: &TaskOut, col: usize) {
+        let gb = GROUP * format.block_bytes();
+        for c in 0..GROUP {
+            for r in r0..r1 {
+                let mut acc = 0f32;
+                for b in 0..kb {
+                    let blk = &g[b * gb..(b + 1) * gb];
+                    let u = Layout::column(format, blk, c);
+                    acc = step(&u, f16_at(blk, 2 * c), rows, r, b, k, acc);
+                }
+                out.put(r, col + c, &[acc]);
+            }
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) mod avx2 {
+pub(super) mod simd {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// An f16 (little-endian bytes at `p`) to f32 with F16C; exact, like `half`'s conversion.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(in super::super) unsafe fn f16_at(p: *const u8) -> f32 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    /// A Q5_0 block's 32 values minus 16, as signed bytes (ggml's unpacking).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn decode_q5_0(b: *const u8) -> __m256i {
-        // Low nibbles to bytes 0..16, high nibbles to bytes 16..32.
-        let qs = _mm_loadu_si128(b.add(6) as *const __m128i);
-        let nib = _mm256_and_si256(
-            _mm256_insertf128_si256(_mm256_castsi128_si256(qs), _mm_srli_epi16(qs, 4), 1),
-            _mm256_set1_epi8(0x0f),
-        );
-        // Byte j = 0xFF where bit j of qh is set.
-        let qh = u32::from_le_bytes([*b.add(2), *b.add(3), *b.add(4), *b.add(5)]);
-        let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
-        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
-        let bits = _mm256_cmpeq_epi8(
-            _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
-            _mm256_set1_epi64x(-1),
-        );
-        // q − 16 = nibble where the bit is set, nibble − 16 (= nibble | 0xF0) where it is not.
-        _mm256_or_si256(nib, _mm256_andnot_si256(bits, _mm256_set1_epi8(0xf0u8 as i8)))
-    }
-
-    /// One block's exact i32 lane sums: AVX2 pairs bytes with maddubs then madd.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn lanes_avx2(wabs: __m256i, xsg: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xsg), _mm256_set1_epi16(1))
-    }
-
-    /// The same sums with one VNNI instruction.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    unsafe fn lanes_vnni(wabs: __m256i, xsg: __m256i) -> __m256i {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), wabs, xsg)
-    }
-
-    macro_rules! kernel {
-        ($cols:ident, $tile:ident, $lanes:ident, $features:literal) => {
-            /// The kernel for each weight row (`row_bytes` each) of `w`; column `c`'s rows go
-            /// to `out[c * m + r0..]`.
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn $cols<const Q5: bool, const T: usize>(
-                w: &[u8],
-                row_bytes: usize,
-                rows: &Q8Rows,
-                r0: usize,
-                k: usize,
-                out: &mut [f32],
-                m: usize,
-            ) {
-                for (c, wc) in w.chunks_exact(row_bytes).enumerate() {
-                    $tile::<Q5, T>(wc, rows, r0, k, &mut out[c * m + r0..c * m + r0 + T]);
+    /// Rows `r0..r0 + T` against a group of 16 interleaved columns (`kb` blocks), with 512-bit
+    /// registers: per block, 8 `vpdpbusd` (64 multiply-adds each) per row.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn group_avx512<const Q5: bool, const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8Rows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        let gb = if Q5 { 22 * GROUP } else { 34 * GROUP };
+        let mut acc = [_mm512_setzero_ps(); T];
+        let xq = rows.quants.as_ptr().add(r0 * k);
+        let xs = rows.scales.as_ptr().add(r0 * kb);
+        let xb = rows.bias.as_ptr().add(r0 * kb);
+        let m4 = _mm512_set1_epi8(0x0f);
+        let sixteen = _mm512_set1_epi8(16);
+        for b in 0..kb {
+            let blk = g.as_ptr().add(b * gb);
+            let wd = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+            let mut w = [_mm512_setzero_si512(); 8];
+            if Q5 {
+                for p in 0..4 {
+                    let v = _mm512_loadu_si512(blk.add(96 + 64 * p) as *const _);
+                    let lo = _mm512_and_si512(v, m4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                    let hlo = std::ptr::read_unaligned(blk.add(32 + 8 * p) as *const u64);
+                    let hhi = std::ptr::read_unaligned(blk.add(32 + 8 * (p + 4)) as *const u64);
+                    w[p] = _mm512_mask_add_epi8(lo, hlo, lo, sixteen);
+                    w[p + 4] = _mm512_mask_add_epi8(hi, hhi, hi, sixteen);
+                }
+            } else {
+                for (j, wj) in w.iter_mut().enumerate() {
+                    *wj = _mm512_loadu_si512(blk.add(32 + 64 * j) as *const _);
                 }
             }
+            for (i, a) in acc.iter_mut().enumerate() {
+                let x = xq.add(i * k + b * QK);
+                let mut s = _mm512_set1_epi32(*xb.add(i * kb + b));
+                for (j, wj) in w.iter().enumerate() {
+                    let xv = _mm512_set1_epi32(std::ptr::read_unaligned(x.add(4 * j) as *const i32));
+                    s = _mm512_dpbusd_epi32(s, *wj, xv);
+                }
+                let t = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(*xs.add(i * kb + b)));
+                *a = _mm512_fmadd_ps(t, wd, *a);
+            }
+        }
+        let mut res = [[0f32; GROUP]; T];
+        for (r, a) in res.iter_mut().zip(acc) {
+            _mm512_storeu_ps(r.as_mut_ptr(), a);
+        }
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
+    }
 
-            /// SIMD version of [`portable::dot_tile`]: each weight block is decoded once for
-            /// the tile of `T` rows.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn $tile<const Q5: bool, const T: usize>(w: &[u8], rows: &Q8Rows, r0: usize, k: usize, out: &mut [f32]) {
-                let kb = k / QK;
-                let bb = if Q5 { 22 } else { 34 };
-                let mut acc = [_mm256_setzero_ps(); T];
-                let wp = w.as_ptr();
-                let xq = rows.quants.as_ptr().add(r0 * k);
-                let xs = rows.scales.as_ptr().add(r0 * kb);
-                for b in 0..kb {
-                    let blk = wp.add(b * bb);
-                    let wv = if Q5 { decode_q5_0(blk) } else { _mm256_loadu_si256(blk.add(2) as *const __m256i) };
-                    let wd = _mm256_set1_ps(f16_at(blk));
-                    let wabs = _mm256_sign_epi8(wv, wv);
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        let xv = _mm256_loadu_si256(xq.add(i * k + b * QK) as *const __m256i);
-                        // |w| * (x * sign(w)) = w * x, summed in fours to i32 lanes.
-                        let p = $lanes(wabs, _mm256_sign_epi8(xv, wv));
-                        let t = _mm256_mul_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(*xs.add(i * kb + b)));
-                        *a = _mm256_fmadd_ps(t, wd, *a);
+    /// The same with AVX2 (machines without AVX-512 VNNI): each half of the group (8 columns)
+    /// in a 256-bit register. Q5_0's unsigned values (≤ 31) go through `vpmaddubsw` without
+    /// saturating; Q8_0's (≤ 255) would not, so there the signed weights are used with the
+    /// sign trick and no offset. The integer sums are exact either way.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group_avx2<const Q5: bool, const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8Rows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        let gb = if Q5 { 22 * GROUP } else { 34 * GROUP };
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        let xq = rows.quants.as_ptr().add(r0 * k);
+        let xs = rows.scales.as_ptr().add(r0 * kb);
+        let xb = rows.bias.as_ptr().add(r0 * kb);
+        let m4 = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        // Byte `4c + i` of a quad selects bit `4c + i` of that quad's u64 of fifth bits.
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let spread = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+        for b in 0..kb {
+            let blk = g.as_ptr().add(b * gb);
+            for h in 0..2 {
+                let wd = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
+                let mut w = [_mm256_setzero_si256(); 8];
+                if Q5 {
+                    for p in 0..4 {
+                        let v = _mm256_loadu_si256(blk.add(96 + 64 * p + 32 * h) as *const __m256i);
+                        let lo = _mm256_and_si256(v, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                        for (j, nib) in [(p, lo), (p + 4, hi)] {
+                            let hb = std::ptr::read_unaligned(blk.add(32 + 8 * j + 4 * h) as *const u32);
+                            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(hb as i32), spread);
+                            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+                            w[j] = _mm256_or_si256(nib, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+                        }
+                    }
+                } else {
+                    for (j, wj) in w.iter_mut().enumerate() {
+                        let u = _mm256_loadu_si256(blk.add(32 + 64 * j + 32 * h) as *const __m256i);
+                        *wj = _mm256_xor_si256(u, _mm256_set1_epi8(-128));
                     }
                 }
-                for (i, o) in out.iter_mut().enumerate().take(T) {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[i]);
-                    *o = reduce8(lanes);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let x = xq.add(i * k + b * QK);
+                    let mut s = _mm256_set1_epi32(if Q5 { *xb.add(i * kb + b) } else { 0 });
+                    for (j, wj) in w.iter().enumerate() {
+                        let xv = _mm256_set1_epi32(std::ptr::read_unaligned(x.add(4 * j) as *const i32));
+                        let p = if Q5 {
+                            _mm256_maddubs_epi16(*wj, xv)
+                        } else {
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(*wj, *wj), _mm256_sign_epi8(xv, *wj))
+                        };
+                        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, ones));
+                    }
+                    let t = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(*xs.add(i * kb + b)));
+                    a[h] = _mm256_fmadd_ps(t, wd, a[h]);
                 }
             }
-        };
+        }
+        let mut res = [[0f32; GROUP]; T];
+        for (r, a) in res.iter_mut().zip(acc) {
+            _mm256_storeu_ps(r.as_mut_ptr(), a[0]);
+            _mm256_storeu_ps(r.as_mut_ptr().add(8), a[1]);
+        }
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
     }
-    kernel!(dot_cols_avx2, dot_tile_avx2, lanes_avx2, "avx2,fma,f16c");
-    kernel!(dot_cols_vnni, dot_tile_vnni, lanes_vnni, "avx2,fma,f16c,avx512vnni,avx512vl");
 }
 
 #[cfg(test)]
@@ -440,14 +637,37 @@ mod tests {
 
     #[test]
     fn simd_and_portable_paths_are_bitwise_identical() {
+        // 70 columns: four interleaved groups and six in the file's layout.
         for dt in [GgmlDType::Q8_0, GgmlDType::Q5_0] {
             let (q, xs, _) = setup(dt, 70, 256, 19);
-            let a = q.matmul_with(&xs, 19, false, false);
+            let a = q.matmul(&xs, 19, Path::Portable);
             if simd_available() {
-                assert_eq!(a, q.matmul_with(&xs, 19, true, false), "{dt:?} AVX2");
+                assert_eq!(a, q.matmul(&xs, 19, Path::Avx2), "{dt:?} AVX2");
             }
-            if vnni_available() {
-                assert_eq!(a, q.matmul_with(&xs, 19, true, true), "{dt:?} VNNI");
+            if avx512_available() {
+                assert_eq!(a, q.matmul(&xs, 19, Path::Avx512), "{dt:?} AVX-512");
+            }
+        }
+    }
+
+    #[test]
+    fn the_interleaved_layout_keeps_every_value() {
+        for dt in [GgmlDType::Q8_0, GgmlDType::Q5_0] {
+            let w = Tensor::randn(0f32, 1., (32, 64), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let file = q.data().unwrap().into_owned();
+            let ours = Q8Matrix::from_qtensor(&q).unwrap();
+            let f = ours.format;
+            let (bb, row_bytes) = (f.block_bytes(), 2 * f.block_bytes());
+            assert_eq!(ours.data.len(), file.len());
+            for col in 0..32 {
+                for b in 0..2 {
+                    let orig = &file[col * row_bytes + b * bb..col * row_bytes + (b + 1) * bb];
+                    let (g, c) = (col / GROUP, col % GROUP);
+                    let gblk = &ours.data[g * GROUP * row_bytes + b * GROUP * bb..][..GROUP * bb];
+                    assert_eq!(Layout::column(f, gblk, c), portable::unsigned_values(f, orig), "{dt:?}");
+                    assert_eq!(gblk[2 * c..2 * c + 2], orig[0..2], "{dt:?}");
+                }
             }
         }
     }
@@ -455,11 +675,11 @@ mod tests {
     #[test]
     fn rows_do_not_depend_on_the_batch() {
         for dt in [GgmlDType::Q8_0, GgmlDType::Q5_0] {
-            let (q, xs, _) = setup(dt, 64, 128, 7);
-            let all = q.matmul(&xs, 7, simd_available());
+            let (q, xs, _) = setup(dt, 70, 128, 7);
+            let all = q.matmul(&xs, 7, Path::best());
             for r in 0..7 {
-                let one = q.matmul(&xs[r * 128..(r + 1) * 128], 1, simd_available());
-                assert_eq!(one[..], all[r * 64..(r + 1) * 64], "{dt:?}");
+                let one = q.matmul(&xs[r * 128..(r + 1) * 128], 1, Path::best());
+                assert_eq!(one[..], all[r * 70..(r + 1) * 70], "{dt:?}");
             }
         }
     }
@@ -470,8 +690,8 @@ mod tests {
             let (q, xs, deq) = setup(dt, 48, 512, 3);
             let x = Tensor::from_vec(xs.clone(), (3, 512), &Device::Cpu).unwrap();
             let exact = x.matmul(&deq.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for simd in [false, simd_available()] {
-                let ours = q.matmul(&xs, 3, simd);
+            for path in [Path::Portable, Path::best()] {
+                let ours = q.matmul(&xs, 3, path);
                 let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let worst = exact.iter().zip(&ours).fold(0f32, |a, (e, o)| a.max((e - o).abs()));
                 // Only the activations' 8-bit rounding separates the two.

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -188,6 +188,26 @@ impl GgufWeights {
         v
     }
 
+    /// A tensor's type, shape and bytes exactly as stored, read straight into the buffer the
+    /// kernels keep (candle's `QTensor` reads into one buffer, copies into typed blocks, and
+    /// taking the bytes back out copies again: the largest tensor three times at the peak).
+    fn raw(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>)> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| EngineError::load(&self.path, format!("tensor `{name}` is missing")))?;
+        let (dtype, dims) = (info.ggml_dtype, info.shape.dims().to_vec());
+        let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let start = self.content.tensor_data_offset + info.offset;
+        let mut data = vec![0u8; bytes];
+        self.reader
+            .seek(SeekFrom::Start(start))
+            .and_then(|_| self.reader.read_exact(&mut data))
+            .map_err(|e| EngineError::Io { path: self.path.clone(), source: e })?;
+        Ok((dtype, dims, data))
+    }
+
     fn qtensor(&mut self, name: &str) -> Result<QTensor> {
         let t = self
             .content
@@ -308,6 +328,20 @@ impl WeightSource {
             }
             WeightSource::Gguf(g) => {
                 let name = gguf_name(&wname);
+                let own_kernel = g.content.tensor_infos.get(&name).is_some_and(|i| {
+                    super::q8::Q8Matrix::supports(i.ggml_dtype) || super::kquants::KMatrix::supports(i.ggml_dtype)
+                });
+                if g.dense.is_none() && g.device.is_cpu() && own_kernel {
+                    let (dtype, dims, data) = g.raw(&name)?;
+                    check_shape(&g.path, &name, &dims, &[out_dim, in_dim])?;
+                    let err = |e| EngineError::load(&g.path, format!("tensor `{name}`: {e}"));
+                    let weight = if super::q8::Q8Matrix::supports(dtype) {
+                        LinearWeight::Q8(Arc::new(super::q8::Q8Matrix::from_bytes(dtype, out_dim, in_dim, data).map_err(err)?))
+                    } else {
+                        LinearWeight::K(Arc::new(super::kquants::KMatrix::from_bytes(dtype, out_dim, in_dim, data).map_err(err)?))
+                    };
+                    return Ok(Linear { weight, bias });
+                }
                 let q = g.qtensor(&name)?;
                 check_shape(&g.path, &name, q.shape().dims(), &[out_dim, in_dim])?;
                 let err = |e| EngineError::load(&g.path, format!("tensor `{name}`: {e}"));
