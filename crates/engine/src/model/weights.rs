@@ -537,4 +537,34 @@ mod tests {
         assert_eq!(gguf_name("model.layers.12.self_attn.k_norm.weight"), "blk.12.attn_k_norm.weight");
         assert_eq!(gguf_name("lm_head.weight"), "output.weight");
     }
+
+    #[test]
+    fn stacked_dense_layers_give_each_part_s_output_and_refuse_mixed_parts() {
+        let dev = Device::Cpu;
+        let dense = |out: usize, bias: bool| Linear {
+            weight: LinearWeight::Dense(Tensor::randn(0f32, 1., (out, 64), &dev).unwrap()),
+            bias: bias.then(|| Tensor::randn(0f32, 1., out, &dev).unwrap()),
+        };
+        let x = Tensor::randn(0f32, 1., (3, 64), &dev).unwrap();
+        for bias in [false, true] {
+            let (q, k, v) = (dense(32, bias), dense(16, bias), dense(16, bias));
+            let fused = Linear::concat(&[&q, &k, &v]).unwrap().expect("dense parts stack");
+            assert_eq!(fused.bias().is_some(), bias);
+            let y = fused.forward(&x).unwrap();
+            let mut col = 0;
+            for part in [&q, &k, &v] {
+                let want = part.forward(&x).unwrap();
+                let n = want.dim(1).unwrap();
+                let got = y.narrow(1, col, n).unwrap();
+                let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff < 1e-4, "bias {bias}: part at column {col} differs by {diff}");
+                col += n;
+            }
+        }
+        // Only some parts with a bias, or a quantized part: kept separate.
+        assert!(Linear::concat(&[&dense(8, true), &dense(8, false)]).unwrap().is_none());
+        let w = Tensor::randn(0f32, 1., (32, 64), &dev).unwrap();
+        let quant = Linear::quantized(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap(), None).unwrap();
+        assert!(Linear::concat(&[&dense(8, false), &quant]).unwrap().is_none());
+    }
 }
