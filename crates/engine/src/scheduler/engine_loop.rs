@@ -137,6 +137,8 @@ pub(crate) struct Engine {
     windows: Windows,
     waiting: VecDeque<Request>,
     running: Vec<Request>,
+    /// Logits to the host (page-locked buffer on CUDA).
+    copier: crate::device::HostCopier,
 }
 
 impl Engine {
@@ -171,6 +173,7 @@ impl Engine {
             windows: Windows::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            copier: Default::default(),
         })
     }
 
@@ -543,7 +546,7 @@ impl Engine {
     /// Bring the step's logits to the host. On the CPU (and for rows whose sampler needs them)
     /// every logit; on other devices a plain greedy row (no penalties, bias or logprobs) only
     /// sends its argmax, picked on the device: 4 bytes instead of the whole vocabulary.
-    fn logits_to_host(&self, rows: &[Row], logits: &candle_core::Tensor, vocab: usize) -> Result<HostLogits> {
+    fn logits_to_host(&mut self, rows: &[Row], logits: &candle_core::Tensor, vocab: usize) -> Result<HostLogits> {
         if self.model.model.device().is_cpu() {
             return Ok(HostLogits { dense: logits.flatten_all()?.to_vec1()?, offsets: (0..rows.len()).map(|r| Some(r * vocab)).collect(), argmax: Vec::new() });
         }
@@ -555,10 +558,10 @@ impl Engine {
         let argmax = if dense_rows.len() < rows.len() { logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()? } else { Vec::new() };
         let dense = match dense_rows.len() {
             0 => Vec::new(),
-            n if n == rows.len() => logits.flatten_all()?.to_vec1()?,
+            n if n == rows.len() => self.copier.to_vec(logits)?,
             n => {
                 let idx = candle_core::Tensor::from_vec(dense_rows.clone(), n, logits.device())?;
-                logits.index_select(&idx, 0)?.flatten_all()?.to_vec1()?
+                self.copier.to_vec(&logits.index_select(&idx, 0)?)?
             }
         };
         let mut offsets = vec![None; rows.len()];
