@@ -849,41 +849,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_q4k_interleaved_layout_keeps_every_byte() {
+    /// 40 columns of `dt`: the first 32 (two groups) re-arranged, each column's blocks
+    /// recoverable byte for byte; the last 8 keep the file's layout.
+    fn check_layout_keeps_every_byte(dt: GgmlDType, block_bytes: usize, column: impl Fn(&[u8], usize) -> Vec<u8>) {
         let w = Tensor::randn(0f32, 1., (40, 512), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let q = QTensor::quantize(&w, dt).unwrap();
         let file = q.data().unwrap().into_owned();
         let ours = KMatrix::from_qtensor(&q).unwrap();
         assert_eq!(ours.data.len(), file.len());
-        let row_bytes = 2 * 144;
+        let row_bytes = 2 * block_bytes;
         for col in 0..32 {
             for b in 0..2 {
                 let (g, c) = (col / GROUP, col % GROUP);
-                let gblk = &ours.data[g * GROUP * row_bytes + b * GROUP * 144..][..GROUP * 144];
-                assert_eq!(Q4KLayout::column(gblk, c)[..], file[col * row_bytes + b * 144..][..144]);
+                let gblk = &ours.data[g * GROUP * row_bytes + b * GROUP * block_bytes..][..GROUP * block_bytes];
+                assert_eq!(column(gblk, c)[..], file[col * row_bytes + b * block_bytes..][..block_bytes], "{dt:?} column {col} block {b}");
             }
         }
-        // The last 8 columns keep the file's layout.
-        assert_eq!(ours.data[32 * row_bytes..], file[32 * row_bytes..]);
+        assert_eq!(ours.data[32 * row_bytes..], file[32 * row_bytes..], "{dt:?} tail columns");
     }
 
     #[test]
-    fn the_q6k_interleaved_layout_keeps_every_byte() {
-        let w = Tensor::randn(0f32, 1., (40, 512), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q6K).unwrap();
-        let file = q.data().unwrap().into_owned();
-        let ours = KMatrix::from_qtensor(&q).unwrap();
-        assert_eq!(ours.data.len(), file.len());
-        let row_bytes = 2 * 210;
-        for col in 0..32 {
-            for b in 0..2 {
-                let (g, c) = (col / GROUP, col % GROUP);
-                let gblk = &ours.data[g * GROUP * row_bytes + b * GROUP * 210..][..GROUP * 210];
-                assert_eq!(Q6KLayout::column(gblk, c)[..], file[col * row_bytes + b * 210..][..210]);
-            }
-        }
-        assert_eq!(ours.data[32 * row_bytes..], file[32 * row_bytes..]);
+    fn the_interleaved_layouts_keep_every_byte() {
+        check_layout_keeps_every_byte(GgmlDType::Q4K, 144, |g, c| Q4KLayout::column(g, c).to_vec());
+        check_layout_keeps_every_byte(GgmlDType::Q6K, 210, |g, c| Q6KLayout::column(g, c).to_vec());
     }
 
     #[test]
