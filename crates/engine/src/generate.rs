@@ -547,10 +547,7 @@ pub fn teacher_forced_decode(
 
 /// The `k` largest entries of a row, largest first (ties by id).
 fn top_k_of(row: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-    let k = k.min(row.len());
-    idx.select_nth_unstable_by(k.saturating_sub(1), |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
-    let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, row[i as usize])).collect();
-    top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    top
+    let mut idx = Vec::new();
+    crate::sampling::top_k_sorted(row, k, &mut idx);
+    idx.into_iter().map(|i| (i, row[i as usize])).collect()
 }

@@ -177,14 +177,12 @@ impl DecodeGroup {
         let d = seq_idx.len();
         let max_len = seq_idx.iter().map(|&i| seqs[i].slots.len()).max().unwrap_or(1);
         let mut slots = Vec::with_capacity(d * max_len);
-        let mut mask = Vec::with_capacity(d * max_len);
         for &i in &seq_idx {
             let s = &seqs[i].slots;
             slots.extend_from_slice(s);
             slots.extend(std::iter::repeat_n(s[0], max_len - s.len()));
-            mask.extend(std::iter::repeat_n(0f32, s.len()));
-            mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, max_len - s.len()));
         }
+        let padded = seq_idx.iter().any(|&i| seqs[i].slots.len() < max_len);
         let in_order = seq_idx.iter().enumerate().all(|(k, &i)| seqs[i].row == k);
         let rows = if in_order {
             None
@@ -194,9 +192,15 @@ impl DecodeGroup {
         Ok(Some(DecodeGroup {
             rows,
             slots: Tensor::from_vec(slots, d * max_len, device)?,
-            mask: if fused || mask.iter().all(|&m| m == 0.0) {
+            mask: if fused || !padded {
                 None
             } else {
+                let mut mask = Vec::with_capacity(d * max_len);
+                for &i in &seq_idx {
+                    let len = seqs[i].slots.len();
+                    mask.extend(std::iter::repeat_n(0f32, len));
+                    mask.extend(std::iter::repeat_n(f32::NEG_INFINITY, max_len - len));
+                }
                 Some(Tensor::from_vec(mask, (d, 1, 1, max_len), device)?.to_dtype(mask_dtype)?)
             },
             lens: if fused {

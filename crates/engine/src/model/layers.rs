@@ -79,6 +79,11 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Ten
     candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, cos, sin)?.squeeze(0)
 }
 
+/// [`Linear::concat`] at load, a failure named by the module path `p`.
+fn stacked(w: &WeightSource, p: &str, parts: &[&Linear]) -> Result<Option<Linear>> {
+    Linear::concat(parts).map_err(|e| crate::error::EngineError::load(w.location(), format!("{p}: {e}")))
+}
+
 /// The q/k/v projections: one stacked matmul for dense weights, three for quantized ones
 /// (their types may differ, e.g. a Q6_K `v_proj` beside Q4_K `q_proj`/`k_proj`).
 #[derive(Debug, Clone)]
@@ -118,7 +123,7 @@ impl Attention {
         let q = w.linear(&format!("{p}.q_proj"), h, q_dim, bias)?;
         let k = w.linear(&format!("{p}.k_proj"), h, kv_dim, bias)?;
         let v = w.linear(&format!("{p}.v_proj"), h, kv_dim, bias)?;
-        let qkv = match Linear::concat(&[&q, &k, &v]).map_err(|e| crate::error::EngineError::load(w.location(), format!("{p}: {e}")))? {
+        let qkv = match stacked(w, p, &[&q, &k, &v])? {
             Some(fused) => QkvProj::Fused(fused),
             None => QkvProj::Split { q, k, v },
         };
@@ -235,21 +240,25 @@ impl Attention {
                     None => q.narrow(0, 0, d)?,
                     Some(r) => q.index_select(r, 0)?,
                 };
-                if let (Some(_), Some(lens)) = (&meta.fused, &g.lens) {
-                    let table = g.slots.reshape((d, l))?;
-                    Some(super::fused::paged_decode(&qd, k_pool, v_pool, &table, lens, nkv, scale as f32)?)
-                } else {
-                let qd = qd.contiguous()?.reshape((d, nkv, groups, hd))?;
-                let gather = |pool: &Tensor| pool.index_select(&g.slots, 0)?.reshape((d, l, nkv, hd))?.transpose(1, 2)?.contiguous();
-                let (ks, vs) = (gather(k_pool)?, gather(v_pool)?);
-                let att = (qd.matmul(&ks.t()?)? * scale)?;
-                let att = match &g.mask {
-                    Some(m) => att.broadcast_add(m)?,
-                    None => att,
-                };
-                let o = softmax(att)?.matmul(&vs)?; // [d, nkv, groups, hd]
-                Some(o.reshape((d, nh * hd))?)
-                }
+                Some(match (&meta.fused, &g.lens) {
+                    (Some(_), Some(lens)) => {
+                        let table = g.slots.reshape((d, l))?;
+                        super::fused::paged_decode(&qd, k_pool, v_pool, &table, lens, nkv, scale as f32)?
+                    }
+                    _ => {
+                        let qd = qd.contiguous()?.reshape((d, nkv, groups, hd))?;
+                        let gather = |pool: &Tensor| {
+                            pool.index_select(&g.slots, 0)?.reshape((d, l, nkv, hd))?.transpose(1, 2)?.contiguous()
+                        };
+                        let (ks, vs) = (gather(k_pool)?, gather(v_pool)?);
+                        let att = (qd.matmul(&ks.t()?)? * scale)?;
+                        let att = match &g.mask {
+                            Some(m) => att.broadcast_add(m)?,
+                            None => att,
+                        };
+                        softmax(att)?.matmul(&vs)?.reshape((d, nh * hd))? // [d, nkv, groups, hd]
+                    }
+                })
             }
             None => None,
         };
@@ -309,7 +318,7 @@ impl Mlp {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let gate = w.linear(&format!("{p}.gate_proj"), h, i, false)?;
         let up = w.linear(&format!("{p}.up_proj"), h, i, false)?;
-        let gate_up = match Linear::concat(&[&gate, &up]).map_err(|e| crate::error::EngineError::load(w.location(), format!("{p}: {e}")))? {
+        let gate_up = match stacked(w, p, &[&gate, &up])? {
             Some(fused) => GateUp::Fused(fused),
             None => GateUp::Split { gate, up },
         };
@@ -383,6 +392,7 @@ impl DecoderLayer {
         next_norm.add_forward(&x, &h)
     }
 
+    /// candle's ops (every mode but the fused one): `x` in, the new residual stream out.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
@@ -393,7 +403,7 @@ impl DecoderLayer {
     ) -> candle_core::Result<Tensor> {
         let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, meta, rope, k_pool, v_pool)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, meta.fused.is_some())?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, false)?;
         x + h
     }
 }

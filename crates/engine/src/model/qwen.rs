@@ -100,24 +100,26 @@ impl QwenModel {
         // 2. RoPE: the fused kernel indexes the tables itself; candle's ops take each row's.
         let rows = if self.fused { None } else { Some(self.rope.tables(&meta.positions)?) };
         let rope = RopeAt { table: &self.rope, rows };
-        // 3. The decoder blocks, then the final norm.
-        if self.fused {
+        // 3. The decoder blocks and the final norm; 4. the head, only on the rows whose logits
+        //    are wanted (the norm is per row).
+        let logit_rows = |x: Tensor| -> candle_core::Result<Tensor> {
+            if meta.num_logit_rows == x.dim(0)? { Ok(x) } else { x.index_select(&meta.logit_rows, 0) }
+        };
+        let x = if self.fused {
             // Each residual add is fused with the norm that follows it (the next layer's input
-            // norm, the final norm after the last layer).
+            // norm, the final norm after the last layer), so every row leaves normed.
             let mut normed = self.layers[0].input_norm().forward(&x)?;
             for (i, layer) in self.layers.iter().enumerate() {
                 let next = self.layers.get(i + 1).map_or(&self.norm, |l| l.input_norm());
                 (x, normed) = layer.forward_fused(&x, &normed, next, &meta, &rope, &kv.k[i], &kv.v[i])?;
             }
-            x = normed;
+            logit_rows(normed)?
         } else {
             for (i, layer) in self.layers.iter().enumerate() {
                 x = layer.forward(&x, &meta, &rope, &kv.k[i], &kv.v[i])?;
             }
-            x = self.norm.forward(&x)?;
-        }
-        // 4. The head, only on the rows whose logits are wanted (the norm is per row).
-        let x = if meta.num_logit_rows == x.dim(0)? { x } else { x.index_select(&meta.logit_rows, 0)? };
+            self.norm.forward(&logit_rows(x)?)?
+        };
         let logits = self.lm_head.forward(&x)?;
         Ok(logits.to_dtype(DType::F32)?)
     }

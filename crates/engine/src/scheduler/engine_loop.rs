@@ -548,7 +548,7 @@ impl Engine {
     /// sends its argmax, picked on the device: 4 bytes instead of the whole vocabulary.
     fn logits_to_host(&mut self, rows: &[Row], logits: &candle_core::Tensor, vocab: usize) -> Result<HostLogits> {
         if self.model.model.device().is_cpu() {
-            return Ok(HostLogits { dense: logits.flatten_all()?.to_vec1()?, offsets: (0..rows.len()).map(|r| Some(r * vocab)).collect(), argmax: Vec::new() });
+            return Ok(HostLogits { dense: self.copier.to_vec(logits)?, offsets: (0..rows.len()).map(|r| Some(r * vocab)).collect(), argmax: Vec::new() });
         }
         let plain = |r: &Row| match &self.running[r.req].body {
             Body::Single(s) => !r.samples || (s.sampler.params().is_plain_greedy() && !s.want_logprobs),
