@@ -17,8 +17,9 @@ for f in sorted(glob.glob(os.path.join(out, "silica-*.json"))):
     model, dtype, kind = name.rsplit("-", 2)
     for r in json.load(open(f)):
         bwu = f"{r['bandwidth_utilisation'] * 100:.0f}%" if r.get("bandwidth_utilisation") is not None else "-"
+        itl = f"{r['itl_ms_p50']:.2f} / {r['itl_ms_p95']:.2f}" if r["itl_ms_p50"] > 0 else "-"  # beams stream nothing
         label = r["strategy"] + (f" (prompt {r['prompt_tokens']})" if r.get("prompt_tokens") else "")
         print(f"| silica | {model} | {dtype} | {label} | {r['max_tokens']} | {r['concurrency']} | {r['aggregate_tokens_per_s']:.1f} | "
-              f"{r['decode_tokens_per_s']:.1f} | {r['ttft_ms_p50']:.1f} | {r['itl_ms_p50']:.2f} / {r['itl_ms_p95']:.2f} | {bwu} |")
+              f"{r['decode_tokens_per_s']:.1f} | {r['ttft_ms_p50']:.1f} | {itl} | {bwu} |")
 for f in sorted(glob.glob(os.path.join(out, "check-*.json"))):
     print(f"\ncorrectness {os.path.basename(f)[6:-5]}: {open(f).read().strip()}")

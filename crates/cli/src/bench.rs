@@ -128,7 +128,16 @@ async fn run_level(handle: &EngineHandle, spec: &BenchSpec, c: usize) -> Result<
                         tokens += t.token_ids.len().max(1);
                     }
                     Event::Finished(f) => {
-                        return Ok::<_, anyhow::Error>((first.unwrap_or_default(), itl, f.usage.completion_tokens.max(tokens)))
+                        let n = f.usage.completion_tokens.max(tokens);
+                        // Beam search sends its text in one event at the end: its first token
+                        // and decode rate are the engine's (first beam step; tokens after it
+                        // per second).
+                        let (first, rate) = if itl.is_empty() && n > 1 {
+                            (f.timings.time_to_first_token, Some(f.timings.decode_tokens_per_s))
+                        } else {
+                            (first.unwrap_or_default(), None)
+                        };
+                        return Ok::<_, anyhow::Error>((first, itl, rate, n));
                     }
                     Event::Error(e) => return Err(e.into()),
                 }
@@ -138,20 +147,23 @@ async fn run_level(handle: &EngineHandle, spec: &BenchSpec, c: usize) -> Result<
     }
     let mut ttft = Vec::new();
     let mut itl = Vec::new();
+    let mut rates = Vec::new();
     let mut generated = 0;
     for t in tasks {
-        let (f, i, n) = t.await??;
+        let (f, i, rate, n) = t.await??;
         ttft.push(f.as_secs_f64() * 1e3);
         itl.extend(i);
+        rates.extend(rate);
         generated += n;
     }
     let wall = start.elapsed().as_secs_f64();
     let itl_p50 = percentile(&mut itl, 50.0);
+    let decode = if itl_p50 > 0.0 { 1e3 / itl_p50 } else { percentile(&mut rates, 50.0) };
     Ok(BenchRow {
         strategy: spec.strategy.clone(),
         max_tokens: spec.max_tokens,
         prompt_tokens: spec.prompt_tokens,
-        decode_tokens_per_s: if itl_p50 > 0.0 { 1e3 / itl_p50 } else { 0.0 },
+        decode_tokens_per_s: decode,
         bandwidth_utilisation: None,
         concurrency: c,
         requests: c,
@@ -173,14 +185,15 @@ pub fn add_bandwidth(rows: &mut [BenchRow], bytes_per_step: f64, bandwidth_gbs: 
     }
 }
 
-/// A markdown table of the rows.
+/// A markdown table of the rows. Beam search streams no tokens: no inter-token latency ("-").
 pub fn table(rows: &[BenchRow]) -> String {
+    let itl = |ms: f64| if ms > 0.0 { format!("{ms:.2}") } else { "-".to_string() };
     let mut s = String::from(
         "| strategy | new tokens | prompt | streams | aggregate tok/s | decode tok/s per stream | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | bandwidth |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {} |\n",
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |\n",
             r.strategy,
             r.max_tokens,
             r.prompt_tokens.map_or("chat".to_string(), |n| n.to_string()),
@@ -189,8 +202,8 @@ pub fn table(rows: &[BenchRow]) -> String {
             r.decode_tokens_per_s,
             r.ttft_ms_p50,
             r.ttft_ms_p95,
-            r.itl_ms_p50,
-            r.itl_ms_p95,
+            itl(r.itl_ms_p50),
+            itl(r.itl_ms_p95),
             r.bandwidth_utilisation.map_or("-".to_string(), |u| format!("{:.0}%", u * 100.0)),
         ));
     }

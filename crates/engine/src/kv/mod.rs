@@ -81,6 +81,12 @@ pub struct KvCache {
     pub(crate) v: Vec<Tensor>,
     block_size: usize,
     alloc: BlockAllocator,
+    /// On CUDA with Silica's kernels, copy-on-write copies `(src, dst)` wait here and run as one
+    /// kernel for every layer's pools before the next forward ([`flush_copies`](Self::flush_copies)):
+    /// a beam step forks several beams, and copying block by block cost two candle ops per pool
+    /// and layer (~110 per copy on a 28-layer model).
+    pending: Vec<(u32, u32)>,
+    batch_copies: bool,
 }
 
 impl KvCache {
@@ -104,7 +110,15 @@ impl KvCache {
             k.push(Tensor::zeros((slots, kv_heads, head_dim), dtype, device)?);
             v.push(Tensor::zeros((slots, kv_heads, head_dim), dtype, device)?);
         }
-        Ok(KvCache { k, v, block_size: cfg.block_size, alloc: BlockAllocator::new(cfg.num_blocks) })
+        let batch_copies = crate::model::fused::copy_blocks_applies(device, dtype, kv_heads * head_dim);
+        Ok(KvCache {
+            k,
+            v,
+            block_size: cfg.block_size,
+            alloc: BlockAllocator::new(cfg.num_blocks),
+            pending: Vec::new(),
+            batch_copies,
+        })
     }
 
     pub fn block_size(&self) -> usize {
@@ -198,11 +212,31 @@ impl KvCache {
     }
 
     fn copy_block(&mut self, src: u32, dst: u32) -> candle_core::Result<()> {
+        if self.batch_copies {
+            // Copies of one flush run in parallel: one touching a block of another waits.
+            if self.pending.iter().any(|&(s, d)| d == src || d == dst || s == dst) {
+                self.flush_copies()?;
+            }
+            self.pending.push((src, dst));
+            return Ok(());
+        }
         let bs = self.block_size;
         for pool in self.k.iter().chain(self.v.iter()) {
             let data = pool.narrow(0, src as usize * bs, bs)?.copy()?;
             pool.slice_set(&data, 0, dst as usize * bs)?;
         }
+        Ok(())
+    }
+
+    /// Runs the copy-on-write copies still waiting (see `pending`); the model calls it before
+    /// it reads or writes the pools.
+    pub fn flush_copies(&mut self) -> candle_core::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pools: Vec<&Tensor> = self.k.iter().chain(self.v.iter()).collect();
+        crate::model::fused::copy_blocks(&pools, &self.pending, self.block_size)?;
+        self.pending.clear();
         Ok(())
     }
 

@@ -158,6 +158,110 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Whether [`select`] runs on this device (CUDA with the kernels on).
+pub fn select_applies(device: &Device) -> bool {
+    enabled() && device.is_cuda()
+}
+
+/// What [`select`] picked for one row.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub enum Selected {
+    /// The token of a [`Selection::Greedy`] or [`Selection::Sample`] row.
+    Token(u32),
+    /// The `n` most likely tokens of a [`Selection::TopN`] row with their log-softmax values,
+    /// most likely first (ties: lower id first).
+    Top(Vec<(u32, f32)>),
+    /// The row has a NaN or `+inf` logit, or only `-inf`: the host reports the error.
+    NonFinite,
+}
+
+/// Next-token selection for every row of `logits: [rows, vocab]` on the device
+/// (`cuda/select.cu`): a few bytes per row come back instead of the vocabulary's logits.
+pub fn select(logits: &Tensor, rows: &[crate::sampling::Selection]) -> Result<Vec<Selected>> {
+    use crate::sampling::Selection;
+    let (n, vocab) = logits.dims2()?;
+    if n != rows.len() {
+        candle_core::bail!("select: {n} rows of logits for {} selections", rows.len());
+    }
+    if vocab == 0 || vocab > i32::MAX as usize {
+        candle_core::bail!("select: vocabulary of {vocab}");
+    }
+    let nout = rows.iter().map(|r| if let Selection::TopN(k) = r { (*k).clamp(1, vocab) } else { 1 }).max().unwrap_or(1);
+    // `SelParam` of select.cu: u (f64), inv_temp, top_p, min_p (f32), top_k, mode, n (u32).
+    let mut words = Vec::with_capacity(rows.len() * 8);
+    for r in rows {
+        let (u, inv_t, top_p, min_p, top_k, mode, k) = match *r {
+            Selection::Greedy => (0f64, 1f32, 1f32, 0f32, 0u32, 0u32, 1u32),
+            Selection::Sample { u, temperature, top_k, top_p, min_p } => {
+                let top_k = top_k.filter(|&k| k < vocab).map_or(0, |k| k as u32);
+                (u, 1.0 / temperature, top_p, min_p, top_k, 1, 1)
+            }
+            Selection::TopN(k) => (0.0, 1.0, 1.0, 0.0, 0, 2, k.clamp(1, vocab) as u32),
+        };
+        let ub = u.to_bits();
+        words.extend([ub as u32, (ub >> 32) as u32, inv_t.to_bits(), top_p.to_bits(), min_p.to_bits(), top_k, mode, k]);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let params = Tensor::from_vec(words, (rows.len(), 8), logits.device())?;
+        let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+        let out = logits.apply_op2_no_bwd(&params, &imp::SelectOp { nout })?.flatten_all()?.to_vec1::<u32>()?;
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let o = &out[i * nout * 2..(i + 1) * nout * 2];
+                if o[0] == u32::MAX {
+                    return Selected::NonFinite;
+                }
+                match r {
+                    Selection::TopN(k) => {
+                        let mut top: Vec<(u32, f32)> =
+                            o.chunks_exact(2).take((*k).clamp(1, vocab)).filter(|p| p[0] != u32::MAX).map(|p| (p[0], f32::from_bits(p[1]))).collect();
+                        top.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                        Selected::Top(top)
+                    }
+                    _ => Selected::Token(o[0]),
+                }
+            })
+            .collect())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (words, nout);
+        candle_core::bail!("device selection needs the `cuda` feature")
+    }
+}
+
+/// Whether [`copy_blocks`] serves a cache on this device (CUDA with the kernels on, f16/bf16/f32
+/// pools whose positions are whole 16-byte units).
+pub fn copy_blocks_applies(device: &Device, dtype: DType, position_elems: usize) -> bool {
+    enabled() && device.is_cuda() && matches!(dtype, DType::F16 | DType::BF16 | DType::F32) && position_elems * dtype.size_in_bytes() % 16 == 0
+}
+
+/// Copies whole cache blocks `(src, dst)` inside every pool `[blocks * block_size, ...]` with one
+/// kernel launch. The pairs must not overlap (no block both read and written).
+pub fn copy_blocks(pools: &[&Tensor], pairs: &[(u32, u32)], block_size: usize) -> Result<()> {
+    let Some(first) = pools.first() else { return Ok(()) };
+    let slots = first.dim(0)?;
+    let block_bytes = first.elem_count() / slots * block_size * first.dtype().size_in_bytes();
+    for &(s, d) in pairs {
+        if (s.max(d) as usize + 1) * block_size > slots {
+            candle_core::bail!("copy_blocks: block {} outside the pool of {slots} slots", s.max(d));
+        }
+    }
+    #[cfg(feature = "cuda")]
+    {
+        imp::copy_blocks(pools, pairs, block_bytes)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = block_bytes;
+        candle_core::bail!("batched block copies need the `cuda` feature")
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use candle_core::backend::BackendStorage;
@@ -476,9 +580,226 @@ mod imp {
         }
     }
 
+    /// `silica_select`: logits `[rows, vocab]` f32 and the rows' `SelParam`s (8 u32 words each)
+    /// → `[rows, nout, 2]` u32.
+    pub(super) struct SelectOp {
+        pub nout: usize,
+    }
+
+    impl CustomOp2 for SelectOp {
+        fn name(&self) -> &'static str {
+            "silica-select"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            cpu_unsupported("silica-select")
+        }
+        fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout, ps: &CudaStorage, pl: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = ls.device();
+            let (rows, vocab) = ll.shape().dims2()?;
+            if pl.shape().dims2()? != (rows, 8) || ls.dtype() != DType::F32 || ps.dtype() != DType::U32 {
+                bail!("silica-select: logits {:?} {:?}, params {:?} {:?}", ll.shape(), ls.dtype(), pl.shape(), ps.dtype());
+            }
+            let logits = input::<f32>(ls, ll)?;
+            let params = input::<u32>(ps, pl)?;
+            if raw_ptr(&params) % 8 != 0 {
+                bail!("silica-select: parameters not 8-byte aligned");
+            }
+            // SAFETY: the kernel writes the slots the host reads (slot 0 of every row; the first
+            // n of a top-n row).
+            let out = unsafe { dev.alloc::<u32>(rows * self.nout * 2)? };
+            let func = dev.get_or_load_custom_func("silica_select", MODULE, PTX)?;
+            let (vocab_i, nout_i) = (vocab as i32, self.nout as i32);
+            let mut b = func.builder();
+            b.arg(&logits).arg(&vocab_i).arg(&params).arg(&out).arg(&nout_i);
+            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments match `silica_select` in select.cu.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, self.nout * 2))))
+        }
+    }
+
+    /// The device address of a contiguous tensor's first element, for a kernel that writes it
+    /// in place (the caller keeps the tensor alive and alone in using those bytes).
+    fn tensor_ptr(t: &Tensor) -> Result<u64> {
+        let (s, l) = t.storage_and_layout();
+        Ok(match t.dtype() {
+            DType::F16 => raw_ptr(&view::<half::f16>(&s, l, "kv pool")?),
+            DType::BF16 => raw_ptr(&view::<half::bf16>(&s, l, "kv pool")?),
+            DType::F32 => raw_ptr(&view::<f32>(&s, l, "kv pool")?),
+            other => bail!("kv pool of {other:?}"),
+        })
+    }
+
+    pub(super) fn copy_blocks(pools: &[&Tensor], pairs: &[(u32, u32)], block_bytes: usize) -> Result<()> {
+        let candle_core::Device::Cuda(dev) = pools[0].device() else { bail!("copy_blocks: pools are not on CUDA") };
+        if block_bytes % 16 != 0 {
+            bail!("copy_blocks: blocks of {block_bytes} bytes are not whole 16-byte units");
+        }
+        // One upload: the pools' addresses (two words each), then the pairs.
+        let mut words = Vec::with_capacity(2 * pools.len() + 2 * pairs.len());
+        for p in pools {
+            let a = tensor_ptr(p)?;
+            words.extend([a as u32, (a >> 32) as u32]);
+        }
+        for &(s, d) in pairs {
+            words.extend([s, d]);
+        }
+        let n = words.len();
+        let table = Tensor::from_vec(words, n, pools[0].device())?;
+        let (t_s, t_l) = table.storage_and_layout();
+        let table_v = view::<u32>(&t_s, t_l, "copy table")?;
+        let pairs_v = table_v.slice(2 * pools.len()..);
+        let func = dev.get_or_load_custom_func("silica_copy_blocks", MODULE, PTX)?;
+        let units = (block_bytes / 16) as u64;
+        let mut b = func.builder();
+        b.arg(&table_v).arg(&pairs_v).arg(&units);
+        let cfg = LaunchConfig { grid_dim: (pairs.len() as u32, pools.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `silica_copy_blocks`; every block is inside its pool (checked
+        // by the caller) and no block is both a source and a destination.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
     custom_op1!(QkvOp<'_>, "silica-qkv-rope");
     custom_op1!(PagedOp<'_>, "silica-paged-decode");
     custom_op1!(SiluMulOp, "silica-silu-mul");
     custom_op2!(GemvOp, "silica-gemv");
     custom_op2!(AddNormOp<'_>, "silica-add-rmsnorm");
+}
+
+/// The device's selection against the host sampler on the same rows (runs where the `cuda`
+/// feature is built, on a machine with a CUDA device).
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests {
+    use super::{select, Selected};
+    use crate::sampling::{draw_with_uniform, log_softmax, top_k_sorted, SamplingParams, Selection};
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+
+    /// Rows of several shapes: flat (random weights), peaked, many exact ties, many `-inf`.
+    fn rows(vocab: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut normal = move |s: f64| {
+            let (a, b): (f64, f64) = (rng.random::<f64>().max(1e-12), rng.random());
+            ((-2.0 * a.ln()).sqrt() * (std::f64::consts::TAU * b).cos() * s) as f32
+        };
+        let flat: Vec<f32> = (0..vocab).map(|_| normal(0.5)).collect();
+        let peaked: Vec<f32> = (0..vocab).map(|_| normal(3.0)).collect();
+        let ties: Vec<f32> = (0..vocab).map(|_| (normal(2.0) * 2.0).round() / 2.0).collect();
+        let holes: Vec<f32> =
+            flat.iter().enumerate().map(|(i, &v)| if i % 3 == 1 { f32::NEG_INFINITY } else { v * 4.0 }).collect();
+        vec![flat, peaked, ties, holes]
+    }
+
+    fn on_device(rows: &[Vec<f32>]) -> Tensor {
+        let vocab = rows[0].len();
+        let flat: Vec<f32> = rows.concat();
+        Tensor::from_vec(flat, (rows.len(), vocab), &Device::new_cuda(0).expect("a CUDA device")).unwrap()
+    }
+
+    #[test]
+    fn greedy_and_top_n_match_the_host() {
+        for vocab in [1001, 151_936] {
+            let rows = rows(vocab, 7);
+            let logits = on_device(&rows);
+            let greedy = select(&logits, &vec![Selection::Greedy; rows.len()]).unwrap();
+            let top = select(&logits, &vec![Selection::TopN(12); rows.len()]).unwrap();
+            for (r, x) in rows.iter().enumerate() {
+                let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let argmax = x.iter().position(|&v| v == max).unwrap() as u32;
+                assert_eq!(greedy[r], Selected::Token(argmax), "row {r}, vocab {vocab}");
+                let mut ids = Vec::new();
+                top_k_sorted(x, 12, &mut ids);
+                let mut lp = Vec::new();
+                log_softmax(x, &mut lp);
+                let Selected::Top(got) = &top[r] else { panic!("row {r}: {:?}", top[r]) };
+                assert_eq!(got.iter().map(|c| c.0).collect::<Vec<_>>(), ids, "row {r}, vocab {vocab}");
+                for &(t, v) in got {
+                    assert!((v - lp[t as usize]).abs() < 1e-4, "row {r} token {t}: {v} vs {}", lp[t as usize]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sampling_matches_the_host_draw() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let (mut cases, mut differ) = (0usize, 0usize);
+        for vocab in [1001, 151_936] {
+            let rows = rows(vocab, 3);
+            let logits = on_device(&rows);
+            for temperature in [0.7f32, 1.0, 1.6] {
+                for top_k in [None, Some(1), Some(40), Some(900)] {
+                    for top_p in [1.0f32, 0.9, 0.3] {
+                        for min_p in [0.0f32, 0.05] {
+                            let params = SamplingParams { temperature, top_k, top_p, min_p, ..SamplingParams::default() };
+                            for _ in 0..4 {
+                                let us: Vec<f64> = rows.iter().map(|_| rng.random()).collect();
+                                let sel: Vec<Selection> = us
+                                    .iter()
+                                    .map(|&u| Selection::Sample { u, temperature, top_k, top_p, min_p })
+                                    .collect();
+                                let got = select(&logits, &sel).unwrap();
+                                for (r, x) in rows.iter().enumerate() {
+                                    let want = draw_with_uniform(&params, x, us[r]);
+                                    cases += 1;
+                                    if got[r] != Selected::Token(want) {
+                                        differ += 1;
+                                        eprintln!("vocab {vocab} row {r} {params:?} u {}: device {:?}, host {want}", us[r], got[r]);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // The device sums weights in fixed point (2^-26) where the host sums f64: a draw that
+        // lands within that rounding of a token boundary may pick the neighbour.
+        assert!(differ * 200 <= cases, "{differ} of {cases} draws differ from the host's");
+    }
+
+    #[test]
+    fn a_non_finite_row_is_reported() {
+        let mut rows = rows(1001, 5);
+        rows[1][17] = f32::NAN;
+        rows[2][3] = f32::INFINITY;
+        rows[3] = vec![f32::NEG_INFINITY; 1001];
+        let got = select(&on_device(&rows), &vec![Selection::TopN(4); 4]).unwrap();
+        assert!(matches!(got[0], Selected::Top(_)));
+        assert_eq!(&got[1..], &[Selected::NonFinite, Selected::NonFinite, Selected::NonFinite]);
+    }
+
+    #[test]
+    fn copy_on_write_copies_are_batched_and_exact() {
+        use crate::kv::{KvCache, KvCacheConfig, SeqCache};
+        use candle_core::DType;
+        let dev = Device::new_cuda(0).expect("a CUDA device");
+        let cfg = KvCacheConfig { block_size: 4, num_blocks: 8 };
+        let mut kv = KvCache::new(cfg, 3, 2, 8, DType::F16, &dev).unwrap();
+        for (i, pool) in kv.k.iter_mut().chain(kv.v.iter_mut()).enumerate() {
+            let n = pool.elem_count();
+            let vals = Tensor::arange(0f32, n as f32, &dev).unwrap().affine(1.0, 1000.0 * i as f64).unwrap();
+            *pool = vals.to_dtype(DType::F16).unwrap().reshape(pool.shape()).unwrap();
+        }
+        let before: Vec<Vec<f32>> = kv.k.iter().chain(kv.v.iter()).map(|p| p.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()).collect();
+        let mut a = SeqCache::default();
+        kv.reserve(&mut a, 6).unwrap();
+        a.len = 6;
+        let (mut b, mut c) = (kv.fork(&a), kv.fork(&a));
+        kv.reserve(&mut b, 7).unwrap();
+        kv.reserve(&mut c, 7).unwrap();
+        assert_ne!(b.blocks[1], a.blocks[1]);
+        assert_ne!(c.blocks[1], b.blocks[1]);
+        kv.flush_copies().unwrap();
+        let per_block = 4 * 2 * 8;
+        for (i, pool) in kv.k.iter().chain(kv.v.iter()).enumerate() {
+            let now: Vec<f32> = pool.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+            let block = |v: &[f32], blk: u32| v[blk as usize * per_block..(blk as usize + 1) * per_block].to_vec();
+            for copy in [&b, &c] {
+                assert_eq!(block(&now, copy.blocks[1]), block(&before[i], a.blocks[1]), "pool {i}");
+            }
+            assert_eq!(block(&now, a.blocks[1]), block(&before[i], a.blocks[1]), "pool {i}: the source is unchanged");
+        }
+    }
 }

@@ -3,7 +3,7 @@
 mod attention_cpu;
 pub mod batch;
 pub mod config;
-mod fused;
+pub(crate) mod fused;
 pub mod layers;
 mod kquants;
 mod q8;

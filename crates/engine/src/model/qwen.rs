@@ -68,6 +68,7 @@ impl QwenModel {
         if batch.is_empty() {
             return Err(EngineError::invalid("batch", "empty forward batch"));
         }
+        kv.flush_copies()?;
         let max_pos = self.cfg.max_position_embeddings;
         for s in batch {
             if s.cache.len + s.tokens.len() > max_pos {

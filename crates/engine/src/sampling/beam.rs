@@ -235,8 +235,7 @@ impl BeamSearch {
                 format!("expected {used} rows (one per live beam), got {rows}"),
             ));
         }
-        let nb = self.params.num_beams;
-        let n_keep = 2.max(1 + self.eos_ids.len()) * nb;
+        let n_keep = self.candidates_per_row();
 
         self.cands.clear();
         for r in 0..used {
@@ -256,6 +255,50 @@ impl BeamSearch {
                 }
             }
         }
+        self.advance()
+    }
+
+    /// How many continuations of each live beam a step considers: the
+    /// `max(2, 1 + #eos) * num_beams` best, as [`step`](Self::step) takes them.
+    pub fn candidates_per_row(&self) -> usize {
+        2.max(1 + self.eos_ids.len()) * self.params.num_beams
+    }
+
+    /// [`step`](Self::step) from each live beam's [`candidates_per_row`](Self::candidates_per_row)
+    /// best continuations instead of the whole rows: `top[r]` holds `(token, logprob)` of row
+    /// `r`, most likely first, ties by lower token (what the device's selection returns). The
+    /// same candidates give the same step as `step` on the full rows.
+    pub fn step_top(&mut self, top: &[Vec<(u32, f32)>]) -> Result<BeamStep> {
+        if self.finished {
+            return Err(EngineError::invalid("beam_search", "step() called after the search finished"));
+        }
+        let used = if self.steps == 0 { 1 } else { self.live.len() };
+        if top.len() < used || (self.steps > 0 && top.len() != used) {
+            return Err(EngineError::invalid(
+                "logprobs",
+                format!("expected {used} rows (one per live beam), got {}", top.len()),
+            ));
+        }
+        let n_keep = self.candidates_per_row();
+        self.cands.clear();
+        for (r, row) in top.iter().take(used).enumerate() {
+            if let Some(&(t, s)) = row.iter().find(|(_, s)| s.is_nan() || *s == f32::INFINITY) {
+                return Err(EngineError::invalid("logprobs", format!("log-probability of token {t} in beam {r} is {s}")));
+            }
+            let base = self.live[r].score;
+            for &(t, s) in row.iter().take(n_keep) {
+                if s > f32::NEG_INFINITY {
+                    self.cands.push((base + s, r, t));
+                }
+            }
+        }
+        self.advance()
+    }
+
+    /// The rest of a step once `self.cands` holds every live beam's best continuations.
+    fn advance(&mut self) -> Result<BeamStep> {
+        let nb = self.params.num_beams;
+        let n_keep = self.candidates_per_row();
         if self.cands.is_empty() {
             return Err(EngineError::invalid(
                 "logprobs",
@@ -446,6 +489,44 @@ mod tests {
 
     fn close(a: f32, b: f64) -> bool {
         (a as f64 - b).abs() < 1e-5
+    }
+
+    #[test]
+    fn step_top_equals_step_on_the_full_rows() {
+        // A 64-token "model" whose log-probabilities depend on the prefix (with exact ties).
+        let vocab = 64;
+        let row = |p: &[u32]| -> Vec<f32> {
+            let h = p.iter().fold(17u64, |h, &t| h.wrapping_mul(31).wrapping_add(t as u64 + 1));
+            let logits: Vec<f32> = (0..vocab as u64).map(|t| ((h ^ (t * 2654435761)) % 23) as f32 * 0.25).collect();
+            let mut lp = Vec::new();
+            log_softmax(&logits, &mut lp);
+            lp
+        };
+        for num_beams in [2, 4] {
+            let params = BeamSearchParams { num_beams, max_new_tokens: 12, ..Default::default() };
+            let mut dense = BeamSearch::new(params.clone(), vec![EOS, 5]).unwrap();
+            let mut top = BeamSearch::new(params, vec![EOS, 5]).unwrap();
+            let mut prefixes: Vec<Vec<u32>> = vec![vec![]];
+            loop {
+                let rows: Vec<Vec<f32>> = prefixes.iter().map(|p| row(p)).collect();
+                let a = dense.step(&rows.concat(), vocab).unwrap();
+                let cands: Vec<Vec<(u32, f32)>> = rows
+                    .iter()
+                    .map(|r| {
+                        let mut idx = Vec::new();
+                        super::super::top_k_sorted(r, top.candidates_per_row(), &mut idx);
+                        idx.iter().map(|&t| (t, r[t as usize])).collect()
+                    })
+                    .collect();
+                let b = top.step_top(&cands).unwrap();
+                assert_eq!(format!("{a:?}"), format!("{b:?}"));
+                prefixes = a.beams.iter().map(|c| [prefixes[c.parent].as_slice(), &[c.token]].concat()).collect();
+                if a.done {
+                    break;
+                }
+            }
+            assert_eq!(format!("{:?}", dense.finish()), format!("{:?}", top.finish()));
+        }
     }
 
     #[test]

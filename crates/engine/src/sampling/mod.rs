@@ -63,6 +63,19 @@ pub struct Sampled {
     pub top_logprobs: Vec<(u32, f32)>,
 }
 
+/// A next-token choice the device can make from one row of logits (`model::fused::select`)
+/// with the host sampler's semantics, so that only the result comes back to the host.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Selection {
+    /// The argmax, ties to the lowest token id.
+    Greedy,
+    /// Temperature → top-k → top-p → min-p → one categorical draw with uniform `u ∈ [0, 1)`,
+    /// walking the survivors in token-id order (as [`Sampler::sample`]).
+    Sample { u: f64, temperature: f32, top_k: Option<usize>, top_p: f32, min_p: f32 },
+    /// The `n` most likely tokens with their log-softmax values (a beam step's candidates).
+    TopN(usize),
+}
+
 /// Per-sequence sampler: parameters, seeded RNG, penalty bookkeeping and scratch buffers.
 ///
 /// # Penalty bookkeeping
@@ -241,6 +254,29 @@ impl Sampler {
         })
     }
 
+    /// This step's choice as a [`Selection`] for the device, when nothing in it needs the
+    /// host: no logit bias, no penalties, no logprobs, valid parameters. Consumes the RNG
+    /// exactly as [`sample`](Self::sample) does (one `f64` unless greedy), so a seeded
+    /// request draws the same uniforms on either path. `None`: call `sample` instead.
+    pub fn device_selection(&mut self) -> Option<Selection> {
+        let p = &self.params;
+        let host_only = self.invalid.is_some()
+            || !p.logit_bias.is_empty()
+            || p.repetition_penalty != 1.0
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0
+            || p.top_logprobs.is_some();
+        if host_only {
+            return None;
+        }
+        if p.is_greedy() {
+            return Some(Selection::Greedy);
+        }
+        let top_k = p.effective_top_k(self.vocab_size);
+        let (temperature, top_p, min_p) = (p.temperature, p.top_p, p.min_p);
+        Some(Selection::Sample { u: self.rng.random(), temperature, top_k, top_p, min_p })
+    }
+
     /// Checks the row, copies it into `self.logits` and applies bias and penalties.
     fn process(&mut self, logits: &[f32], prompt_tokens: &[u32], generated: &[u32]) -> Result<()> {
         if let Some((field, msg)) = &self.invalid {
@@ -280,6 +316,17 @@ impl Sampler {
         }
         Ok(())
     }
+}
+
+/// The host's non-greedy draw for `logits` with an explicit uniform `u01` (what
+/// [`Sampler::sample`] does after processing), to check the device's selection against it.
+#[cfg(all(test, feature = "cuda"))]
+pub(crate) fn draw_with_uniform(params: &SamplingParams, x: &[f32], u01: f64) -> u32 {
+    let max = math::max(x);
+    let (mut weights, mut idx) = (Vec::new(), Vec::new());
+    let top_k = params.effective_top_k(x.len());
+    let token = draw(x, max, 1.0 / params.temperature, params, top_k, false, &mut weights, &mut idx, u01);
+    token.unwrap_or_else(|| first_index_of(x, max).unwrap_or(0)) as u32
 }
 
 /// Incrementally maintained penalty state (see [`Sampler`]'s docs).

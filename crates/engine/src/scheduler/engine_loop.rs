@@ -70,12 +70,14 @@ impl Request {
     }
 }
 
-/// A step's logits on the host: every logit of the rows that need them (`offsets[row]` into
-/// `dense`), the device-side argmax of the others.
+/// A step's results on the host: every logit of the rows that need them (`offsets[row]` into
+/// `dense`); for the others, what the device picked: the token (`picked`, a greedy argmax or a
+/// draw) or a beam row's best continuations (`top`).
 struct HostLogits {
     dense: Vec<f32>,
     offsets: Vec<Option<usize>>,
-    argmax: Vec<u32>,
+    picked: Vec<Option<u32>>,
+    top: Vec<Option<Vec<(u32, f32)>>>,
 }
 
 /// One row group of the step: a request's tokens to compute for one of its sequences.
@@ -543,32 +545,74 @@ impl Engine {
         }
     }
 
-    /// Bring the step's logits to the host. On the CPU (and for rows whose sampler needs them)
-    /// every logit; on other devices a plain greedy row (no penalties, bias or logprobs) only
-    /// sends its argmax, picked on the device: 4 bytes instead of the whole vocabulary.
+    /// Bring the step's results to the host. On the CPU every logit. On CUDA (with Silica's
+    /// kernels) each row whose choice needs nothing of the host (greedy, or temperature /
+    /// top-k / top-p / min-p without penalties, bias or logprobs; a beam step's candidates) is
+    /// decided on the device and sends back its token or candidates; only the other rows send
+    /// their logits. On other devices a plain greedy row sends its argmax.
     fn logits_to_host(&mut self, rows: &[Row], logits: &candle_core::Tensor, vocab: usize) -> Result<HostLogits> {
-        if self.model.model.device().is_cpu() {
-            return Ok(HostLogits { dense: self.copier.to_vec(logits)?, offsets: (0..rows.len()).map(|r| Some(r * vocab)).collect(), argmax: Vec::new() });
+        use crate::model::fused::{self, Selected};
+        use crate::sampling::Selection;
+        let n = rows.len();
+        let mut out = HostLogits { dense: Vec::new(), offsets: vec![None; n], picked: vec![None; n], top: vec![None; n] };
+        let device = self.model.model.device().clone();
+        if device.is_cpu() {
+            out.dense = self.copier.to_vec(logits)?;
+            out.offsets = (0..n).map(|r| Some(r * vocab)).collect();
+            return Ok(out);
         }
-        let plain = |r: &Row| match &self.running[r.req].body {
-            Body::Single(s) => !r.samples || (s.sampler.params().is_plain_greedy() && !s.want_logprobs),
-            Body::Beams(_) => false,
-        };
-        let dense_rows: Vec<u32> = (0..rows.len()).filter(|&i| !plain(&rows[i])).map(|i| i as u32).collect();
-        let argmax = if dense_rows.len() < rows.len() { logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()? } else { Vec::new() };
-        let dense = match dense_rows.len() {
+        let mut dense_rows: Vec<u32> = Vec::new();
+        if fused::select_applies(&device) {
+            let mut sel = Vec::with_capacity(n);
+            for (i, r) in rows.iter().enumerate() {
+                let choice = match &mut self.running[r.req].body {
+                    _ if !r.samples => Some(Selection::Greedy),
+                    Body::Single(s) if s.want_logprobs => None,
+                    Body::Single(s) => s.sampler.device_selection(),
+                    Body::Beams(b) => Some(Selection::TopN(b.search.candidates_per_row())),
+                };
+                if choice.is_none() {
+                    dense_rows.push(i as u32);
+                }
+                sel.push(choice.unwrap_or(Selection::Greedy));
+            }
+            if dense_rows.len() < n {
+                for (i, picked) in fused::select(logits, &sel)?.into_iter().enumerate() {
+                    match picked {
+                        Selected::Token(t) => out.picked[i] = Some(t),
+                        Selected::Top(top) => out.top[i] = Some(top),
+                        // The host sampler reports which logit is not finite.
+                        Selected::NonFinite => dense_rows.push(i as u32),
+                    }
+                }
+                dense_rows.sort_unstable();
+                dense_rows.dedup();
+            }
+        } else {
+            let plain = |r: &Row| match &self.running[r.req].body {
+                Body::Single(s) => !r.samples || (s.sampler.params().is_plain_greedy() && !s.want_logprobs),
+                Body::Beams(_) => false,
+            };
+            dense_rows = (0..n).filter(|&i| !plain(&rows[i])).map(|i| i as u32).collect();
+            if dense_rows.len() < n {
+                let argmax = logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?;
+                out.picked = argmax.into_iter().map(Some).collect();
+            }
+        }
+        out.dense = match dense_rows.len() {
             0 => Vec::new(),
-            n if n == rows.len() => self.copier.to_vec(logits)?,
-            n => {
-                let idx = candle_core::Tensor::from_vec(dense_rows.clone(), n, logits.device())?;
+            k if k == n => self.copier.to_vec(logits)?,
+            k => {
+                let idx = candle_core::Tensor::from_vec(dense_rows.clone(), k, logits.device())?;
                 self.copier.to_vec(&logits.index_select(&idx, 0)?)?
             }
         };
-        let mut offsets = vec![None; rows.len()];
         for (k, &r) in dense_rows.iter().enumerate() {
-            offsets[r as usize] = Some(k * vocab);
+            out.offsets[r as usize] = Some(k * vocab);
+            out.picked[r as usize] = None;
+            out.top[r as usize] = None;
         }
-        Ok(HostLogits { dense, offsets, argmax })
+        Ok(out)
     }
 
     fn postprocess(&mut self, rows: &[Row], logits: &HostLogits, vocab: usize) -> Result<()> {
@@ -596,7 +640,10 @@ impl Engine {
                     if row.samples {
                         let sampled = match presampled[req_idx].take() {
                             Some(result) => result?,
-                            None => Sampled { token: logits.argmax[r], logprob: 0.0, top_logprobs: Vec::new() },
+                            None => {
+                                let token = logits.picked[r].expect("a row without logits on the host has its token picked");
+                                Sampled { token, logprob: 0.0, top_logprobs: Vec::new() }
+                            }
                         };
                         s.tokens.push(sampled.token);
                         let text = s.out.push(sampled.token)?;
@@ -632,14 +679,20 @@ impl Engine {
                             c.len += 1;
                         }
                     }
-                    let mut lp = Vec::with_capacity(group.len() * vocab);
-                    let mut row = Vec::with_capacity(vocab);
-                    for k in 0..group.len() {
-                        let o = logits.offsets[r + k].expect("beam rows bring every logit to the host");
-                        crate::sampling::log_softmax(&logits.dense[o..o + vocab], &mut row);
-                        lp.extend_from_slice(&row);
-                    }
-                    let step = b.search.step(&lp, vocab)?;
+                    let step = if let Some(top) = (r..end).map(|k| logits.top[k].clone()).collect::<Option<Vec<_>>>() {
+                        b.search.step_top(&top)?
+                    } else {
+                        let mut lp = Vec::with_capacity(group.len() * vocab);
+                        let mut row = Vec::with_capacity(vocab);
+                        for k in r..end {
+                            match logits.offsets[k] {
+                                Some(o) => crate::sampling::log_softmax(&logits.dense[o..o + vocab], &mut row),
+                                None => return Err(candle_core::Error::Msg("a beam row has neither logits nor candidates".into()).into()),
+                            }
+                            lp.extend_from_slice(&row);
+                        }
+                        b.search.step(&lp, vocab)?
+                    };
                     if req.first_token.is_none() {
                         req.first_token = Some(now);
                         self.windows.record_ttft(now.duration_since(req.arrived));

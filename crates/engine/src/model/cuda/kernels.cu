@@ -9,6 +9,8 @@
 //   silica_gemv_*_M        y = x W^T for a few rows (decode), one warp per output column,
 //                          the weight row streamed once with 16-byte loads for all M rows
 //   silica_add_rmsnorm_*   residual add + RMSNorm (the new residual and the normed input)
+//   silica_copy_blocks     copy-on-write of KV cache blocks in every layer's pools at once
+//   silica_select          next-token selection per row of logits (select.cu, included last)
 // All arithmetic is in f32; results are rounded once to the activation type.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -346,3 +348,13 @@ PAGED_DECODE(__nv_bfloat16, bf16, 128)
 PAGED_DECODE(__nv_bfloat16, bf16, 256)
 SILU_MUL(__half, f16)
 SILU_MUL(__nv_bfloat16, bf16)
+// Copy-on-write of whole KV cache blocks in every pool at once: pools = the pools' addresses,
+// pairs = (src, dst) block ids; grid (pairs, pools), `units` 16-byte units per block.
+extern "C" __global__ void silica_copy_blocks(const unsigned long long* pools, const uint32_t* pairs, uint64_t units) {
+    uint4* base = reinterpret_cast<uint4*>(pools[blockIdx.y]);
+    const uint4* src = base + pairs[2 * blockIdx.x] * units;
+    uint4* dst = base + pairs[2 * blockIdx.x + 1] * units;
+    for (uint64_t i = threadIdx.x; i < units; i += blockDim.x) dst[i] = src[i];
+}
+
+#include "select.cu"

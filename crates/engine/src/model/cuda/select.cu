@@ -1,0 +1,584 @@
+// Next-token selection on the device (included by kernels.cu): one block of SEL_THREADS per
+// row of f32 logits, so that a step brings a few bytes per row to the host instead of the
+// vocabulary's logits, and the host does not sort or scan 150k values per row.
+//
+// Modes (SelParam::mode):
+//   SEL_GREEDY  the argmax, ties to the lowest token id;
+//   SEL_SAMPLE  temperature -> top-k -> top-p -> min-p -> one draw with the host's uniform `u`,
+//               the same pipeline as the host sampler (sampling/mod.rs): top-k keeps exactly k
+//               tokens (ties at the k-th value: lowest ids), top-p the smallest most-likely
+//               prefix whose mass reaches p (ties: lowest ids first), min-p the tokens whose
+//               weight exp((x - max) / T) is at least min_p, and the draw walks the survivors in
+//               token-id order and takes the first whose running mass exceeds u * total;
+//   SEL_TOPN    the n most likely tokens (ties: lowest ids) with their log-softmax values, in
+//               no particular order (the host sorts them): the candidates of a beam step.
+// Output per row: `nout` (token, value-bits) pairs; modes GREEDY and SAMPLE fill the first,
+// TOPN the first n (token 0xffffffff after the finite logits run out).
+// A row with a NaN or +inf logit, or only -inf, gets token 0xffffffff (the host then reports
+// the error from the dense row).
+//
+// A cut (the last kept token in the order "larger logit first, then lower id") is found from a
+// histogram of the logits over SEL_BINS equal bins between the smallest finite logit and the
+// largest (counts, and fixed-point masses for top-p): the bin where the running count or mass
+// crosses the need is the only one whose elements are gathered (at most SEL_CAP), ranked and
+// walked. When that bin holds more (thousands of equal logits), radix selection over the
+// logits' order-preserving 32-bit keys (four passes of 8 bits, warp-aggregated atomics) finds
+// the cut instead. Masses are in fixed point (weight * 2^26, integer sums), so every sum, hence
+// every selected token, is the same from run to run. Element layout: warp w owns the ids [w R, (w + 1) R) and its lanes read
+// them 32 at a time (coalesced), so a walk in id order is a walk over warps, then iterations,
+// then lanes.
+
+#define SEL_THREADS 1024
+#define SEL_WARPS (SEL_THREADS / 32)
+#define SEL_FULL 0xffffffffu
+// 2^26: a weight is at most 1, so 32 lanes' fixed-point weights sum within 32 bits.
+#define SEL_FIX_ONE 67108864.0f
+
+enum { SEL_GREEDY = 0, SEL_SAMPLE = 1, SEL_TOPN = 2 };
+
+struct SelParam {
+    double u;          // SAMPLE: uniform draw in [0, 1)
+    float inv_temp;    // SAMPLE: 1 / temperature
+    float top_p;       // SAMPLE: 1 = off
+    float min_p;       // SAMPLE: 0 = off
+    uint32_t top_k;    // SAMPLE: 0 = off
+    uint32_t mode;
+    uint32_t n;        // TOPN: how many
+};
+
+#define SEL_BINS 1024
+#define SEL_CAP 2048
+
+struct SelShared {
+    uint32_t cnt[SEL_BINS];
+    unsigned long long mass[SEL_BINS];
+    // Gathered elements of one bin as (key << 32 | ~id): larger logit, then lower id, first.
+    unsigned long long cand[SEL_CAP];
+    unsigned long long sorted[SEL_CAP];
+    float redf[32];
+    unsigned long long redu[SEL_WARPS];
+    uint32_t redi[SEL_WARPS];
+    uint32_t digit;
+    unsigned long long rem;
+    uint32_t outn;
+    uint32_t ncand;
+    int bin;
+    unsigned long long above;
+    unsigned long long cut;
+};
+
+// Order-preserving key of a float (larger float, larger key; -inf > 0).
+__device__ __forceinline__ uint32_t sel_key(float f) {
+    const uint32_t b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float sel_unkey(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+__device__ __forceinline__ float sel_weight(float v, float m, float inv_t) { return expf((v - m) * inv_t); }
+__device__ __forceinline__ uint32_t sel_fix(float w) { return __float2uint_rn(w * SEL_FIX_ONE); }
+
+__device__ __forceinline__ unsigned long long warp_sum_u64(unsigned long long v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(SEL_FULL, v, o);
+    return v;
+}
+__device__ __forceinline__ uint32_t warp_sum_u32(uint32_t v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(SEL_FULL, v, o);
+    return v;
+}
+
+// Per-warp totals into `red`, then every thread gets (sum of the warps before its own, total).
+__device__ void sel_warp_scan(unsigned long long v, unsigned long long* red, unsigned long long* before,
+                              unsigned long long* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum_u64(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    unsigned long long b = 0, t = 0;
+    for (int w = 0; w < SEL_WARPS; ++w) {
+        if (w < warp) b += red[w];
+        t += red[w];
+    }
+    *before = b;
+    *total = t;
+}
+
+// Walking keys from the largest down over the elements with key > floor, finds the key at which
+// the running amount (1 per element, or its fixed-point weight when MASS) first reaches `need`
+// (which must not exceed the total). Returns that key; *rem is what is left of `need` after
+// every larger key (1 <= *rem <= the amount of that key's elements).
+template <bool MASS>
+__device__ uint32_t sel_radix(const float* __restrict__ x, int vocab, int range, uint32_t floor_key, float m,
+                              float inv_t, unsigned long long need, unsigned long long* rem, SelShared& sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    uint32_t prefix = 0, pmask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+            sh.cnt[b] = 0;
+            sh.mass[b] = 0;
+        }
+        if (threadIdx.x == 0) {
+            sh.digit = 0;
+            sh.rem = need;
+        }
+        __syncthreads();
+        for (int j = 0; j < range; j += 32) {
+            const int i = warp * range + j + lane;
+            uint32_t digit = 256, amount = 0;
+            if (i < vocab) {
+                const float v = x[i];
+                const uint32_t k = sel_key(v);
+                if (k > floor_key && (k & pmask) == prefix) {
+                    digit = (k >> shift) & 255;
+                    amount = MASS ? sel_fix(sel_weight(v, m, inv_t)) : 1;
+                }
+            }
+            const uint32_t peers = __match_any_sync(SEL_FULL, digit);
+            const uint32_t sum = MASS ? __reduce_add_sync(peers, amount) : __popc(peers);
+            if (digit < 256 && lane == __ffs(peers) - 1) {
+                if (MASS)
+                    atomicAdd(&sh.mass[digit], (unsigned long long)sum);
+                else
+                    atomicAdd(&sh.cnt[digit], sum);
+            }
+        }
+        __syncthreads();
+        if (warp == 0) {
+            // Lane l owns bins 8l .. 8l + 7; the bins above lane l's are the later lanes'.
+            unsigned long long own = 0;
+            for (int b = 0; b < 8; ++b) own += MASS ? sh.mass[8 * lane + b] : sh.cnt[8 * lane + b];
+            unsigned long long suffix = own;
+            for (int o = 1; o < 32; o <<= 1) {
+                const unsigned long long t = __shfl_down_sync(SEL_FULL, suffix, o);
+                if (lane + o < 32) suffix += t;
+            }
+            unsigned long long acc = suffix - own;
+            if (acc < need && need <= suffix) {
+                for (int b = 7; b >= 0; --b) {
+                    const unsigned long long a = MASS ? sh.mass[8 * lane + b] : sh.cnt[8 * lane + b];
+                    if (acc + a >= need) {
+                        sh.digit = 8 * lane + b;
+                        sh.rem = need - acc;
+                        break;
+                    }
+                    acc += a;
+                }
+            }
+        }
+        __syncthreads();
+        prefix |= sh.digit << shift;
+        pmask |= 0xffu << shift;
+        need = sh.rem;
+        __syncthreads();
+    }
+    *rem = need;
+    return prefix;
+}
+
+// Bin of a logit (-1 for -inf): monotone in the value.
+__device__ __forceinline__ int sel_bin(float v, float lo, float scale) {
+    return v == -INFINITY ? -1 : min(SEL_BINS - 1, (int)((v - lo) * scale));
+}
+
+// The id of the `rank`-th (0-based) element whose key is `tau`, in id order.
+__device__ uint32_t sel_tie_id(const float* __restrict__ x, int vocab, int range, uint32_t tau,
+                               unsigned long long rank, SelShared& sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    uint32_t ties = 0;
+    for (int j = 0; j < range; j += 32) {
+        const int i = warp * range + j + lane;
+        ties += i < vocab && sel_key(x[i]) == tau;
+    }
+    unsigned long long before, total;
+    sel_warp_scan(ties, sh.redu, &before, &total);
+    const unsigned long long own = warp_sum_u64(ties);
+    if (threadIdx.x == 0) sh.cut = 0xffffffffu;
+    __syncthreads();
+    if (before <= rank && rank < before + own) {
+        unsigned long long r = before;
+        for (int j = 0; j < range; j += 32) {
+            const int i = warp * range + j + lane;
+            const uint32_t mask = __ballot_sync(SEL_FULL, i < vocab && sel_key(x[i]) == tau);
+            if (rank < r + __popc(mask)) {
+                // The (rank - r)-th set bit of the mask.
+                uint32_t mm = mask;
+                for (unsigned long long s = r; s < rank; ++s) mm &= mm - 1;
+                if (lane == 0) sh.cut = warp * range + j + __ffs(mm) - 1;
+                break;
+            }
+            r += __popc(mask);
+        }
+    }
+    __syncthreads();
+    return (uint32_t)sh.cut;
+}
+
+// Histogram of the finite logits over SEL_BINS bins: counts, and (WITH_MASS) fixed-point masses.
+template <bool WITH_MASS>
+__device__ void sel_hist(const float* __restrict__ x, int vocab, int range, float lo, float scale, float m,
+                         float inv_t, SelShared& sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) {
+        sh.cnt[b] = 0;
+        sh.mass[b] = 0;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int j = 0; j < range; j += 32) {
+        const int i = warp * range + j + lane;
+        if (i < vocab) {
+            const float v = x[i];
+            const int b = sel_bin(v, lo, scale);
+            if (b >= 0) {
+                atomicAdd(&sh.cnt[b], 1u);
+                if (WITH_MASS) atomicAdd(&sh.mass[b], (unsigned long long)sel_fix(sel_weight(v, m, inv_t)));
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// Walking the bins from the largest down to `lowest`, with `acc0` already counted, the bin where
+// the running count (or mass) reaches `need`: sets sh.bin (-1 if none) and sh.above (the amount
+// of the bins above it, plus `acc0`).
+template <bool MASS>
+__device__ void sel_find_bin(int lowest, unsigned long long acc0, unsigned long long need, SelShared& sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    constexpr int PER = SEL_BINS / 32;
+    if (threadIdx.x == 0) sh.bin = -1;
+    __syncthreads();
+    if (warp == 0) {
+        unsigned long long own = 0;
+        for (int b = 0; b < PER; ++b) {
+            const int bb = PER * lane + b;
+            if (bb >= lowest) own += MASS ? sh.mass[bb] : sh.cnt[bb];
+        }
+        unsigned long long suffix = own;
+        for (int o = 1; o < 32; o <<= 1) {
+            const unsigned long long t = __shfl_down_sync(SEL_FULL, suffix, o);
+            if (lane + o < 32) suffix += t;
+        }
+        unsigned long long acc = acc0 + suffix - own;
+        if (acc < need && need <= acc0 + suffix) {
+            for (int b = PER - 1; b >= 0; --b) {
+                const int bb = PER * lane + b;
+                if (bb < lowest) continue;
+                const unsigned long long a = MASS ? sh.mass[bb] : sh.cnt[bb];
+                if (acc + a >= need) {
+                    sh.bin = bb;
+                    sh.above = acc;
+                    break;
+                }
+                acc += a;
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// Gathers bin `bin`'s elements and sorts them (larger logit, then lower id, first) into
+// sh.sorted[0 .. n). Returns n, or 0 when the bin holds more than SEL_CAP.
+__device__ uint32_t sel_gather(const float* __restrict__ x, int vocab, int range, float lo, float scale, int bin,
+                               SelShared& sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (threadIdx.x == 0) sh.ncand = 0;
+    __syncthreads();
+#pragma unroll 4
+    for (int j = 0; j < range; j += 32) {
+        const int i = warp * range + j + lane;
+        if (i < vocab) {
+            const float v = x[i];
+            if (sel_bin(v, lo, scale) == bin) {
+                const uint32_t slot = atomicAdd(&sh.ncand, 1u);
+                if (slot < SEL_CAP) sh.cand[slot] = ((unsigned long long)sel_key(v) << 32) | (uint32_t)~(uint32_t)i;
+            }
+        }
+    }
+    __syncthreads();
+    const uint32_t n = sh.ncand;
+    if (n > SEL_CAP) return 0;
+    // Rank by counting (the composite keys are distinct), then place.
+    for (uint32_t a = threadIdx.x; a < n; a += blockDim.x) {
+        const unsigned long long c = sh.cand[a];
+        uint32_t rank = 0;
+        for (uint32_t b = 0; b < n; ++b) rank += sh.cand[b] > c;
+        sh.sorted[rank] = c;
+    }
+    __syncthreads();
+    return n;
+}
+
+// In sh.sorted[0 .. n), the first entry at which `acc` plus the running fixed-point mass reaches
+// `need` (the last one if never). Returns its composite key.
+__device__ unsigned long long sel_walk_sorted(uint32_t n, unsigned long long acc, unsigned long long need, float m,
+                                              float inv_t, SelShared& sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (threadIdx.x == 0) sh.cut = sh.sorted[n - 1];
+    __syncthreads();
+    if (warp == 0) {
+        const uint32_t per = (n + 31) / 32, a0 = min(n, lane * per), a1 = min(n, a0 + per);
+        unsigned long long own = 0;
+        for (uint32_t a = a0; a < a1; ++a) own += sel_fix(sel_weight(sel_unkey((uint32_t)(sh.sorted[a] >> 32)), m, inv_t));
+        unsigned long long incl = own;
+        for (int o = 1; o < 32; o <<= 1) {
+            const unsigned long long t = __shfl_up_sync(SEL_FULL, incl, o);
+            if (lane >= o) incl += t;
+        }
+        unsigned long long run = acc + incl - own;
+        if (run < need && need <= acc + incl) {
+            for (uint32_t a = a0; a < a1; ++a) {
+                run += sel_fix(sel_weight(sel_unkey((uint32_t)(sh.sorted[a] >> 32)), m, inv_t));
+                if (run >= need) {
+                    sh.cut = sh.sorted[a];
+                    break;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    return sh.cut;
+}
+
+__device__ __forceinline__ unsigned long long sel_composite(uint32_t key, uint32_t id) {
+    return ((unsigned long long)key << 32) | (uint32_t)~id;
+}
+
+extern "C" __global__ void __launch_bounds__(SEL_THREADS)
+    silica_select(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
+                  uint32_t* __restrict__ out, int nout) {
+    __shared__ SelShared sh;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float* x = logits + (size_t)blockIdx.x * vocab;
+    const SelParam p = params[blockIdx.x];
+    uint32_t* o = out + (size_t)blockIdx.x * nout * 2;
+    const int range = (vocab + SEL_THREADS - 1) / SEL_THREADS * 32;
+
+    // The max and the smallest finite logit; whether some logit is NaN or +inf; how many are
+    // finite.
+    float m = -INFINITY, lo = INFINITY;
+    int bad = 0;
+    uint32_t finite = 0;
+#pragma unroll 4
+    for (int j = 0; j < range; j += 32) {
+        const int i = warp * range + j + lane;
+        if (i < vocab) {
+            const float v = x[i];
+            bad |= isnan(v) || v == INFINITY;
+            m = fmaxf(m, v);
+            if (v != -INFINITY) {
+                lo = fminf(lo, v);
+                ++finite;
+            }
+        }
+    }
+    m = block_reduce<true>(m, sh.redf);
+    lo = -block_reduce<true>(-lo, sh.redf);
+    if (__syncthreads_or(bad) || m == -INFINITY) {
+        if (threadIdx.x == 0) {
+            o[0] = 0xffffffffu;
+            o[1] = 0;
+        }
+        return;
+    }
+    {
+        unsigned long long before, total;
+        sel_warp_scan(finite, sh.redu, &before, &total);
+        finite = (uint32_t)total;
+    }
+    const float span = m - lo;
+    const float scale = span > 0.f && isfinite(span) ? (float)(SEL_BINS - 1) / span : 0.f;
+
+    if (p.mode == SEL_GREEDY) {
+        uint32_t best = 0xffffffffu;
+        for (int j = 0; j < range; j += 32) {
+            const int i = warp * range + j + lane;
+            if (i < vocab && x[i] == m) best = min(best, (uint32_t)i);
+        }
+        for (int off = 16; off > 0; off >>= 1) best = min(best, __shfl_xor_sync(SEL_FULL, best, off));
+        if (lane == 0) sh.redi[warp] = best;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 0; w < SEL_WARPS; ++w) best = min(best, sh.redi[w]);
+            o[0] = best;
+            o[1] = 0;
+        }
+        return;
+    }
+
+    if (p.mode == SEL_TOPN) {
+        float s = 0.f;
+        for (int j = 0; j < range; j += 32) {
+            const int i = warp * range + j + lane;
+            if (i < vocab) s += expf(x[i] - m);
+        }
+        const float lse = m + logf(block_reduce<false>(s, sh.redf));
+        const uint32_t n = min(min(p.n, finite), (uint32_t)nout);
+        // The cut: the n-th element in (logit desc, id asc) order.
+        sel_hist<false>(x, vocab, range, lo, scale, m, 1.f, sh);
+        sel_find_bin<false>(0, 0, n, sh);
+        const int bin = sh.bin;
+        const unsigned long long above = sh.above;
+        const uint32_t nb = sel_gather(x, vocab, range, lo, scale, bin, sh);
+        unsigned long long cut;
+        if (nb > 0) {
+            cut = sh.sorted[n - above - 1];
+        } else {
+            unsigned long long rem;
+            const uint32_t tau = sel_radix<false>(x, vocab, range, 0, m, 1.f, n, &rem, sh);
+            cut = sel_composite(tau, sel_tie_id(x, vocab, range, tau, rem - 1, sh));
+        }
+        if (threadIdx.x == 0) sh.outn = 0;
+        for (int k = n + threadIdx.x; k < nout; k += blockDim.x) o[2 * k] = 0xffffffffu;
+        __syncthreads();
+        for (int j = 0; j < range; j += 32) {
+            const int i = warp * range + j + lane;
+            if (i < vocab) {
+                const float v = x[i];
+                if (v != -INFINITY && sel_composite(sel_key(v), i) >= cut) {
+                    const uint32_t slot = atomicAdd(&sh.outn, 1u);
+                    o[2 * slot] = (uint32_t)i;
+                    o[2 * slot + 1] = __float_as_uint(v - lse);
+                }
+            }
+        }
+        return;
+    }
+
+    // SEL_SAMPLE: the kept tokens are those at or above the cut (composite order), with a
+    // weight of at least min_p.
+    const float inv_t = p.inv_temp;
+    const bool has_k = p.top_k > 0 && p.top_k < finite;
+    const bool has_p = p.top_p < 1.f;
+    unsigned long long cut = 0;  // below every finite logit: all kept
+    bool fast = true;
+    if (has_k || has_p) {
+        if (has_p)
+            sel_hist<true>(x, vocab, range, lo, scale, m, inv_t, sh);
+        else
+            sel_hist<false>(x, vocab, range, lo, scale, m, inv_t, sh);
+        int top_bin = -1;                       // the top-k cut's bin
+        unsigned long long kept_mass = 0;       // mass of the top-k set (has_k && has_p)
+        uint32_t jk = 0;                        // the top-k cut's index in the top-k bin's list
+        if (has_k) {
+            sel_find_bin<false>(0, 0, p.top_k, sh);
+            const int bin = sh.bin;
+            const unsigned long long above = sh.above;
+            if (sel_gather(x, vocab, range, lo, scale, bin, sh) == 0) {
+                fast = false;
+            } else {
+                jk = p.top_k - above - 1;
+                cut = sh.sorted[jk];
+                top_bin = bin;
+                if (has_p) {
+                    unsigned long long s = 0;
+                    for (int b = bin + 1 + threadIdx.x; b < SEL_BINS; b += blockDim.x) s += sh.mass[b];
+                    for (uint32_t a = threadIdx.x; a <= jk; a += blockDim.x)
+                        s += sel_fix(sel_weight(sel_unkey((uint32_t)(sh.sorted[a] >> 32)), m, inv_t));
+                    unsigned long long before;
+                    sel_warp_scan(s, sh.redu, &before, &kept_mass);
+                }
+            }
+        }
+        if (fast && has_p) {
+            unsigned long long total = kept_mass;
+            if (!has_k) {
+                unsigned long long s = 0, before;
+                for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) s += sh.mass[b];
+                sel_warp_scan(s, sh.redu, &before, &total);
+            }
+            unsigned long long target = (unsigned long long)ceil((double)p.top_p * (double)total);
+            if (target == 0) target = 1;
+            // Bins strictly above the top-k bin first; then inside the top-k bin's sorted list.
+            const int lowest = has_k ? top_bin + 1 : 0;
+            int bin = -1;
+            unsigned long long above = 0;
+            if (lowest < SEL_BINS) {
+                sel_find_bin<true>(lowest, 0, target, sh);
+                bin = sh.bin;
+                above = sh.above;
+            }
+            if (bin >= 0) {
+                const uint32_t np = sel_gather(x, vocab, range, lo, scale, bin, sh);
+                if (np == 0)
+                    fast = false;
+                else
+                    cut = sel_walk_sorted(np, above, target, m, inv_t, sh);
+            } else {
+                // Every bin above the top-k bin is kept; the cut is inside its list.
+                unsigned long long s = 0, before, mass_above;
+                for (int b = top_bin + 1 + threadIdx.x; b < SEL_BINS; b += blockDim.x) s += sh.mass[b];
+                sel_warp_scan(s, sh.redu, &before, &mass_above);
+                cut = sel_walk_sorted(jk + 1, mass_above, target, m, inv_t, sh);
+            }
+        }
+    }
+    if (!fast) {
+        // A bin too full to gather (thousands of equal logits): radix selection.
+        uint32_t tau = 0;
+        unsigned long long ties = ~0ull;
+        if (has_k) tau = sel_radix<false>(x, vocab, range, 0, m, 1.f, p.top_k, &ties, sh);
+        if (has_p) {
+            unsigned long long above = 0;
+            for (int j = 0; j < range; j += 32) {
+                const int i = warp * range + j + lane;
+                if (i < vocab && sel_key(x[i]) > tau) above += sel_fix(sel_weight(x[i], m, inv_t));
+            }
+            unsigned long long before, m_gt;
+            sel_warp_scan(above, sh.redu, &before, &m_gt);
+            const unsigned long long w_tau = has_k ? sel_fix(sel_weight(sel_unkey(tau), m, inv_t)) : 0;
+            const unsigned long long total = m_gt + (has_k ? ties * w_tau : 0);
+            unsigned long long target = (unsigned long long)ceil((double)p.top_p * (double)total);
+            if (target == 0) target = 1;
+            if (m_gt >= target) {
+                unsigned long long rem;
+                tau = sel_radix<true>(x, vocab, range, tau, m, inv_t, target, &rem, sh);
+                const unsigned long long w = sel_fix(sel_weight(sel_unkey(tau), m, inv_t));
+                ties = (rem + w - 1) / w;
+            } else {
+                ties = min(ties, (target - m_gt + w_tau - 1) / w_tau);
+            }
+        }
+        cut = ties == ~0ull ? 0 : sel_composite(tau, sel_tie_id(x, vocab, range, tau, ties - 1, sh));
+    }
+    const float min_p = p.min_p;
+
+    // A token's fixed-point weight if it is kept, else 0.
+    auto kept = [&](int i) -> uint32_t {
+        if (i >= vocab) return 0;
+        const float v = x[i];
+        const float w = sel_weight(v, m, inv_t);
+        return v != -INFINITY && sel_composite(sel_key(v), i) >= cut && w >= min_p ? sel_fix(w) : 0;
+    };
+    unsigned long long mine = 0;
+#pragma unroll 4
+    for (int j = 0; j < range; j += 32) mine += kept(warp * range + j + lane);
+    unsigned long long base, total;
+    sel_warp_scan(mine, sh.redu, &base, &total);
+    const unsigned long long own = warp_sum_u64(mine);
+    // total >= 2^26: the most likely token has weight 1 and survives every filter.
+    unsigned long long target = (unsigned long long)(p.u * (double)total);
+    if (target >= total) target = total - 1;
+    if (base <= target && target < base + own) {
+        // This warp holds the draw: walk its range in id order to the first token whose running
+        // mass exceeds the target.
+        unsigned long long run = base;
+        for (int j = 0; j < range; j += 32) {
+            const int i = warp * range + j + lane;
+            unsigned long long incl = kept(i);
+            for (int off = 1; off < 32; off <<= 1) {
+                const unsigned long long t = __shfl_up_sync(SEL_FULL, incl, off);
+                if (lane >= off) incl += t;
+            }
+            const uint32_t hit = __ballot_sync(SEL_FULL, run + incl > target);
+            if (hit) {
+                if (lane == __ffs(hit) - 1) {
+                    o[0] = (uint32_t)i;
+                    o[1] = 0;
+                }
+                return;
+            }
+            run += __shfl_sync(SEL_FULL, incl, 31);
+        }
+    }
+}
