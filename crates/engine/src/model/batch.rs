@@ -167,6 +167,34 @@ impl BatchMeta {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl BatchMeta {
+    /// The meta of a captured decode step (`graph.rs`): every row one token, its inputs in the
+    /// graph's persistent buffers; no tensor is made here.
+    pub(crate) fn from_graph_buffers(b: &super::graph::Buffers, rows: usize) -> Self {
+        BatchMeta {
+            ids: b.ids.clone(),
+            positions: b.positions.clone(),
+            seqs: (0..rows)
+                .map(|row| AttnSeq { row, n: 1, start: 0, slots: Vec::new(), read_slots: None, mask: None })
+                .collect(),
+            write_index: None,
+            fused: Some(FusedMeta { write_slots: b.write_slots.clone() }),
+            decode: Some(DecodeGroup {
+                seq_idx: (0..rows).collect(),
+                rows: None,
+                slots: b.table.clone(),
+                mask: None,
+                lens: Some(b.lens.clone()),
+                max_len: b.capacity,
+            }),
+            // Every row's logits: never indexed.
+            logit_rows: b.ids.clone(),
+            num_logit_rows: rows,
+        }
+    }
+}
+
 impl DecodeGroup {
     /// `fused`: the kernel bounds each sequence by its length (no mask).
     fn build(seqs: &[AttnSeq], mask_dtype: DType, device: &Device, fused: bool) -> candle_core::Result<Option<Self>> {

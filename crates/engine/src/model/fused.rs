@@ -90,7 +90,7 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// Most rows it is used for: `SILICA_GEMV_ROWS` (default 2). Each weight is converted once
 /// but multiplied by every row with CUDA-core FMAs, so by 4–8 rows the kernel is bound by
 /// instructions, and cuBLAS (tensor cores) is faster.
-fn gemv_rows() -> usize {
+pub(crate) fn gemv_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
         std::env::var("SILICA_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(2).min(GEMV_MAX_ROWS)
@@ -260,6 +260,15 @@ pub fn copy_blocks(pools: &[&Tensor], pairs: &[(u32, u32)], block_size: usize) -
         let _ = block_bytes;
         candle_core::bail!("batched block copies need the `cuda` feature")
     }
+}
+
+/// Writes `data` into the u32 tensor `t` in place (a CUDA graph's input buffer).
+#[cfg(feature = "cuda")]
+pub fn upload_u32(t: &Tensor, data: &[u32]) -> Result<()> {
+    if t.elem_count() != data.len() || t.dtype() != DType::U32 {
+        candle_core::bail!("upload: {} values into {:?} {:?}", data.len(), t.shape(), t.dtype());
+    }
+    t.inplace_op1(&imp::Upload(data))
 }
 
 #[cfg(feature = "cuda")]
@@ -658,6 +667,27 @@ mod imp {
         // by the caller) and no block is both a source and a destination.
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
+    }
+
+    /// Host data into a u32 tensor's own device memory (stream-ordered).
+    pub(super) struct Upload<'a>(pub &'a [u32]);
+
+    impl candle_core::InplaceOp1 for Upload<'_> {
+        fn name(&self) -> &'static str {
+            "silica-upload"
+        }
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+            bail!("silica-upload runs on CUDA only")
+        }
+        fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+            let dev = s.device().clone();
+            let Some((a, b)) = l.contiguous_offsets() else { bail!("upload target is not contiguous") };
+            if b - a != self.0.len() {
+                bail!("upload of {} values into {}", self.0.len(), b - a);
+            }
+            let mut dst = s.as_cuda_slice_mut::<u32>()?.slice_mut(a..b);
+            dev.memcpy_htod(self.0, &mut dst)
+        }
     }
 
     custom_op1!(QkvOp<'_>, "silica-qkv-rope");

@@ -4,6 +4,8 @@ mod attention_cpu;
 pub mod batch;
 pub mod config;
 pub(crate) mod fused;
+#[cfg(feature = "cuda")]
+mod graph;
 pub mod layers;
 mod kquants;
 mod q8;

@@ -22,6 +22,9 @@ pub struct QwenModel {
     device: Device,
     /// Silica's fused CUDA kernels serve this model (see `fused.rs`).
     fused: bool,
+    /// Decode steps captured as CUDA graphs (fused kernels on CUDA; see `graph.rs`).
+    #[cfg(feature = "cuda")]
+    pub(super) graphs: Option<super::graph::DecodeGraphs>,
 }
 
 impl QwenModel {
@@ -40,7 +43,19 @@ impl QwenModel {
         if fused {
             tracing::info!("decoder runs Silica's fused CUDA kernels (SILICA_FUSED=0 turns them off)");
         }
-        Ok(QwenModel { cfg, embed_tokens, layers, norm, lm_head, rope, dtype, device: device.clone(), fused })
+        Ok(QwenModel {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            dtype,
+            device: device.clone(),
+            fused,
+            #[cfg(feature = "cuda")]
+            graphs: (fused && super::graph::enabled()).then(super::graph::DecodeGraphs::default),
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -87,6 +102,15 @@ impl QwenModel {
                 ));
             }
         }
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = &self.graphs {
+            if let Some(step) = super::graph::StepInputs::decode_only(batch, kv).filter(|s| s.shape().0 <= super::fused::gemv_rows()) {
+                let kv: &KvCache = kv;
+                if let Some(logits) = graphs.run(&step, self.cfg.vocab_size, &self.device, &|meta| self.run(meta, kv))? {
+                    return Ok(logits);
+                }
+            }
+        }
         let mode = if self.fused {
             AttnMode::Fused
         } else if self.device.is_cpu() && self.dtype == DType::F32 {
@@ -96,6 +120,11 @@ impl QwenModel {
         };
         let shape = (self.cfg.num_kv_heads, self.cfg.head_dim);
         let meta = BatchMeta::build(batch, kv, shape, self.dtype, &self.device, mode)?;
+        Ok(self.run(&meta, kv)?)
+    }
+
+    /// The forward pass proper over a step's [`BatchMeta`]: F32 logits of its logit rows.
+    fn run(&self, meta: &BatchMeta, kv: &KvCache) -> candle_core::Result<Tensor> {
         // 1. Embed: [rows, hidden].
         let mut x = self.embed_tokens.forward(&meta.ids, self.dtype)?;
         // 2. RoPE: the fused kernel indexes the tables itself; candle's ops take each row's.
@@ -112,16 +141,15 @@ impl QwenModel {
             let mut normed = self.layers[0].input_norm().forward(&x)?;
             for (i, layer) in self.layers.iter().enumerate() {
                 let next = self.layers.get(i + 1).map_or(&self.norm, |l| l.input_norm());
-                (x, normed) = layer.forward_fused(&x, &normed, next, &meta, &rope, &kv.k[i], &kv.v[i])?;
+                (x, normed) = layer.forward_fused(&x, &normed, next, meta, &rope, &kv.k[i], &kv.v[i])?;
             }
             logit_rows(normed)?
         } else {
             for (i, layer) in self.layers.iter().enumerate() {
-                x = layer.forward(&x, &meta, &rope, &kv.k[i], &kv.v[i])?;
+                x = layer.forward(&x, meta, &rope, &kv.k[i], &kv.v[i])?;
             }
             self.norm.forward(&logit_rows(x)?)?
         };
-        let logits = self.lm_head.forward(&x)?;
-        Ok(logits.to_dtype(DType::F32)?)
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 }

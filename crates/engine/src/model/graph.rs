@@ -1,0 +1,276 @@
+//! CUDA graphs for decode steps: a step of one or two single-token rows launches ~10 kernels per
+//! layer, and on a 3B model the host needs longer to enqueue them (~10 µs each through candle)
+//! than the GPU needs to run them. The step is captured once per shape and replayed with one
+//! launch.
+//!
+//! A graph bakes in every kernel argument, so a captured step reads its inputs from buffers that
+//! outlive it (token ids, positions, write slots, the slot table padded to a capacity bucket,
+//! lengths), written before each replay, and leaves its logits in another. Shape: (rows,
+//! capacity), the capacity a power of two ≥ the longest sequence (at least 256 positions); the
+//! decode kernel reads each row's length, so padding costs only the table upload. A shape is
+//! captured the second time it is seen (the first step loads the kernels' modules, which a
+//! capture must not do), after one more eager run that fills candle's cache of kernel-argument
+//! uploads (see `capture`). Everything else (prefill, more rows, other devices, `SILICA_CUDA_GRAPH=0`)
+//! runs eagerly; a capture that fails (some op the stream cannot record) turns graphs off for
+//! the model with a warning, and the step runs eagerly.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use candle_core::{DType, Tensor};
+
+use super::batch::{BatchMeta, SeqInput};
+use crate::kv::KvCache;
+
+/// `SILICA_CUDA_GRAPH=0` turns graphs off.
+pub(crate) fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SILICA_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true))
+}
+
+/// Smallest capacity bucket, in positions.
+const MIN_CAPACITY: usize = 256;
+
+/// The persistent inputs and output of one captured shape.
+pub(crate) struct Buffers {
+    pub ids: Tensor,
+    pub positions: Tensor,
+    pub write_slots: Tensor,
+    /// `[rows * capacity]` slots, each row padded with its first slot.
+    pub table: Tensor,
+    pub lens: Tensor,
+    pub logits: Tensor,
+    pub capacity: usize,
+}
+
+/// One step's host-side inputs, laid out as the buffers hold them.
+pub(crate) struct StepInputs {
+    ids: Vec<u32>,
+    positions: Vec<u32>,
+    write_slots: Vec<u32>,
+    table: Vec<u32>,
+    lens: Vec<u32>,
+    rows: usize,
+    capacity: usize,
+}
+
+impl StepInputs {
+    /// `None` unless every sequence adds exactly one token and wants only its logits.
+    pub fn decode_only(batch: &[SeqInput<'_>], kv: &KvCache) -> Option<Self> {
+        if batch.iter().any(|s| s.tokens.len() != 1 || s.all_logits) {
+            return None;
+        }
+        let longest = batch.iter().map(|s| s.cache.len + 1).max()?;
+        let capacity = longest.next_power_of_two().max(MIN_CAPACITY);
+        let rows = batch.len();
+        let mut x = StepInputs {
+            ids: Vec::with_capacity(rows),
+            positions: Vec::with_capacity(rows),
+            write_slots: Vec::with_capacity(rows),
+            table: Vec::with_capacity(rows * capacity),
+            lens: Vec::with_capacity(rows),
+            rows,
+            capacity,
+        };
+        for s in batch {
+            let len = s.cache.len + 1;
+            x.ids.push(s.tokens[0]);
+            x.positions.push(s.cache.len as u32);
+            x.write_slots.push(kv.slot(s.cache, s.cache.len) as u32);
+            let first = x.table.len();
+            x.table.extend((0..len).map(|p| kv.slot(s.cache, p) as u32));
+            let pad = x.table[first];
+            x.table.extend(std::iter::repeat_n(pad, capacity - len));
+            x.lens.push(len as u32);
+        }
+        Some(x)
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.capacity)
+    }
+}
+
+/// A captured graph; every use goes through [`DecodeGraphs`]' lock, which is what the CUDA
+/// docs ask of graph objects (no concurrent calls on one graph).
+struct Captured {
+    graph: candle_core::cuda_backend::cudarc::driver::CudaGraph,
+    buffers: Buffers,
+}
+
+// SAFETY: the graph is only touched under `DecodeGraphs::inner`'s mutex.
+unsafe impl Send for Captured {}
+
+#[derive(Default)]
+struct Inner {
+    captured: HashMap<(usize, usize), Captured>,
+    seen: HashSet<(usize, usize)>,
+    off: bool,
+}
+
+/// The model's captured decode steps.
+#[derive(Default)]
+pub(crate) struct DecodeGraphs {
+    inner: Mutex<Inner>,
+}
+
+impl DecodeGraphs {
+    /// Runs the step through a graph when one is (or can now be) captured for its shape;
+    /// `Ok(None)`: run it eagerly. `body` is the model's forward over a [`BatchMeta`].
+    pub fn run(
+        &self,
+        step: &StepInputs,
+        vocab: usize,
+        device: &candle_core::Device,
+        body: &dyn Fn(&BatchMeta) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let key = step.shape();
+        if inner.off {
+            return Ok(None);
+        }
+        if !inner.captured.contains_key(&key) {
+            if inner.seen.insert(key) {
+                return Ok(None);
+            }
+            match capture(step, vocab, device, body) {
+                Ok(c) => {
+                    tracing::debug!(rows = key.0, capacity = key.1, "decode step captured as a CUDA graph");
+                    inner.captured.insert(key, c);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "capturing a decode step as a CUDA graph failed; decode runs without graphs");
+                    inner.off = true;
+                    return Ok(None);
+                }
+            }
+        }
+        let c = &inner.captured[&key];
+        upload(&c.buffers, step)?;
+        c.graph.launch().map_err(|e| candle_core::Error::Msg(format!("CUDA graph launch: {e}")))?;
+        Ok(Some(c.buffers.logits.clone()))
+    }
+}
+
+fn upload(b: &Buffers, s: &StepInputs) -> candle_core::Result<()> {
+    use super::fused::upload_u32;
+    upload_u32(&b.ids, &s.ids)?;
+    upload_u32(&b.positions, &s.positions)?;
+    upload_u32(&b.write_slots, &s.write_slots)?;
+    upload_u32(&b.table, &s.table)?;
+    upload_u32(&b.lens, &s.lens)
+}
+
+/// Sets the device's default memory pool to keep what it has reserved (release threshold: all).
+fn keep_pool(stream: &candle_core::cuda_backend::cudarc::driver::CudaStream) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let cu_device = stream.context().cu_device();
+    // SAFETY: plain driver calls on the device's own default pool; the attribute is a u64.
+    unsafe {
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device)
+            .result()
+            .map_err(|e| candle_core::Error::Msg(format!("default memory pool: {e}")))?;
+        let threshold = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &threshold as *const u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(|e| candle_core::Error::Msg(format!("memory pool threshold: {e}")))?;
+    }
+    Ok(())
+}
+
+fn capture(
+    step: &StepInputs,
+    vocab: usize,
+    device: &candle_core::Device,
+    body: &dyn Fn(&BatchMeta) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Captured> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let candle_core::Device::Cuda(dev) = device else { candle_core::bail!("CUDA graphs need a CUDA device") };
+    let (rows, capacity) = step.shape();
+    let u32s = |n: usize| Tensor::zeros(n, DType::U32, device);
+    let buffers = Buffers {
+        ids: u32s(rows)?,
+        positions: u32s(rows)?,
+        write_slots: u32s(rows)?,
+        table: u32s(rows * capacity)?,
+        lens: u32s(rows)?,
+        logits: Tensor::zeros((rows, vocab), DType::F32, device)?,
+        capacity,
+    };
+    // The capture records without running; the inputs only need to be valid slots.
+    upload(&buffers, step)?;
+    let meta = BatchMeta::from_graph_buffers(&buffers, rows);
+    let stream = dev.cuda_stream();
+    let err = |what: &str, e: candle_core::cuda_backend::cudarc::driver::DriverError| candle_core::Error::Msg(format!("{what}: {e}"));
+    // Keep the stream's pool from handing memory back to the driver at synchronisations, and
+    // start from an idle stream (no frees of earlier steps still in flight).
+    keep_pool(&stream)?;
+    // candle's kernels upload their shapes and strides from host memory at each launch; a
+    // captured upload would re-read that (freed) host memory at every replay. With candle's
+    // upload cache on, one eager run stores each upload on the device and the capture copies
+    // from there (and fails, rather than record a host read, if one is missing).
+    let _cache = dev.enable_cuda_graph_htod_cache();
+    body(&meta).and_then(|logits| buffers.logits.slice_set(&logits, 0, 0))?;
+    stream.synchronize().map_err(|e| err("synchronize", e))?;
+    stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(|e| err("begin capture", e))?;
+    // Every tensor made inside is freed inside, so the graph owns no memory between replays.
+    let recorded = body(&meta).and_then(|logits| buffers.logits.slice_set(&logits, 0, 0));
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    recorded?;
+    let graph = graph
+        .map_err(|e| candle_core::Error::Msg(format!("end capture: {e}")))?
+        .ok_or_else(|| candle_core::Error::Msg("the capture recorded nothing".into()))?;
+    Ok(Captured { graph, buffers })
+}
+
+/// Replayed graphs against the same steps run eagerly (runs where the `cuda` feature is built, on
+/// a machine with a CUDA device).
+#[cfg(test)]
+mod tests {
+    use crate::kv::{KvCacheConfig, SeqCache};
+    use crate::model::{Arch, QwenModel, SeqInput, WeightSource};
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn replayed_decode_steps_equal_eager_ones() {
+        let dev = Device::new_cuda(0).expect("a CUDA device");
+        let mut cfg = crate::testing::tiny_config(Arch::Qwen2, false);
+        (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (128, 256, 2, 1, 64);
+        cfg.max_position_embeddings = 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let weights = crate::testing::random_weights(&cfg, 3).unwrap();
+        crate::testing::write_safetensors_dir(dir.path(), &cfg, &weights, DType::F16, 1).unwrap();
+        let load = || QwenModel::load(cfg.clone(), &mut WeightSource::safetensors(dir.path(), DType::F16, &dev).unwrap(), &dev).unwrap();
+        let (graphs, mut eager) = (load(), load());
+        assert!(graphs.graphs.is_some(), "the fused kernels and graphs apply to this model");
+        eager.graphs = None;
+        let kv_cfg = KvCacheConfig { block_size: 16, num_blocks: 64 };
+        let (mut kv_g, mut kv_e) = (graphs.new_kv_cache(kv_cfg).unwrap(), eager.new_kv_cache(kv_cfg).unwrap());
+        let (mut seq_g, mut seq_e) = (SeqCache::default(), SeqCache::default());
+        let mut tokens: Vec<u32> = vec![5, 17, 3, 99, 42];
+        let mut fed = 0;
+        // A prefill, then decode steps: eager (shape first seen), captured, replayed ..., and
+        // again past 256 positions (the next capacity bucket).
+        for step in 0..300 {
+            let new = &tokens[fed..];
+            kv_g.reserve(&mut seq_g, fed + new.len()).unwrap();
+            kv_e.reserve(&mut seq_e, fed + new.len()).unwrap();
+            let g = graphs.forward(&[SeqInput { tokens: new, cache: &seq_g, all_logits: false }], &mut kv_g).unwrap();
+            let e = eager.forward(&[SeqInput { tokens: new, cache: &seq_e, all_logits: false }], &mut kv_e).unwrap();
+            let e: Vec<f32> = e.flatten_all().unwrap().to_vec1().unwrap_or_else(|x| panic!("step {step}, eager: {x}"));
+            let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap_or_else(|x| panic!("step {step}, graph: {x}"));
+            assert!(e.iter().all(|v| v.is_finite()), "step {step}: eager logits not finite");
+            assert_eq!(g, e, "step {step}");
+            seq_g.len += new.len();
+            seq_e.len += new.len();
+            fed = tokens.len();
+            let next = e.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+            tokens.push(next);
+        }
+    }
+}
