@@ -1,7 +1,7 @@
 //! CUDA graphs for decode steps: a step of one or two single-token rows launches ~10 kernels per
 //! layer, and on a 3B model the host needs longer to enqueue them (~10 µs each through candle)
 //! than the GPU needs to run them. The step is captured once per shape and replayed with one
-//! launch.
+//! launch. Steps of up to [`max_rows`] rows are captured (one stream, a 4-beam search).
 //!
 //! A graph bakes in every kernel argument, so a captured step reads its inputs from buffers that
 //! outlive it (token ids, positions, write slots, the slot table padded to a capacity bucket,
@@ -11,8 +11,8 @@
 //! captured the second time it is seen (the first step loads the kernels' modules, which a
 //! capture must not do), after one more eager run that fills candle's cache of kernel-argument
 //! uploads (see `capture`). Everything else (prefill, more rows, other devices, `SILICA_CUDA_GRAPH=0`)
-//! runs eagerly; a capture that fails (some op the stream cannot record) turns graphs off for
-//! the model with a warning, and the step runs eagerly.
+//! runs eagerly; a shape whose capture fails (some op the stream cannot record) runs eagerly
+//! from then on, with a warning.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -22,10 +22,11 @@ use candle_core::{DType, Tensor};
 use super::batch::{BatchMeta, SeqInput};
 use crate::kv::KvCache;
 
-/// `SILICA_CUDA_GRAPH=0` turns graphs off.
-pub(crate) fn enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SILICA_CUDA_GRAPH").map(|v| v != "0").unwrap_or(true))
+/// Most rows a captured step has: `SILICA_CUDA_GRAPH` (default 4, the rows of a 4-beam search;
+/// `0` turns graphs off). Larger batches spend their time in the matmuls, not in launches.
+pub(crate) fn max_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| std::env::var("SILICA_CUDA_GRAPH").ok().and_then(|v| v.parse().ok()).unwrap_or(4))
 }
 
 /// Smallest capacity bucket, in positions.
@@ -105,7 +106,8 @@ unsafe impl Send for Captured {}
 struct Inner {
     captured: HashMap<(usize, usize), Captured>,
     seen: HashSet<(usize, usize)>,
-    off: bool,
+    /// Shapes whose capture failed: they run eagerly from then on.
+    failed: HashSet<(usize, usize)>,
 }
 
 /// The model's captured decode steps.
@@ -126,7 +128,7 @@ impl DecodeGraphs {
     ) -> candle_core::Result<Option<Tensor>> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let key = step.shape();
-        if inner.off {
+        if inner.failed.contains(&key) {
             return Ok(None);
         }
         if !inner.captured.contains_key(&key) {
@@ -139,8 +141,8 @@ impl DecodeGraphs {
                     inner.captured.insert(key, c);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "capturing a decode step as a CUDA graph failed; decode runs without graphs");
-                    inner.off = true;
+                    tracing::warn!(rows = key.0, capacity = key.1, error = %e, "capturing a decode step as a CUDA graph failed; steps of this shape run without one");
+                    inner.failed.insert(key);
                     return Ok(None);
                 }
             }
@@ -149,6 +151,14 @@ impl DecodeGraphs {
         upload(&c.buffers, step)?;
         c.graph.launch().map_err(|e| candle_core::Error::Msg(format!("CUDA graph launch: {e}")))?;
         Ok(Some(c.buffers.logits.clone()))
+    }
+}
+
+#[cfg(test)]
+impl DecodeGraphs {
+    /// The shapes captured so far.
+    fn captured(&self) -> Vec<(usize, usize)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).captured.keys().copied().collect()
     }
 }
 
@@ -238,6 +248,12 @@ mod tests {
 
     #[test]
     fn replayed_decode_steps_equal_eager_ones() {
+        replay_matches_eager(1, 300);
+        // Three rows: cuBLAS matmuls inside the graph.
+        replay_matches_eager(3, 40);
+    }
+
+    fn replay_matches_eager(seqs: usize, steps: usize) {
         let dev = Device::new_cuda(0).expect("a CUDA device");
         let mut cfg = crate::testing::tiny_config(Arch::Qwen2, false);
         (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (128, 256, 2, 1, 64);
@@ -251,26 +267,40 @@ mod tests {
         eager.graphs = None;
         let kv_cfg = KvCacheConfig { block_size: 16, num_blocks: 64 };
         let (mut kv_g, mut kv_e) = (graphs.new_kv_cache(kv_cfg).unwrap(), eager.new_kv_cache(kv_cfg).unwrap());
-        let (mut seq_g, mut seq_e) = (SeqCache::default(), SeqCache::default());
-        let mut tokens: Vec<u32> = vec![5, 17, 3, 99, 42];
+        let mut seq_g = vec![SeqCache::default(); seqs];
+        let mut seq_e = vec![SeqCache::default(); seqs];
+        let mut tokens: Vec<Vec<u32>> = (0..seqs as u32).map(|s| vec![5 + s, 17, 3, 99 + s, 42]).collect();
         let mut fed = 0;
         // A prefill, then decode steps: eager (shape first seen), captured, replayed ..., and
-        // again past 256 positions (the next capacity bucket).
-        for step in 0..300 {
-            let new = &tokens[fed..];
-            kv_g.reserve(&mut seq_g, fed + new.len()).unwrap();
-            kv_e.reserve(&mut seq_e, fed + new.len()).unwrap();
-            let g = graphs.forward(&[SeqInput { tokens: new, cache: &seq_g, all_logits: false }], &mut kv_g).unwrap();
-            let e = eager.forward(&[SeqInput { tokens: new, cache: &seq_e, all_logits: false }], &mut kv_e).unwrap();
+        // (one row) again past 256 positions (the next capacity bucket).
+        for step in 0..steps {
+            let mut inputs_g = Vec::new();
+            let mut inputs_e = Vec::new();
+            for k in 0..seqs {
+                let new = &tokens[k][fed..];
+                kv_g.reserve(&mut seq_g[k], fed + new.len()).unwrap();
+                kv_e.reserve(&mut seq_e[k], fed + new.len()).unwrap();
+            }
+            for k in 0..seqs {
+                inputs_g.push(SeqInput { tokens: &tokens[k][fed..], cache: &seq_g[k], all_logits: false });
+                inputs_e.push(SeqInput { tokens: &tokens[k][fed..], cache: &seq_e[k], all_logits: false });
+            }
+            let g = graphs.forward(&inputs_g, &mut kv_g).unwrap();
+            let e = eager.forward(&inputs_e, &mut kv_e).unwrap();
             let e: Vec<f32> = e.flatten_all().unwrap().to_vec1().unwrap_or_else(|x| panic!("step {step}, eager: {x}"));
             let g: Vec<f32> = g.flatten_all().unwrap().to_vec1().unwrap_or_else(|x| panic!("step {step}, graph: {x}"));
-            assert!(e.iter().all(|v| v.is_finite()), "step {step}: eager logits not finite");
-            assert_eq!(g, e, "step {step}");
-            seq_g.len += new.len();
-            seq_e.len += new.len();
-            fed = tokens.len();
-            let next = e.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
-            tokens.push(next);
+            assert!(e.iter().all(|v| v.is_finite()), "{seqs} rows, step {step}: eager logits not finite");
+            assert_eq!(g, e, "{seqs} rows, step {step}");
+            let n = tokens[0].len() - fed;
+            for k in 0..seqs {
+                seq_g[k].len += n;
+                seq_e[k].len += n;
+                let row = &e[k * cfg.vocab_size..(k + 1) * cfg.vocab_size];
+                let next = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+                tokens[k].push(next);
+            }
+            fed += n;
         }
+        assert!(graphs.graphs.as_ref().unwrap().captured().contains(&(seqs, 256)), "{seqs} rows: no graph was captured");
     }
 }

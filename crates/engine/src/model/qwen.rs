@@ -54,7 +54,7 @@ impl QwenModel {
             device: device.clone(),
             fused,
             #[cfg(feature = "cuda")]
-            graphs: (fused && super::graph::enabled()).then(super::graph::DecodeGraphs::default),
+            graphs: (fused && super::graph::max_rows() > 0).then(super::graph::DecodeGraphs::default),
         })
     }
 
@@ -104,7 +104,7 @@ impl QwenModel {
         }
         #[cfg(feature = "cuda")]
         if let Some(graphs) = &self.graphs {
-            if let Some(step) = super::graph::StepInputs::decode_only(batch, kv).filter(|s| s.shape().0 <= super::fused::gemv_rows()) {
+            if let Some(step) = super::graph::StepInputs::decode_only(batch, kv).filter(|s| s.shape().0 <= super::graph::max_rows()) {
                 let kv: &KvCache = kv;
                 if let Some(logits) = graphs.run(&step, self.cfg.vocab_size, &self.device, &|meta| self.run(meta, kv))? {
                     return Ok(logits);

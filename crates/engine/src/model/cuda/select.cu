@@ -176,6 +176,28 @@ __device__ uint32_t sel_radix(const float* __restrict__ x, int vocab, int range,
     return prefix;
 }
 
+// Calls f(value, id) for each of this thread's elements (warp w's ids [w range, (w + 1) range),
+// 32 at a time, in increasing id order per lane), loading SEL_BATCH of them ahead of use: one
+// block streams the whole row, and with one load in flight per thread a pass is bound by latency.
+#define SEL_BATCH 8
+template <typename F>
+__device__ __forceinline__ void sel_each(const float* __restrict__ x, int vocab, int range, F f) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int j0 = 0; j0 < range; j0 += 32 * SEL_BATCH) {
+        float v[SEL_BATCH];
+#pragma unroll
+        for (int u = 0; u < SEL_BATCH; ++u) {
+            const int j = j0 + u * 32, i = warp * range + j + lane;
+            v[u] = j < range && i < vocab ? x[i] : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < SEL_BATCH; ++u) {
+            const int j = j0 + u * 32, i = warp * range + j + lane;
+            if (j < range && i < vocab) f(v[u], i);
+        }
+    }
+}
+
 // Bin of a logit (-1 for -inf): monotone in the value.
 __device__ __forceinline__ int sel_bin(float v, float lo, float scale) {
     return v == -INFINITY ? -1 : min(SEL_BINS - 1, (int)((v - lo) * scale));
@@ -218,24 +240,18 @@ __device__ uint32_t sel_tie_id(const float* __restrict__ x, int vocab, int range
 template <bool WITH_MASS>
 __device__ void sel_hist(const float* __restrict__ x, int vocab, int range, float lo, float scale, float m,
                          float inv_t, SelShared& sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) {
         sh.cnt[b] = 0;
         sh.mass[b] = 0;
     }
     __syncthreads();
-#pragma unroll 4
-    for (int j = 0; j < range; j += 32) {
-        const int i = warp * range + j + lane;
-        if (i < vocab) {
-            const float v = x[i];
-            const int b = sel_bin(v, lo, scale);
-            if (b >= 0) {
-                atomicAdd(&sh.cnt[b], 1u);
-                if (WITH_MASS) atomicAdd(&sh.mass[b], (unsigned long long)sel_fix(sel_weight(v, m, inv_t)));
-            }
+    sel_each(x, vocab, range, [&](float v, int) {
+        const int b = sel_bin(v, lo, scale);
+        if (b >= 0) {
+            atomicAdd(&sh.cnt[b], 1u);
+            if (WITH_MASS) atomicAdd(&sh.mass[b], (unsigned long long)sel_fix(sel_weight(v, m, inv_t)));
         }
-    }
+    });
     __syncthreads();
 }
 
@@ -281,20 +297,14 @@ __device__ void sel_find_bin(int lowest, unsigned long long acc0, unsigned long 
 // sh.sorted[0 .. n). Returns n, or 0 when the bin holds more than SEL_CAP.
 __device__ uint32_t sel_gather(const float* __restrict__ x, int vocab, int range, float lo, float scale, int bin,
                                SelShared& sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (threadIdx.x == 0) sh.ncand = 0;
     __syncthreads();
-#pragma unroll 4
-    for (int j = 0; j < range; j += 32) {
-        const int i = warp * range + j + lane;
-        if (i < vocab) {
-            const float v = x[i];
-            if (sel_bin(v, lo, scale) == bin) {
-                const uint32_t slot = atomicAdd(&sh.ncand, 1u);
-                if (slot < SEL_CAP) sh.cand[slot] = ((unsigned long long)sel_key(v) << 32) | (uint32_t)~(uint32_t)i;
-            }
+    sel_each(x, vocab, range, [&](float v, int i) {
+        if (sel_bin(v, lo, scale) == bin) {
+            const uint32_t slot = atomicAdd(&sh.ncand, 1u);
+            if (slot < SEL_CAP) sh.cand[slot] = ((unsigned long long)sel_key(v) << 32) | (uint32_t)~(uint32_t)i;
         }
-    }
+    });
     __syncthreads();
     const uint32_t n = sh.ncand;
     if (n > SEL_CAP) return 0;
@@ -359,19 +369,14 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     float m = -INFINITY, lo = INFINITY;
     int bad = 0;
     uint32_t finite = 0;
-#pragma unroll 4
-    for (int j = 0; j < range; j += 32) {
-        const int i = warp * range + j + lane;
-        if (i < vocab) {
-            const float v = x[i];
-            bad |= isnan(v) || v == INFINITY;
-            m = fmaxf(m, v);
-            if (v != -INFINITY) {
-                lo = fminf(lo, v);
-                ++finite;
-            }
+    sel_each(x, vocab, range, [&](float v, int) {
+        bad |= isnan(v) || v == INFINITY;
+        m = fmaxf(m, v);
+        if (v != -INFINITY) {
+            lo = fminf(lo, v);
+            ++finite;
         }
-    }
+    });
     m = block_reduce<true>(m, sh.redf);
     lo = -block_reduce<true>(-lo, sh.redf);
     if (__syncthreads_or(bad) || m == -INFINITY) {
@@ -391,10 +396,9 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 
     if (p.mode == SEL_GREEDY) {
         uint32_t best = 0xffffffffu;
-        for (int j = 0; j < range; j += 32) {
-            const int i = warp * range + j + lane;
-            if (i < vocab && x[i] == m) best = min(best, (uint32_t)i);
-        }
+        sel_each(x, vocab, range, [&](float v, int i) {
+            if (v == m) best = min(best, (uint32_t)i);
+        });
         for (int off = 16; off > 0; off >>= 1) best = min(best, __shfl_xor_sync(SEL_FULL, best, off));
         if (lane == 0) sh.redi[warp] = best;
         __syncthreads();
@@ -408,10 +412,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 
     if (p.mode == SEL_TOPN) {
         float s = 0.f;
-        for (int j = 0; j < range; j += 32) {
-            const int i = warp * range + j + lane;
-            if (i < vocab) s += expf(x[i] - m);
-        }
+        sel_each(x, vocab, range, [&](float v, int) { s += expf(v - m); });
         const float lse = m + logf(block_reduce<false>(s, sh.redf));
         const uint32_t n = min(min(p.n, finite), (uint32_t)nout);
         // The cut: the n-th element in (logit desc, id asc) order.
@@ -431,17 +432,13 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         if (threadIdx.x == 0) sh.outn = 0;
         for (int k = n + threadIdx.x; k < nout; k += blockDim.x) o[2 * k] = 0xffffffffu;
         __syncthreads();
-        for (int j = 0; j < range; j += 32) {
-            const int i = warp * range + j + lane;
-            if (i < vocab) {
-                const float v = x[i];
-                if (v != -INFINITY && sel_composite(sel_key(v), i) >= cut) {
-                    const uint32_t slot = atomicAdd(&sh.outn, 1u);
-                    o[2 * slot] = (uint32_t)i;
-                    o[2 * slot + 1] = __float_as_uint(v - lse);
-                }
+        sel_each(x, vocab, range, [&](float v, int i) {
+            if (v != -INFINITY && sel_composite(sel_key(v), i) >= cut) {
+                const uint32_t slot = atomicAdd(&sh.outn, 1u);
+                o[2 * slot] = (uint32_t)i;
+                o[2 * slot + 1] = __float_as_uint(v - lse);
             }
-        }
+        });
         return;
     }
 
@@ -544,15 +541,13 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     const float min_p = p.min_p;
 
     // A token's fixed-point weight if it is kept, else 0.
-    auto kept = [&](int i) -> uint32_t {
-        if (i >= vocab) return 0;
-        const float v = x[i];
+    auto amount = [&](float v, int i) -> uint32_t {
         const float w = sel_weight(v, m, inv_t);
         return v != -INFINITY && sel_composite(sel_key(v), i) >= cut && w >= min_p ? sel_fix(w) : 0;
     };
+    auto kept = [&](int i) -> uint32_t { return i < vocab ? amount(x[i], i) : 0; };
     unsigned long long mine = 0;
-#pragma unroll 4
-    for (int j = 0; j < range; j += 32) mine += kept(warp * range + j + lane);
+    sel_each(x, vocab, range, [&](float v, int i) { mine += amount(v, i); });
     unsigned long long base, total;
     sel_warp_scan(mine, sh.redu, &base, &total);
     const unsigned long long own = warp_sum_u64(mine);
