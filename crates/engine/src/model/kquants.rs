@@ -17,7 +17,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::q8::{nearest_i8, tiled, with_f32_rows, word, Path, TaskOut, GROUP};
+use super::q8::{nearest_i8, tiled, with_f32_rows, word, Path, TaskOut, WeightBytes, GROUP};
 
 /// Rows of activations processed against each weight block while it is decoded.
 const ROW_TILE_K: usize = 8;
@@ -51,7 +51,7 @@ pub struct KMatrix {
     format: Format,
     /// Groups of 16 columns in the interleaved layout ([`Q4KLayout`], [`Q6KLayout`]), then
     /// the `n % 16` remaining columns as in the file.
-    data: Vec<u8>,
+    data: WeightBytes,
 }
 
 /// Q4_K's interleaved layout for a group of [`GROUP`] columns (re-arranged in place at load,
@@ -243,11 +243,11 @@ impl KMatrix {
 
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
         let (n, k) = t.shape().dims2()?;
-        Self::from_bytes(t.dtype(), n, k, t.data()?.into_owned())
+        Self::from_bytes(t.dtype(), n, k, WeightBytes::from_slice(&t.data()?)?)
     }
 
     /// Take a weight `[n, k]` of GGML type `dtype` from its bytes as stored in the file.
-    pub fn from_bytes(dtype: GgmlDType, n: usize, k: usize, data: Vec<u8>) -> candle_core::Result<Self> {
+    pub fn from_bytes(dtype: GgmlDType, n: usize, k: usize, data: WeightBytes) -> candle_core::Result<Self> {
         let format = match dtype {
             GgmlDType::Q4K => Format::Q4K,
             GgmlDType::Q6K => Format::Q6K,

@@ -191,7 +191,8 @@ impl GgufWeights {
     /// A tensor's type, shape and bytes exactly as stored, read straight into the buffer the
     /// kernels keep (candle's `QTensor` reads into one buffer, copies into typed blocks, and
     /// taking the bytes back out copies again: the largest tensor three times at the peak).
-    fn raw(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>)> {
+    /// The buffer is a [`super::q8::WeightBytes`] (2 MB pages where the system allows).
+    fn raw(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, super::q8::WeightBytes)> {
         let info = self
             .content
             .tensor_infos
@@ -200,11 +201,12 @@ impl GgufWeights {
         let (dtype, dims) = (info.ggml_dtype, info.shape.dims().to_vec());
         let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
         let start = self.content.tensor_data_offset + info.offset;
-        let mut data = vec![0u8; bytes];
+        let io = |e| EngineError::Io { path: self.path.clone(), source: e };
+        let mut data = super::q8::WeightBytes::zeroed(bytes).map_err(io)?;
         self.reader
             .seek(SeekFrom::Start(start))
             .and_then(|_| self.reader.read_exact(&mut data))
-            .map_err(|e| EngineError::Io { path: self.path.clone(), source: e })?;
+            .map_err(io)?;
         Ok((dtype, dims, data))
     }
 
