@@ -288,28 +288,30 @@ pub(super) fn with_f32_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candl
     Ok(f(&v))
 }
 
-/// A weight's bytes for the CPU kernels, in an anonymous mapping of their own that asks the
-/// kernel for 2 MB pages (`madvise(MADV_HUGEPAGE)`; Linux grants them when transparent huge
-/// pages are in `madvise` or `always` mode, otherwise the mapping keeps 4 KB pages). A decode
-/// step streams every weight once: with 4 KB pages that is a TLB miss every 4 KB (250,000 per
-/// step on the 1.5B) and the hardware prefetchers restart at every page; measured with one
-/// activation row against 96 MB of weights, 2 threads, 2 MB pages streamed 10–35 % faster
-/// (docs/benchmarks.md).
+/// A weight's bytes for the CPU kernels: a range of an anonymous mapping that asks the kernel
+/// for 2 MB pages (`madvise(MADV_HUGEPAGE)`; Linux grants them when transparent huge pages are
+/// in `madvise` or `always` mode, otherwise the mapping keeps 4 KB pages). A decode step
+/// streams every weight once: with 4 KB pages that is a TLB miss every 4 KB (250,000 per step
+/// on the 1.5B) and the hardware prefetchers restart at every page. One row against 96 MB of
+/// Q4_K/Q6_K weights, 2 threads, streamed 10–35 % faster from 2 MB pages (docs/benchmarks.md).
+/// The loader takes all of a file's weights from one [`WeightArena`], so that the small ones
+/// (a 256×1536 `k_proj` is 221 KB) and the ends of the large ones are in 2 MB pages too.
 pub struct WeightBytes {
-    map: memmap2::MmapMut,
+    /// Keeps the mapping alive.
+    _map: std::sync::Arc<memmap2::MmapMut>,
+    ptr: *mut u8,
     len: usize,
 }
 
+// SAFETY: a `WeightBytes` is the only handle to its range of the mapping (ranges are handed
+// out once, see `WeightArena::take`, and it is not `Clone`), so it is like a `Box<[u8]>`.
+unsafe impl Send for WeightBytes {}
+unsafe impl Sync for WeightBytes {}
+
 impl WeightBytes {
-    /// `len` zero bytes (the pages are taken when first written).
+    /// `len` zero bytes in a mapping of their own (the pages are taken when first written).
     pub fn zeroed(len: usize) -> std::io::Result<Self> {
-        // An empty mapping is an error; one page costs nothing.
-        let map = memmap2::MmapMut::map_anon(len.max(1))?;
-        #[cfg(target_os = "linux")]
-        if let Err(e) = map.advise(memmap2::Advice::HugePage) {
-            tracing::debug!(error = %e, "no huge pages for a weight; it keeps 4 KB pages");
-        }
-        Ok(WeightBytes { map, len })
+        WeightArena::new(len)?.take(len)
     }
 
     /// A copy of `bytes`.
@@ -323,19 +325,65 @@ impl WeightBytes {
 impl std::ops::Deref for WeightBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.map[..self.len]
+        // SAFETY: `ptr..ptr + len` lies in the mapping that `_map` keeps alive, and only this
+        // handle reaches it.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }
 
 impl std::ops::DerefMut for WeightBytes {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.map[..self.len]
+        // SAFETY: as in `deref`; `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 }
 
 impl std::fmt::Debug for WeightBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "WeightBytes({} bytes)", self.len)
+    }
+}
+
+/// One mapping, 2 MB-aligned and advised for 2 MB pages, carved into [`WeightBytes`] of
+/// consecutive ranges. Reserving costs address space only: a page is taken when first written
+/// (so a reserve larger than what is taken costs no memory).
+pub struct WeightArena {
+    map: std::sync::Arc<memmap2::MmapMut>,
+    base: *mut u8,
+    cap: usize,
+    used: usize,
+}
+
+// SAFETY: the arena only hands out ranges nobody holds yet (see `WeightBytes`).
+unsafe impl Send for WeightArena {}
+
+impl WeightArena {
+    const HUGE: usize = 2 << 20;
+
+    /// Room for `cap` bytes.
+    pub fn new(cap: usize) -> std::io::Result<Self> {
+        // One extra 2 MB so that the start can be aligned; never touched.
+        let mut map = memmap2::MmapMut::map_anon(cap + Self::HUGE)?;
+        #[cfg(target_os = "linux")]
+        if let Err(e) = map.advise(memmap2::Advice::HugePage) {
+            tracing::debug!(error = %e, "no huge pages for the weights; they keep 4 KB pages");
+        }
+        let start = map.as_mut_ptr();
+        let base = start.wrapping_add(start.align_offset(Self::HUGE));
+        Ok(WeightArena { map: std::sync::Arc::new(map), base, cap, used: 0 })
+    }
+
+    /// The next `len` bytes (zero until written), each start 64-byte aligned; a mapping of
+    /// their own once the reserve is used up.
+    pub fn take(&mut self, len: usize) -> std::io::Result<WeightBytes> {
+        let at = self.used.next_multiple_of(64);
+        if at + len > self.cap {
+            return WeightBytes::zeroed(len);
+        }
+        self.used = at + len;
+        // SAFETY: `at + len ≤ cap`, and `base + cap` lies inside the mapping (it has `cap` plus
+        // the alignment slack); the range is handed out only here, once.
+        Ok(WeightBytes { _map: self.map.clone(), ptr: unsafe { self.base.add(at) }, len })
     }
 }
 

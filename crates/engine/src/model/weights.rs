@@ -11,7 +11,7 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -131,6 +131,9 @@ pub struct GgufWeights {
     device: Device,
     /// `Some(dtype)`: dequantize every tensor to this dense dtype. `None`: keep quantized.
     dense: Option<DType>,
+    /// Where the CPU kernels' weights go (reserved at the first one: room for every tensor of
+    /// a type they take).
+    arena: Option<super::q8::WeightArena>,
 }
 
 impl GgufWeights {
@@ -146,9 +149,7 @@ impl GgufWeights {
         let content = Content::read(&mut reader)
             .map_err(|e| EngineError::load(path, format!("not a readable GGUF file: {e}")))?;
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let bs = info.ggml_dtype.block_size();
-            let bytes = (elems / bs.max(1) * info.ggml_dtype.type_size()) as u64;
+            let bytes = tensor_bytes(info) as u64;
             let end = content.tensor_data_offset + info.offset + bytes;
             if end > file_len {
                 return Err(EngineError::load(
@@ -166,6 +167,7 @@ impl GgufWeights {
             reader,
             device: device.clone(),
             dense: None,
+            arena: None,
         })
     }
 
@@ -191,7 +193,8 @@ impl GgufWeights {
     /// A tensor's type, shape and bytes exactly as stored, read straight into the buffer the
     /// kernels keep (candle's `QTensor` reads into one buffer, copies into typed blocks, and
     /// taking the bytes back out copies again: the largest tensor three times at the peak).
-    /// The buffer is a [`super::q8::WeightBytes`] (2 MB pages where the system allows).
+    /// The buffer is a [`super::q8::WeightBytes`] from the file's arena (2 MB pages where the
+    /// system allows).
     fn raw(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, super::q8::WeightBytes)> {
         let info = self
             .content
@@ -199,10 +202,17 @@ impl GgufWeights {
             .get(name)
             .ok_or_else(|| EngineError::load(&self.path, format!("tensor `{name}` is missing")))?;
         let (dtype, dims) = (info.ggml_dtype, info.shape.dims().to_vec());
-        let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let bytes = tensor_bytes(info);
         let start = self.content.tensor_data_offset + info.offset;
         let io = |e| EngineError::Io { path: self.path.clone(), source: e };
-        let mut data = super::q8::WeightBytes::zeroed(bytes).map_err(io)?;
+        if self.arena.is_none() {
+            let own = |i: &&TensorInfo| {
+                super::q8::Q8Matrix::supports(i.ggml_dtype) || super::kquants::KMatrix::supports(i.ggml_dtype)
+            };
+            let room: usize = self.content.tensor_infos.values().filter(own).map(|i| tensor_bytes(i).next_multiple_of(64)).sum();
+            self.arena = Some(super::q8::WeightArena::new(room).map_err(io)?);
+        }
+        let mut data = self.arena.as_mut().expect("reserved above").take(bytes).map_err(io)?;
         self.reader
             .seek(SeekFrom::Start(start))
             .and_then(|_| self.reader.read_exact(&mut data))
@@ -217,6 +227,11 @@ impl GgufWeights {
             .map_err(|e| EngineError::load(&self.path, format!("tensor `{name}`: {e}")))?;
         Ok(t)
     }
+}
+
+/// How many bytes a tensor takes in the file.
+fn tensor_bytes(info: &TensorInfo) -> usize {
+    info.shape.elem_count() / info.ggml_dtype.block_size().max(1) * info.ggml_dtype.type_size()
 }
 
 /// Translate a Hugging Face tensor name to its GGUF name.
