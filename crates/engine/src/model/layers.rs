@@ -84,8 +84,9 @@ fn stacked(w: &WeightSource, p: &str, parts: &[&Linear]) -> Result<Option<Linear
     Linear::concat(parts).map_err(|e| crate::error::EngineError::load(w.location(), format!("{p}: {e}")))
 }
 
-/// The q/k/v projections: one stacked matmul for dense weights, three for quantized ones
-/// (their types may differ, e.g. a Q6_K `v_proj` beside Q4_K `q_proj`/`k_proj`).
+/// The q/k/v projections: one stacked product for dense weights and for Q4_K/Q6_K ones on
+/// the CPU (their types may differ, e.g. a Q6_K `v_proj` beside Q4_K `q_proj`/`k_proj`),
+/// three for other quantized ones (see `Linear::concat`).
 #[derive(Debug, Clone)]
 enum QkvProj {
     Fused(Linear),
@@ -298,8 +299,8 @@ impl Attention {
     }
 }
 
-/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`; gate and up as one stacked matmul
-/// for dense weights.
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`; gate and up as one stacked product
+/// where `Linear::concat` can stack them.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     gate_up: GateUp,

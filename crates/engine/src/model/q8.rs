@@ -29,7 +29,7 @@ const ROW_TILE_32: usize = 8;
 /// Output columns per parallel task (a multiple of [`GROUP`]): small enough that a busy core
 /// only delays a sliver of the work (rayon's other thread steals the rest), large enough to
 /// amortize scheduling.
-const COLS_PER_TASK: usize = 32;
+pub(super) const COLS_PER_TASK: usize = 32;
 
 /// The weight formats with 32-value blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

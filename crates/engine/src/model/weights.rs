@@ -35,6 +35,8 @@ enum LinearWeight {
     Q8(Arc<super::q8::Q8Matrix>),
     /// Q4_K and Q6_K on the CPU: Silica's own kernels on the file's blocks (`kquants.rs`).
     K(Arc<super::kquants::KMatrix>),
+    /// Q4_K/Q6_K weights that read the same input, run as one product (q/k/v, gate/up).
+    KStack(Vec<Arc<super::kquants::KMatrix>>),
 }
 
 impl Linear {
@@ -47,24 +49,30 @@ impl Linear {
         }
     }
 
-    /// Several dense layers that read the same input as one: weights stacked along the output
-    /// dimension (and biases concatenated), so one matmul serves all of them (the q/k/v
-    /// projections, gate and up). `None` when any part is quantized or only some have a bias.
+    /// Several layers that read the same input as one, their outputs side by side (the q/k/v
+    /// projections, gate and up): dense weights stacked along the output dimension, so one
+    /// matmul serves all of them; Q4_K/Q6_K weights on the CPU kept as they are and run as one
+    /// product (`KMatrix::forward_stacked`: one quantization of the input, one parallel pass).
+    /// Biases are concatenated. `None` for other quantized parts, a mix, or when only some
+    /// have a bias.
     pub fn concat(parts: &[&Linear]) -> candle_core::Result<Option<Linear>> {
-        let mut weights = Vec::with_capacity(parts.len());
-        for p in parts {
-            match &p.weight {
-                LinearWeight::Dense(w) => weights.push(w),
-                _ => return Ok(None),
-            }
-        }
         let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
         let bias = match biases.len() {
             0 => None,
             n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
             _ => return Ok(None),
         };
-        Ok(Some(Linear { weight: LinearWeight::Dense(Tensor::cat(&weights, 0)?), bias }))
+        let dense: Option<Vec<&Tensor>> =
+            parts.iter().map(|p| if let LinearWeight::Dense(w) = &p.weight { Some(w) } else { None }).collect();
+        if let Some(weights) = dense {
+            return Ok(Some(Linear { weight: LinearWeight::Dense(Tensor::cat(&weights, 0)?), bias }));
+        }
+        let k: Option<Vec<Arc<super::kquants::KMatrix>>> =
+            parts.iter().map(|p| if let LinearWeight::K(m) = &p.weight { Some(m.clone()) } else { None }).collect();
+        match k {
+            Some(ms) if super::kquants::KMatrix::stackable(&ms) => Ok(Some(Linear { weight: LinearWeight::KStack(ms), bias })),
+            _ => Ok(None),
+        }
     }
 
     /// `x W^T` without the bias (for kernels that add it themselves).
@@ -75,6 +83,7 @@ impl Linear {
             LinearWeight::Quant(q) => q.forward(x),
             LinearWeight::Q8(q) => q.forward(x),
             LinearWeight::K(q) => q.forward(x),
+            LinearWeight::KStack(parts) => super::kquants::KMatrix::forward_stacked(parts, x),
         }
     }
 
