@@ -333,6 +333,8 @@ impl Mlp {
                 let y = l.forward(x)?;
                 if fused_kernels {
                     super::fused::silu_mul(&y)?
+                } else if y.device().is_cpu() && y.dtype() == DType::F32 {
+                    silu_mul_cpu(&y, self.intermediate)?
                 } else {
                     let i = self.intermediate;
                     (candle_nn::ops::silu(&y.narrow(1, 0, i)?)? * y.narrow(1, i, i)?)?
@@ -342,6 +344,29 @@ impl Mlp {
         };
         self.down_proj.forward(&h)
     }
+}
+
+/// `silu(gate) · up` from the stacked `[rows, 2·i]` gate/up output, in one pass over it and
+/// in parallel chunks (candle's ops: two copies, a one-thread `silu` with its own output, and
+/// the product: 0.8 ms of a 1.5B decode step). The same formula as candle's `silu`, element
+/// by element, so rows stay independent of the batch.
+fn silu_mul_cpu(y: &Tensor, i: usize) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1024;
+    let rows = y.dim(0)?;
+    let mut out = vec![0f32; rows * i];
+    super::q8::with_f32_rows(y, |ys| {
+        out.par_chunks_mut(i).zip(ys.par_chunks(2 * i)).for_each(|(o, gu)| {
+            let (gate, up) = gu.split_at(i);
+            o.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                let at = c * CHUNK;
+                for ((o, &g), &u) in o.iter_mut().zip(&gate[at..]).zip(&up[at..]) {
+                    *o = g / (1. + (-g).exp()) * u;
+                }
+            });
+        });
+    })?;
+    Tensor::from_vec(out, (rows, i), y.device())
 }
 
 /// One transformer block: pre-norm attention and pre-norm MLP, each with a residual.
