@@ -308,6 +308,10 @@ pub struct Mlp {
     intermediate: usize,
 }
 
+/// Rows per slice of a CPU prefill through the MLP (see `Mlp::forward`): enough rows for the
+/// kernels' 8-row tiles to reuse each weight block many times.
+const MLP_ROWS: usize = 128;
+
 #[derive(Debug, Clone)]
 enum GateUp {
     Fused(Linear),
@@ -328,6 +332,21 @@ impl Mlp {
 
     /// `fused_kernels`: SwiGLU's activation by Silica's CUDA kernel.
     pub fn forward(&self, x: &Tensor, fused_kernels: bool) -> candle_core::Result<Tensor> {
+        // On the CPU a long prefill goes through in slices of rows: the `[rows, 2·i]` gate/up
+        // output is the largest activation (37 MB for 512 rows of the 1.5B), and the peak
+        // memory target counts it. Rows are independent, so the result is the same.
+        let rows = x.dim(0)?;
+        if x.device().is_cpu() && rows > MLP_ROWS {
+            let parts = (0..rows)
+                .step_by(MLP_ROWS)
+                .map(|r| self.forward_rows(&x.narrow(0, r, MLP_ROWS.min(rows - r))?, fused_kernels))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            return Tensor::cat(&parts, 0);
+        }
+        self.forward_rows(x, fused_kernels)
+    }
+
+    fn forward_rows(&self, x: &Tensor, fused_kernels: bool) -> candle_core::Result<Tensor> {
         let h = match &self.gate_up {
             GateUp::Fused(l) => {
                 let y = l.forward(x)?;
