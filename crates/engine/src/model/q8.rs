@@ -295,7 +295,9 @@ pub(super) fn with_f32_rows<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candl
 /// on the 1.5B) and the hardware prefetchers restart at every page. One row against 96 MB of
 /// Q4_K/Q6_K weights, 2 threads, streamed 10–35 % faster from 2 MB pages (docs/benchmarks.md).
 /// The loader takes all of a file's weights from one [`WeightArena`], so that the small ones
-/// (a 256×1536 `k_proj` is 221 KB) and the ends of the large ones are in 2 MB pages too.
+/// (a 256×1536 `k_proj` is 221 KB) and the ends of the large ones are in 2 MB pages too. The
+/// cost is at load: the kernel zeroes each fresh 2 MB page (the 1.5B loads in 3–4.6 s instead
+/// of 1.7 s on the 2-core build machine).
 pub struct WeightBytes {
     /// Keeps the mapping alive.
     _map: std::sync::Arc<memmap2::MmapMut>,
