@@ -18,16 +18,18 @@ pub fn applies(q: &Tensor, k_pool: &Tensor) -> bool {
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight fixed lanes: vectorizes, and the summation order depends only on the length.
+    // (Zipped chunks, not indices: without bounds checks the lanes become SIMD registers.)
     let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = ca.remainder().iter().zip(cb.remainder());
+    for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+            acc[l] += x[l] * y[l];
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
+    for (x, y) in tail {
+        s += x * y;
     }
     s
 }
@@ -61,35 +63,157 @@ pub(crate) fn attend(
         }
     }
     let mut out = vec![0f32; rows * nh * hd];
-    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
-        let (row, h) = (idx / nh, idx % nh);
+    // One task per (row, kv head): its `groups` query heads (consecutive) share every K and V
+    // row read. Each head's numbers are computed as if alone.
+    let task = Task { q: &q, k, v, nh, hd, groups, slot_stride, scale };
+    out.par_chunks_mut(groups * hd).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
+        let (row, kvh) = (idx / num_kv_heads, idx % num_kv_heads);
         let (si, pos) = row_seq[row];
-        let slots = &meta.seqs[si].slots;
-        let kvh = h / groups;
-        let qv = &q[(row * nh + h) * hd..(row * nh + h + 1) * hd];
         // Causal: this query sees positions 0..=pos.
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for &slot in &slots[..=pos] {
-            let off = slot as usize * slot_stride + kvh * hd;
-            let s = dot(qv, &k[off..off + hd]) * scale;
-            max = max.max(s);
-            scores.push(s);
+        let slots = &meta.seqs[si].slots[..=pos];
+        #[cfg(target_arch = "x86_64")]
+        if super::q8::simd_available() {
+            // SAFETY: AVX2 was detected at run time.
+            return unsafe { task.run_avx2(row, kvh, slots, scores, o) };
         }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        for (&w, &slot) in scores.iter().zip(&slots[..=pos]) {
-            let off = slot as usize * slot_stride + kvh * hd;
-            let w = w * inv;
-            for (o, &x) in o.iter_mut().zip(&v[off..off + hd]) {
-                *o += w * x;
-            }
-        }
+        task.run::<false>(row, kvh, slots, scores, o)
     });
     drop((ks, vs));
     Tensor::from_vec(out, (rows, nh * hd), &Device::Cpu)
+}
+
+/// What every (row, kv head) task reads.
+struct Task<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    nh: usize,
+    hd: usize,
+    groups: usize,
+    slot_stride: usize,
+    scale: f32,
+}
+
+impl Task<'_> {
+    /// Query heads `kvh · groups ..` of `row` against the positions in `slots`, into `o`
+    /// (`groups` heads × `hd`). Per head: scores, softmax, weighted sum of V, in position order.
+    #[inline(always)]
+    fn run<const AVX2: bool>(&self, row: usize, kvh: usize, slots: &[u32], scores: &mut Vec<f32>, o: &mut [f32]) {
+        let (hd, groups, n) = (self.hd, self.groups, slots.len());
+        let qs = &self.q[(row * self.nh + kvh * groups) * hd..][..groups * hd];
+        scores.clear();
+        scores.resize(groups * n, 0.0);
+        for (j, &slot) in slots.iter().enumerate() {
+            self.prefetch(self.k, slots, j + AHEAD, kvh);
+            let off = slot as usize * self.slot_stride + kvh * hd;
+            let kr = &self.k[off..off + hd];
+            for (g, qv) in qs.chunks_exact(hd).enumerate() {
+                #[cfg(target_arch = "x86_64")]
+                if AVX2 {
+                    // SAFETY: `AVX2` is only set by `run_avx2`, which needs AVX2.
+                    scores[g * n + j] = unsafe { dot_avx2(qv, kr) } * self.scale;
+                    continue;
+                }
+                scores[g * n + j] = dot(qv, kr) * self.scale;
+            }
+        }
+        for s in scores.chunks_exact_mut(n) {
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0f32;
+            for x in s.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            for x in s.iter_mut() {
+                *x *= inv;
+            }
+        }
+        for (j, &slot) in slots.iter().enumerate() {
+            self.prefetch(self.v, slots, j + AHEAD, kvh);
+            let off = slot as usize * self.slot_stride + kvh * hd;
+            let vr = &self.v[off..off + hd];
+            for (g, og) in o.chunks_exact_mut(hd).enumerate() {
+                let w = scores[g * n + j];
+                for (o, &x) in og.iter_mut().zip(vr) {
+                    *o += w * x;
+                }
+            }
+        }
+    }
+
+    /// [`Task::run`] compiled for AVX2: the same operations (separate multiplies and adds, the
+    /// same lanes), so the same bits, in wider registers.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self, row: usize, kvh: usize, slots: &[u32], scores: &mut Vec<f32>, o: &mut [f32]) {
+        self.run::<true>(row, kvh, slots, scores, o)
+    }
+
+    /// Ask for the K or V row of position `j` (if any) ahead of its use: the cache rows are
+    /// scattered in the pool by the block table, and after a decode step's weights have streamed
+    /// through, they come from memory.
+    #[inline(always)]
+    fn prefetch(&self, pool: &[f32], slots: &[u32], j: usize, kvh: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(&slot) = slots.get(j) {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let row = pool[slot as usize * self.slot_stride + kvh * self.hd..][..self.hd].as_ptr();
+            for line in (0..self.hd).step_by(16) {
+                // SAFETY: a prefetch never faults; the address is inside the row anyway.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.add(line) as *const i8) };
+            }
+        }
+    }
+}
+
+/// How many positions ahead K and V rows are prefetched.
+const AHEAD: usize = 4;
+
+/// [`dot`] with 256-bit registers: lane `l` of the register is `acc[l]` there, the same
+/// multiplies and adds in the same order, then the same reduction.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let chunks = a.len().min(b.len()) / 8;
+    let mut acc = _mm256_setzero_ps();
+    for c in 0..chunks {
+        let (x, y) = (_mm256_loadu_ps(a.as_ptr().add(8 * c)), _mm256_loadu_ps(b.as_ptr().add(8 * c)));
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+    }
+    let mut l = [0f32; 8];
+    _mm256_storeu_ps(l.as_mut_ptr(), acc);
+    let mut s = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+    for (x, y) in a[8 * chunks..].iter().zip(&b[8 * chunks..]) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_avx2_build_gives_the_same_bits() {
+        if !super::super::q8::simd_available() {
+            return;
+        }
+        // 2 kv heads of 6 query heads, head size 64 (+ a tail of 4 past the 8-lane chunks).
+        let (nh, hd, nkv, positions) = (12, 68, 2, 37);
+        let vals = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5).collect()
+        };
+        let (q, k, v) = (vals(nh * hd, 1), vals(positions * nkv * hd, 2), vals(positions * nkv * hd, 3));
+        let slots: Vec<u32> = (0..positions as u32).rev().collect();
+        let task = Task { q: &q, k: &k, v: &v, nh, hd, groups: nh / nkv, slot_stride: nkv * hd, scale: 0.125 };
+        for kvh in 0..nkv {
+            let (mut a, mut b) = (vec![0f32; 6 * hd], vec![0f32; 6 * hd]);
+            task.run::<false>(0, kvh, &slots, &mut Vec::new(), &mut a);
+            // SAFETY: AVX2 was detected above.
+            unsafe { task.run_avx2(0, kvh, &slots, &mut Vec::new(), &mut b) };
+            assert_eq!(a, b, "kv head {kvh}");
+        }
+    }
 }

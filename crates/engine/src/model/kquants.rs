@@ -14,10 +14,12 @@
 //! integers), then each row's accumulators take one fused multiply-add per block in block
 //! order. The integer sum is the same whatever the path, so the floats are too.
 
+use std::borrow::Borrow;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use super::q8::{nearest_i8, tiled, with_f32_rows, word, Path, TaskOut, GROUP};
+use super::q8::{nearest_i8, tiled, with_f32_rows, word, Path, TaskOut, WeightBytes, COLS_PER_TASK, GROUP};
 
 /// Rows of activations processed against each weight block while it is decoded.
 const ROW_TILE_K: usize = 8;
@@ -51,7 +53,7 @@ pub struct KMatrix {
     format: Format,
     /// Groups of 16 columns in the interleaved layout ([`Q4KLayout`], [`Q6KLayout`]), then
     /// the `n % 16` remaining columns as in the file.
-    data: Vec<u8>,
+    data: WeightBytes,
 }
 
 /// Q4_K's interleaved layout for a group of [`GROUP`] columns (re-arranged in place at load,
@@ -243,11 +245,11 @@ impl KMatrix {
 
     pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
         let (n, k) = t.shape().dims2()?;
-        Self::from_bytes(t.dtype(), n, k, t.data()?.into_owned())
+        Self::from_bytes(t.dtype(), n, k, WeightBytes::from_slice(&t.data()?)?)
     }
 
     /// Take a weight `[n, k]` of GGML type `dtype` from its bytes as stored in the file.
-    pub fn from_bytes(dtype: GgmlDType, n: usize, k: usize, data: Vec<u8>) -> candle_core::Result<Self> {
+    pub fn from_bytes(dtype: GgmlDType, n: usize, k: usize, data: WeightBytes) -> candle_core::Result<Self> {
         let format = match dtype {
             GgmlDType::Q4K => Format::Q4K,
             GgmlDType::Q6K => Format::Q6K,
@@ -271,91 +273,132 @@ impl KMatrix {
 
     /// `x: [m, k]` F32 → `[m, n]` F32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        if k != self.k {
-            candle_core::bail!("quantized matmul: input has {k} columns, weight expects {}", self.k);
-        }
-        let out = with_f32_rows(x, |xs| self.matmul(xs, m, Path::best()))?;
-        Tensor::from_vec(out, (m, self.n), &Device::Cpu)
+        Self::forward_stacked(&[self], x)
     }
 
+    /// Whether `parts` can run as one product ([`KMatrix::forward_stacked`]): the same input
+    /// width, and every part but the last a whole number of parallel tasks wide, so that no
+    /// task spans two parts.
+    pub fn stackable<P: Borrow<KMatrix>>(parts: &[P]) -> bool {
+        let Some((last, init)) = parts.split_last() else { return false };
+        let k = last.borrow().k;
+        init.iter().all(|p| p.borrow().k == k && p.borrow().n % COLS_PER_TASK == 0)
+    }
+
+    /// Weights that read the same input (q/k/v, gate/up) as one product: `x: [m, k]` →
+    /// `[m, Σ n]`, the parts' outputs side by side. The input is quantized once and all the
+    /// parts' columns are one parallel pass (one wake-up of the pool, one wait at the end);
+    /// each output element is computed exactly as by its part alone. The parts keep their own
+    /// formats (a Q6_K `v_proj` beside Q4_K `q_proj` and `k_proj`: both read Q8_K activations).
+    pub fn forward_stacked<P: Borrow<KMatrix> + Sync>(parts: &[P], x: &Tensor) -> candle_core::Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if !Self::stackable(parts) {
+            candle_core::bail!("quantized matmul: these weights cannot run as one product (engine bug)");
+        }
+        if k != parts[0].borrow().k {
+            candle_core::bail!("quantized matmul: input has {k} columns, weight expects {}", parts[0].borrow().k);
+        }
+        let out = with_f32_rows(x, |xs| Self::matmul_stacked(parts, xs, m, Path::best()))?;
+        Tensor::from_vec(out, (m, parts.iter().map(|p| p.borrow().n).sum::<usize>()), &Device::Cpu)
+    }
+
+    #[cfg(test)]
     fn matmul(&self, xs: &[f32], m: usize, path: Path) -> Vec<f32> {
-        let rows = quantize_rows(xs, m, self.k);
+        Self::matmul_stacked(&[self], xs, m, path)
+    }
+
+    fn matmul_stacked<P: Borrow<KMatrix> + Sync>(parts: &[P], xs: &[f32], m: usize, path: Path) -> Vec<f32> {
+        let rows = quantize_rows(xs, m, parts[0].borrow().k);
+        let n = parts.iter().map(|p| p.borrow().n).sum();
+        tiled(n, m, ROW_TILE_K, |col0, cols, r0, r1, out| {
+            // The part holding this task's columns (`stackable`: a task never spans two).
+            let mut base = 0;
+            for p in parts.iter().map(P::borrow) {
+                if col0 < base + p.n {
+                    return p.task(&rows, path, col0 - base, cols, r0, r1, out, base);
+                }
+                base += p.n;
+            }
+        })
+    }
+
+    /// Rows `r0..r1` of this weight's columns `col0..col0 + cols`, written to the output's
+    /// columns `base + col0..`.
+    #[allow(clippy::too_many_arguments)]
+    fn task(&self, rows: &Q8KRows, path: Path, col0: usize, cols: usize, r0: usize, r1: usize, out: &TaskOut, base: usize) {
         let (k, kb) = (self.k, self.k / QK_K);
         let row_bytes = kb * self.format.block_bytes();
         let full = self.n / GROUP * GROUP;
         let gb = GROUP * self.format.block_bytes();
-        tiled(self.n, m, ROW_TILE_K, |col0, cols, r0, r1, out| {
-            let mut c = 0;
-            while c < cols && col0 + c < full {
-                let g = &self.data[(col0 + c) * row_bytes..(col0 + c + GROUP) * row_bytes];
-                match path {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `Path::Avx512` is only chosen when AVX-512 F, BW and VNNI were
-                    // detected at run time, `Path::Avx2` when AVX2, FMA and F16C were.
-                    Path::Avx512 | Path::Avx2 => unsafe {
-                        macro_rules! go {
-                            ($f:ident) => {
-                                match r1 - r0 {
-                                    1 => simd::$f::<1>(g, kb, &rows, r0, k, out, col0 + c),
-                                    2 => simd::$f::<2>(g, kb, &rows, r0, k, out, col0 + c),
-                                    3 => simd::$f::<3>(g, kb, &rows, r0, k, out, col0 + c),
-                                    4 => simd::$f::<4>(g, kb, &rows, r0, k, out, col0 + c),
-                                    5 => simd::$f::<5>(g, kb, &rows, r0, k, out, col0 + c),
-                                    6 => simd::$f::<6>(g, kb, &rows, r0, k, out, col0 + c),
-                                    7 => simd::$f::<7>(g, kb, &rows, r0, k, out, col0 + c),
-                                    _ => simd::$f::<ROW_TILE_K>(g, kb, &rows, r0, k, out, col0 + c),
-                                }
-                            };
-                        }
-                        match (self.format, path) {
-                            (Format::Q4K, Path::Avx512) => go!(q4k_group_avx512),
-                            (Format::Q4K, _) => go!(q4k_group_avx2),
-                            (Format::Q6K, Path::Avx512) => go!(q6k_group_avx512),
-                            (Format::Q6K, _) => go!(q6k_group_avx2),
-                        }
-                    },
-                    _ => {
-                        // The reference: each column back in the file's layout.
-                        let mut col = vec![0u8; row_bytes];
-                        let mut res = [0f32; ROW_TILE_K];
-                        let bb = self.format.block_bytes();
-                        for cc in 0..GROUP {
-                            for b in 0..kb {
-                                let blk = &g[b * gb..(b + 1) * gb];
-                                let dst = &mut col[b * bb..(b + 1) * bb];
-                                match self.format {
-                                    Format::Q4K => dst.copy_from_slice(&Q4KLayout::column(blk, cc)),
-                                    Format::Q6K => dst.copy_from_slice(&Q6KLayout::column(blk, cc)),
-                                }
+        let mut c = 0;
+        while c < cols && col0 + c < full {
+            let g = &self.data[(col0 + c) * row_bytes..(col0 + c + GROUP) * row_bytes];
+            match path {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `Path::Avx512` is only chosen when AVX-512 F, BW and VNNI were
+                // detected at run time, `Path::Avx2` when AVX2, FMA and F16C were.
+                Path::Avx512 | Path::Avx2 => unsafe {
+                    macro_rules! go {
+                        ($f:ident) => {
+                            match r1 - r0 {
+                                1 => simd::$f::<1>(g, kb, rows, r0, k, out, base + col0 + c),
+                                2 => simd::$f::<2>(g, kb, rows, r0, k, out, base + col0 + c),
+                                3 => simd::$f::<3>(g, kb, rows, r0, k, out, base + col0 + c),
+                                4 => simd::$f::<4>(g, kb, rows, r0, k, out, base + col0 + c),
+                                5 => simd::$f::<5>(g, kb, rows, r0, k, out, base + col0 + c),
+                                6 => simd::$f::<6>(g, kb, rows, r0, k, out, base + col0 + c),
+                                7 => simd::$f::<7>(g, kb, rows, r0, k, out, base + col0 + c),
+                                _ => simd::$f::<ROW_TILE_K>(g, kb, rows, r0, k, out, base + col0 + c),
                             }
-                            let o = &mut res[..r1 - r0];
+                        };
+                    }
+                    match (self.format, path) {
+                        (Format::Q4K, Path::Avx512) => go!(q4k_group_avx512),
+                        (Format::Q4K, _) => go!(q4k_group_avx2),
+                        (Format::Q6K, Path::Avx512) => go!(q6k_group_avx512),
+                        (Format::Q6K, _) => go!(q6k_group_avx2),
+                    }
+                },
+                _ => {
+                    // The reference: each column back in the file's layout.
+                    let mut col = vec![0u8; row_bytes];
+                    let mut res = [0f32; ROW_TILE_K];
+                    let bb = self.format.block_bytes();
+                    for cc in 0..GROUP {
+                        for b in 0..kb {
+                            let blk = &g[b * gb..(b + 1) * gb];
+                            let dst = &mut col[b * bb..(b + 1) * bb];
                             match self.format {
-                                Format::Q4K => portable::q4k_tile(&col, &rows, r0, r1, k, o),
-                                Format::Q6K => portable::q6k_tile(&col, &rows, r0, r1, k, o),
+                                Format::Q4K => dst.copy_from_slice(&Q4KLayout::column(blk, cc)),
+                                Format::Q6K => dst.copy_from_slice(&Q6KLayout::column(blk, cc)),
                             }
-                            for (i, &v) in o.iter().enumerate() {
-                                out.put(r0 + i, col0 + c + cc, &[v]);
-                            }
+                        }
+                        let o = &mut res[..r1 - r0];
+                        match self.format {
+                            Format::Q4K => portable::q4k_tile(&col, rows, r0, r1, k, o),
+                            Format::Q6K => portable::q6k_tile(&col, rows, r0, r1, k, o),
+                        }
+                        for (i, &v) in o.iter().enumerate() {
+                            out.put(r0 + i, base + col0 + c + cc, &[v]);
                         }
                     }
                 }
-                c += GROUP;
             }
-            // The `n % 16` last columns (no model has any): the file's layout, portable code.
-            let mut res = [0f32; ROW_TILE_K];
-            for c in c..cols {
-                let w = &self.data[(col0 + c) * row_bytes..(col0 + c + 1) * row_bytes];
-                let o = &mut res[..r1 - r0];
-                match self.format {
-                    Format::Q4K => portable::q4k_tile(w, &rows, r0, r1, k, o),
-                    Format::Q6K => portable::q6k_tile(w, &rows, r0, r1, k, o),
-                }
-                for (i, &v) in o.iter().enumerate() {
-                    out.put(r0 + i, col0 + c, &[v]);
-                }
+            c += GROUP;
+        }
+        // The `n % 16` last columns (no model has any): the file's layout, portable code.
+        let mut res = [0f32; ROW_TILE_K];
+        for c in c..cols {
+            let w = &self.data[(col0 + c) * row_bytes..(col0 + c + 1) * row_bytes];
+            let o = &mut res[..r1 - r0];
+            match self.format {
+                Format::Q4K => portable::q4k_tile(w, rows, r0, r1, k, o),
+                Format::Q6K => portable::q6k_tile(w, rows, r0, r1, k, o),
             }
-        })
+            for (i, &v) in o.iter().enumerate() {
+                out.put(r0 + i, base + col0 + c, &[v]);
+            }
+        }
     }
 }
 
@@ -884,6 +927,28 @@ mod tests {
                 assert_eq!(one[..], all[r * 70..(r + 1) * 70], "{dt:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_stacked_product_equals_its_parts_bit_for_bit() {
+        // q/k/v as in the 1.5B's layers with a Q6_K v_proj, and a last part of 40 columns
+        // (16-column groups plus the file's layout, not a whole task).
+        let part = |dt, n| setup(dt, n, 512, 5).0;
+        let parts = [part(GgmlDType::Q4K, 64), part(GgmlDType::Q4K, 32), part(GgmlDType::Q6K, 40)];
+        assert!(KMatrix::stackable(&parts));
+        let x = Tensor::randn(0f32, 1., (5, 512), &Device::Cpu).unwrap();
+        let all = KMatrix::forward_stacked(&parts, &x).unwrap().to_vec2::<f32>().unwrap();
+        let mut col = 0;
+        for p in &parts {
+            let alone = p.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            for (r, row) in alone.iter().enumerate() {
+                assert_eq!(row[..], all[r][col..col + p.n], "part at column {col}, row {r}");
+            }
+            col += p.n;
+        }
+        assert_eq!(col, all[0].len());
+        // A part that is not a whole number of tasks wide can only come last.
+        assert!(!KMatrix::stackable(&[part(GgmlDType::Q4K, 48), part(GgmlDType::Q4K, 32)]));
     }
 
     #[test]

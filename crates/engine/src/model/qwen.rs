@@ -80,6 +80,17 @@ impl QwenModel {
     /// Returns F32 logits `[rows, vocab]`: one row per sequence (its last token), or one per
     /// new token for sequences with `all_logits`.
     pub fn forward(&self, batch: &[SeqInput<'_>], kv: &mut KvCache) -> Result<Tensor> {
+        if self.device.is_cpu() {
+            // The whole pass on a rayon worker: every parallel op inside (the quantized
+            // matmuls, candle's norms and RoPE, attention) then starts from a worker, which
+            // runs its share itself, instead of from this thread, which would hand each op to
+            // the pool and sleep until it is done (a wake-up and a sleep per op).
+            return rayon::scope(|_| self.forward_on(batch, kv));
+        }
+        self.forward_on(batch, kv)
+    }
+
+    fn forward_on(&self, batch: &[SeqInput<'_>], kv: &mut KvCache) -> Result<Tensor> {
         if batch.is_empty() {
             return Err(EngineError::invalid("batch", "empty forward batch"));
         }

@@ -11,7 +11,7 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -35,6 +35,8 @@ enum LinearWeight {
     Q8(Arc<super::q8::Q8Matrix>),
     /// Q4_K and Q6_K on the CPU: Silica's own kernels on the file's blocks (`kquants.rs`).
     K(Arc<super::kquants::KMatrix>),
+    /// Q4_K/Q6_K weights that read the same input, run as one product (q/k/v, gate/up).
+    KStack(Vec<Arc<super::kquants::KMatrix>>),
 }
 
 impl Linear {
@@ -47,24 +49,30 @@ impl Linear {
         }
     }
 
-    /// Several dense layers that read the same input as one: weights stacked along the output
-    /// dimension (and biases concatenated), so one matmul serves all of them (the q/k/v
-    /// projections, gate and up). `None` when any part is quantized or only some have a bias.
+    /// Several layers that read the same input as one, their outputs side by side (the q/k/v
+    /// projections, gate and up): dense weights stacked along the output dimension, so one
+    /// matmul serves all of them; Q4_K/Q6_K weights on the CPU kept as they are and run as one
+    /// product (`KMatrix::forward_stacked`: one quantization of the input, one parallel pass).
+    /// Biases are concatenated. `None` for other quantized parts, a mix, or when only some
+    /// have a bias.
     pub fn concat(parts: &[&Linear]) -> candle_core::Result<Option<Linear>> {
-        let mut weights = Vec::with_capacity(parts.len());
-        for p in parts {
-            match &p.weight {
-                LinearWeight::Dense(w) => weights.push(w),
-                _ => return Ok(None),
-            }
-        }
         let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
         let bias = match biases.len() {
             0 => None,
             n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
             _ => return Ok(None),
         };
-        Ok(Some(Linear { weight: LinearWeight::Dense(Tensor::cat(&weights, 0)?), bias }))
+        let dense: Option<Vec<&Tensor>> =
+            parts.iter().map(|p| if let LinearWeight::Dense(w) = &p.weight { Some(w) } else { None }).collect();
+        if let Some(weights) = dense {
+            return Ok(Some(Linear { weight: LinearWeight::Dense(Tensor::cat(&weights, 0)?), bias }));
+        }
+        let k: Option<Vec<Arc<super::kquants::KMatrix>>> =
+            parts.iter().map(|p| if let LinearWeight::K(m) = &p.weight { Some(m.clone()) } else { None }).collect();
+        match k {
+            Some(ms) if super::kquants::KMatrix::stackable(&ms) => Ok(Some(Linear { weight: LinearWeight::KStack(ms), bias })),
+            _ => Ok(None),
+        }
     }
 
     /// `x W^T` without the bias (for kernels that add it themselves).
@@ -75,6 +83,7 @@ impl Linear {
             LinearWeight::Quant(q) => q.forward(x),
             LinearWeight::Q8(q) => q.forward(x),
             LinearWeight::K(q) => q.forward(x),
+            LinearWeight::KStack(parts) => super::kquants::KMatrix::forward_stacked(parts, x),
         }
     }
 
@@ -131,6 +140,9 @@ pub struct GgufWeights {
     device: Device,
     /// `Some(dtype)`: dequantize every tensor to this dense dtype. `None`: keep quantized.
     dense: Option<DType>,
+    /// Where the CPU kernels' weights go (reserved at the first one: room for every tensor of
+    /// a type they take).
+    arena: Option<super::q8::WeightArena>,
 }
 
 impl GgufWeights {
@@ -146,9 +158,7 @@ impl GgufWeights {
         let content = Content::read(&mut reader)
             .map_err(|e| EngineError::load(path, format!("not a readable GGUF file: {e}")))?;
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let bs = info.ggml_dtype.block_size();
-            let bytes = (elems / bs.max(1) * info.ggml_dtype.type_size()) as u64;
+            let bytes = tensor_bytes(info) as u64;
             let end = content.tensor_data_offset + info.offset + bytes;
             if end > file_len {
                 return Err(EngineError::load(
@@ -166,6 +176,7 @@ impl GgufWeights {
             reader,
             device: device.clone(),
             dense: None,
+            arena: None,
         })
     }
 
@@ -191,20 +202,30 @@ impl GgufWeights {
     /// A tensor's type, shape and bytes exactly as stored, read straight into the buffer the
     /// kernels keep (candle's `QTensor` reads into one buffer, copies into typed blocks, and
     /// taking the bytes back out copies again: the largest tensor three times at the peak).
-    fn raw(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>)> {
+    /// The buffer is a [`super::q8::WeightBytes`] from the file's arena (2 MB pages where the
+    /// system allows).
+    fn raw(&mut self, name: &str) -> Result<(GgmlDType, Vec<usize>, super::q8::WeightBytes)> {
         let info = self
             .content
             .tensor_infos
             .get(name)
             .ok_or_else(|| EngineError::load(&self.path, format!("tensor `{name}` is missing")))?;
         let (dtype, dims) = (info.ggml_dtype, info.shape.dims().to_vec());
-        let bytes = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let bytes = tensor_bytes(info);
         let start = self.content.tensor_data_offset + info.offset;
-        let mut data = vec![0u8; bytes];
+        let io = |e| EngineError::Io { path: self.path.clone(), source: e };
+        if self.arena.is_none() {
+            let own = |i: &&TensorInfo| {
+                super::q8::Q8Matrix::supports(i.ggml_dtype) || super::kquants::KMatrix::supports(i.ggml_dtype)
+            };
+            let room: usize = self.content.tensor_infos.values().filter(own).map(|i| tensor_bytes(i).next_multiple_of(64)).sum();
+            self.arena = Some(super::q8::WeightArena::new(room).map_err(io)?);
+        }
+        let mut data = self.arena.as_mut().expect("reserved above").take(bytes).map_err(io)?;
         self.reader
             .seek(SeekFrom::Start(start))
             .and_then(|_| self.reader.read_exact(&mut data))
-            .map_err(|e| EngineError::Io { path: self.path.clone(), source: e })?;
+            .map_err(io)?;
         Ok((dtype, dims, data))
     }
 
@@ -215,6 +236,11 @@ impl GgufWeights {
             .map_err(|e| EngineError::load(&self.path, format!("tensor `{name}`: {e}")))?;
         Ok(t)
     }
+}
+
+/// How many bytes a tensor takes in the file.
+fn tensor_bytes(info: &TensorInfo) -> usize {
+    info.shape.elem_count() / info.ggml_dtype.block_size().max(1) * info.ggml_dtype.type_size()
 }
 
 /// Translate a Hugging Face tensor name to its GGUF name.
