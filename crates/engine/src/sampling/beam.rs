@@ -209,12 +209,7 @@ impl BeamSearch {
     /// non-EOS one becomes a live beam until `num_beams` are live. `-inf` continuations are
     /// never taken.
     pub fn step(&mut self, logprobs: &[f32], vocab_size: usize) -> Result<BeamStep> {
-        if self.finished {
-            return Err(EngineError::invalid(
-                "beam_search",
-                "step() called after the search finished",
-            ));
-        }
+        self.ensure_running()?;
         if vocab_size == 0
             || logprobs.is_empty()
             || logprobs.len() / vocab_size * vocab_size != logprobs.len()
@@ -227,14 +222,7 @@ impl BeamSearch {
                 ),
             ));
         }
-        let rows = logprobs.len() / vocab_size;
-        let used = if self.steps == 0 { 1 } else { self.live.len() };
-        if self.steps > 0 && rows != used {
-            return Err(EngineError::invalid(
-                "logprobs",
-                format!("expected {used} rows (one per live beam), got {rows}"),
-            ));
-        }
+        let used = self.used_rows(logprobs.len() / vocab_size)?;
         let n_keep = self.candidates_per_row();
 
         self.cands.clear();
@@ -269,16 +257,8 @@ impl BeamSearch {
     /// `r`, most likely first, ties by lower token (what the device's selection returns). The
     /// same candidates give the same step as `step` on the full rows.
     pub fn step_top(&mut self, top: &[Vec<(u32, f32)>]) -> Result<BeamStep> {
-        if self.finished {
-            return Err(EngineError::invalid("beam_search", "step() called after the search finished"));
-        }
-        let used = if self.steps == 0 { 1 } else { self.live.len() };
-        if top.len() < used || (self.steps > 0 && top.len() != used) {
-            return Err(EngineError::invalid(
-                "logprobs",
-                format!("expected {used} rows (one per live beam), got {}", top.len()),
-            ));
-        }
+        self.ensure_running()?;
+        let used = self.used_rows(top.len())?;
         let n_keep = self.candidates_per_row();
         self.cands.clear();
         for (r, row) in top.iter().take(used).enumerate() {
@@ -293,6 +273,23 @@ impl BeamSearch {
             }
         }
         self.advance()
+    }
+
+    fn ensure_running(&self) -> Result<()> {
+        if self.finished {
+            return Err(EngineError::invalid("beam_search", "step() called after the search finished"));
+        }
+        Ok(())
+    }
+
+    /// How many of a step's `rows` it uses: row 0 at step 0 (of at least one), else one per
+    /// live beam, exactly.
+    fn used_rows(&self, rows: usize) -> Result<usize> {
+        let used = if self.steps == 0 { 1 } else { self.live.len() };
+        if rows < used || (self.steps > 0 && rows != used) {
+            return Err(EngineError::invalid("logprobs", format!("expected {used} rows (one per live beam), got {rows}")));
+        }
+        Ok(used)
     }
 
     /// The rest of a step once `self.cands` holds every live beam's best continuations.

@@ -260,13 +260,7 @@ impl Sampler {
     /// request draws the same uniforms on either path. `None`: call `sample` instead.
     pub fn device_selection(&mut self) -> Option<Selection> {
         let p = &self.params;
-        let host_only = self.invalid.is_some()
-            || !p.logit_bias.is_empty()
-            || p.repetition_penalty != 1.0
-            || p.presence_penalty != 0.0
-            || p.frequency_penalty != 0.0
-            || p.top_logprobs.is_some();
-        if host_only {
+        if self.invalid.is_some() || p.needs_full_row() {
             return None;
         }
         if p.is_greedy() {

@@ -82,12 +82,17 @@ impl SamplingParams {
     /// Greedy with nothing that changes the logits first (penalties, bias) and no logprobs:
     /// the token is the raw logits' argmax.
     pub fn is_plain_greedy(&self) -> bool {
-        self.is_greedy()
-            && self.repetition_penalty == 1.0
-            && self.presence_penalty == 0.0
-            && self.frequency_penalty == 0.0
-            && self.logit_bias.is_empty()
-            && self.top_logprobs.is_none()
+        self.is_greedy() && !self.needs_full_row()
+    }
+
+    /// Whether sampling needs the row's every logit on the host: penalties or a bias change the
+    /// logits first, or top logprobs are reported.
+    pub fn needs_full_row(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || !self.logit_bias.is_empty()
+            || self.top_logprobs.is_some()
     }
 
     /// Checks every field against its documented range. The error is

@@ -84,9 +84,10 @@ __device__ __forceinline__ unsigned long long warp_sum_u64(unsigned long long v)
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(SEL_FULL, v, o);
     return v;
 }
-__device__ __forceinline__ uint32_t warp_sum_u32(uint32_t v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(SEL_FULL, v, o);
-    return v;
+// The top-p target in fixed point: the smallest mass reaching top_p of `total` (at least 1).
+__device__ __forceinline__ unsigned long long sel_top_p_target(float top_p, unsigned long long total) {
+    const unsigned long long t = (unsigned long long)ceil((double)top_p * (double)total);
+    return t == 0 ? 1 : t;
 }
 
 // Per-warp totals into `red`, then every thread gets (sum of the warps before its own, total).
@@ -486,8 +487,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
                 for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) s += sh.mass[b];
                 sel_warp_scan(s, sh.redu, &before, &total);
             }
-            unsigned long long target = (unsigned long long)ceil((double)p.top_p * (double)total);
-            if (target == 0) target = 1;
+            const unsigned long long target = sel_top_p_target(p.top_p, total);
             // Bins strictly above the top-k bin first; then inside the top-k bin's sorted list.
             const int lowest = has_k ? top_bin + 1 : 0;
             int bin = -1;
@@ -527,8 +527,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
             sel_warp_scan(above, sh.redu, &before, &m_gt);
             const unsigned long long w_tau = has_k ? sel_fix(sel_weight(sel_unkey(tau), m, inv_t)) : 0;
             const unsigned long long total = m_gt + (has_k ? ties * w_tau : 0);
-            unsigned long long target = (unsigned long long)ceil((double)p.top_p * (double)total);
-            if (target == 0) target = 1;
+            const unsigned long long target = sel_top_p_target(p.top_p, total);
             if (m_gt >= target) {
                 unsigned long long rem;
                 tau = sel_radix<true>(x, vocab, range, tau, m, inv_t, target, &rem, sh);
