@@ -57,13 +57,18 @@ pub(crate) struct StepInputs {
 
 impl StepInputs {
     /// `None` unless every sequence adds exactly one token and wants only its logits.
-    pub fn decode_only(batch: &[SeqInput<'_>], kv: &KvCache) -> Option<Self> {
-        if batch.iter().any(|s| s.tokens.len() != 1 || s.all_logits) {
+    /// The graph shape `(rows, capacity)` of a step: `None` unless every sequence adds exactly
+    /// one token and wants only its logits, and there are at most [`max_rows`] of them.
+    fn shape_of(batch: &[SeqInput<'_>]) -> Option<(usize, usize)> {
+        if batch.len() > max_rows() || batch.iter().any(|s| s.tokens.len() != 1 || s.all_logits) {
             return None;
         }
         let longest = batch.iter().map(|s| s.cache.len + 1).max()?;
-        let capacity = longest.next_power_of_two().max(MIN_CAPACITY);
-        let rows = batch.len();
+        Some((batch.len(), longest.next_power_of_two().max(MIN_CAPACITY)))
+    }
+
+    /// The inputs of a step of shape `(rows, capacity)` (from [`shape_of`](Self::shape_of)).
+    fn new(batch: &[SeqInput<'_>], kv: &KvCache, (rows, capacity): (usize, usize)) -> Self {
         let mut x = StepInputs {
             ids: Vec::with_capacity(rows),
             positions: Vec::with_capacity(rows),
@@ -84,7 +89,7 @@ impl StepInputs {
             x.table.extend(std::iter::repeat_n(pad, capacity - len));
             x.lens.push(len as u32);
         }
-        Some(x)
+        x
     }
 
     pub fn shape(&self) -> (usize, usize) {
@@ -119,22 +124,26 @@ pub(crate) struct DecodeGraphs {
 impl DecodeGraphs {
     /// Runs the step through a graph when one is (or can now be) captured for its shape;
     /// `Ok(None)`: run it eagerly. `body` is the model's forward over a [`BatchMeta`].
+    /// The step's inputs are only gathered when a graph will run it.
     pub fn run(
         &self,
-        step: &StepInputs,
+        batch: &[SeqInput<'_>],
+        kv: &KvCache,
         vocab: usize,
         device: &candle_core::Device,
         body: &dyn Fn(&BatchMeta) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<Option<Tensor>> {
+        let Some(key) = StepInputs::shape_of(batch) else { return Ok(None) };
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let key = step.shape();
         if inner.failed.contains(&key) {
             return Ok(None);
         }
+        // A shape first seen runs eagerly (see the module docs).
+        if !inner.captured.contains_key(&key) && inner.seen.insert(key) {
+            return Ok(None);
+        }
+        let step = &StepInputs::new(batch, kv, key);
         if !inner.captured.contains_key(&key) {
-            if inner.seen.insert(key) {
-                return Ok(None);
-            }
             match capture(step, vocab, device, body) {
                 Ok(c) => {
                     tracing::debug!(rows = key.0, capacity = key.1, "decode step captured as a CUDA graph");

@@ -115,11 +115,9 @@ impl QwenModel {
         }
         #[cfg(feature = "cuda")]
         if let Some(graphs) = &self.graphs {
-            if let Some(step) = super::graph::StepInputs::decode_only(batch, kv).filter(|s| s.shape().0 <= super::graph::max_rows()) {
-                let kv: &KvCache = kv;
-                if let Some(logits) = graphs.run(&step, self.cfg.vocab_size, &self.device, &|meta| self.run(meta, kv))? {
-                    return Ok(logits);
-                }
+            let kv: &KvCache = kv;
+            if let Some(logits) = graphs.run(batch, kv, self.cfg.vocab_size, &self.device, &|meta| self.run(meta, kv))? {
+                return Ok(logits);
             }
         }
         let mode = if self.fused {
