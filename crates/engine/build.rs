@@ -19,6 +19,9 @@ fn main() {
         Some(home) => PathBuf::from(home).join("bin").join("nvcc"),
         None => PathBuf::from("nvcc"),
     };
+    // fused.rs launches the kernels with programmatic dependent launch only where the PTX was
+    // built for sm_90 or later (the kernels' `griddepcontrol` instructions are compiled out below).
+    println!("cargo:rustc-env=SILICA_KERNELS_CAP={cap}");
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "-o"])
         .arg(&out)

@@ -274,10 +274,9 @@ pub fn upload_u32(t: &Tensor, data: &[u32]) -> Result<()> {
 #[cfg(feature = "cuda")]
 mod imp {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaView, DevicePtr, DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg,
-    };
-    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{sys, CudaSlice, CudaView, DevicePtr, DeviceRepr, DeviceSlice, LaunchConfig};
+    use candle_core::cuda_backend::cudarc::driver::CudaFunction;
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
     use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 
     use super::QkvRope;
@@ -313,6 +312,87 @@ mod imp {
     fn raw_ptr<T>(v: &CudaView<'_, T>) -> u64 {
         let (ptr, _sync) = v.device_ptr(v.stream());
         ptr
+    }
+
+    /// The device address of a kernel's freshly allocated output.
+    fn slice_ptr<T>(s: &CudaSlice<T>) -> u64 {
+        let (ptr, _sync) = s.device_ptr(s.stream());
+        ptr
+    }
+
+    /// A kernel argument as the driver reads it: a device address or a 4/8-byte scalar.
+    #[derive(Clone, Copy)]
+    enum Arg {
+        Ptr(u64),
+        U64(u64),
+        I32(i32),
+        F32(f32),
+    }
+
+    impl Arg {
+        /// The value in an 8-byte slot; the driver reads the parameter's size from its start
+        /// (little-endian hosts: the low bytes of a 4-byte scalar come first).
+        fn slot(self) -> u64 {
+            match self {
+                Arg::Ptr(v) | Arg::U64(v) => v,
+                Arg::I32(v) => v as u32 as u64,
+                Arg::F32(v) => v.to_bits() as u64,
+            }
+        }
+    }
+
+    /// Whether kernels are launched with programmatic dependent launch: the GPU is sm_90 or
+    /// later, the PTX was built for it, and `SILICA_PDL` is not `0`. Then a kernel starts while
+    /// the one before it finishes (its launch latency hidden; a GEMV streams its first weights
+    /// meanwhile), each waiting in `pdl_wait` (kernels.cu) before it touches shared data.
+    fn pdl_on(dev: &CudaDevice) -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| {
+            let ptx_cap: u32 = env!("SILICA_KERNELS_CAP").parse().unwrap_or(0);
+            let major = dev
+                .cuda_stream()
+                .context()
+                .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                .unwrap_or(0);
+            let on = ptx_cap >= 90 && major >= 9 && std::env::var("SILICA_PDL").map(|v| v != "0").unwrap_or(true);
+            tracing::debug!(ptx_cap, major, on, "programmatic dependent launch");
+            on
+        })
+    }
+
+    /// Launches `func` on candle's stream (with programmatic dependent launch where
+    /// [`pdl_on`]).
+    ///
+    /// # Safety
+    /// `args` match the kernel's parameters in number, order and size, and every address and
+    /// size in them keeps the kernel inside its buffers.
+    unsafe fn launch(dev: &CudaDevice, func: &CudaFunction, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let stream = dev.cuda_stream();
+        stream.context().bind_to_thread().w()?;
+        let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+        let mut params: Vec<*mut std::ffi::c_void> = slots.iter_mut().map(|v| (v as *mut u64).cast()).collect();
+        // SAFETY: a plain C struct for which all zeroes is a valid value.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let pdl = pdl_on(dev);
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: stream.cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: pdl as u32,
+        };
+        // SAFETY: `config`, `params` and the slots they point to outlive the call (the driver
+        // copies the parameters at launch); the caller vouches for the arguments.
+        unsafe { sys::cuLaunchKernelEx(&config, func.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .w()
     }
 
     fn cpu_unsupported(name: &str) -> Result<(CpuStorage, Shape)> {
@@ -414,9 +494,23 @@ mod imp {
             let out = unsafe { dev.alloc::<T>(rows * nh * hd)? };
             let func = dev.get_or_load_custom_func(&format!("silica_qkv_rope_{}", suffix(s.dtype())?), MODULE, PTX)?;
             let (nh_i, nkv_i, hd_i) = (nh as i32, nkv as i32, hd as i32);
-            let mut b = func.builder();
-            b.arg(&qkv).arg(&bias).arg(&qn).arg(&kn).arg(&cos).arg(&sin).arg(&pos).arg(&slots);
-            b.arg(&out).arg(&k).arg(&v).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&p.eps);
+            let args = [
+                Arg::Ptr(raw_ptr(&qkv)),
+                Arg::Ptr(bias),
+                Arg::Ptr(qn),
+                Arg::Ptr(kn),
+                Arg::Ptr(raw_ptr(&cos)),
+                Arg::Ptr(raw_ptr(&sin)),
+                Arg::Ptr(raw_ptr(&pos)),
+                Arg::Ptr(raw_ptr(&slots)),
+                Arg::Ptr(slice_ptr(&out)),
+                Arg::Ptr(raw_ptr(&k)),
+                Arg::Ptr(raw_ptr(&v)),
+                Arg::I32(nh_i),
+                Arg::I32(nkv_i),
+                Arg::I32(hd_i),
+                Arg::F32(p.eps),
+            ];
             let cfg = LaunchConfig {
                 grid_dim: ((nh + 2 * nkv) as u32, rows as u32, 1),
                 block_dim: (hd as u32, 1, 1),
@@ -424,7 +518,7 @@ mod imp {
             };
             // SAFETY: the arguments match `silica_qkv_rope_*` in kernels.cu; shapes checked above
             // and by the caller (pools hold every slot in `slots`).
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { launch(dev, &func, cfg, &args) }?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, nh, hd))))
         }
     }
@@ -464,13 +558,22 @@ mod imp {
             let name = format!("silica_paged_decode_{}_{hd}", suffix(s.dtype())?);
             let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let (nh_i, nkv_i, len_i) = (nh as i32, self.num_kv_heads as i32, max_len as i32);
-            let mut b = func.builder();
-            b.arg(&q).arg(&k).arg(&v).arg(&table).arg(&lens).arg(&out);
-            b.arg(&nh_i).arg(&nkv_i).arg(&len_i).arg(&self.scale);
+            let args = [
+                Arg::Ptr(raw_ptr(&q)),
+                Arg::Ptr(raw_ptr(&k)),
+                Arg::Ptr(raw_ptr(&v)),
+                Arg::Ptr(raw_ptr(&table)),
+                Arg::Ptr(raw_ptr(&lens)),
+                Arg::Ptr(slice_ptr(&out)),
+                Arg::I32(nh_i),
+                Arg::I32(nkv_i),
+                Arg::I32(len_i),
+                Arg::F32(self.scale),
+            ];
             let cfg = LaunchConfig { grid_dim: (nh as u32, d as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: the arguments match `silica_paged_decode_*`; every slot in `table` is
             // inside the pools (the engine reserved them), `lens[i] <= max_len`.
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { launch(dev, &func, cfg, &args) }?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((d, nh * hd))))
         }
     }
@@ -492,11 +595,10 @@ mod imp {
             let out = unsafe { dev.alloc::<T>(n)? };
             let func = dev.get_or_load_custom_func(&format!("silica_silu_mul_{}", suffix(s.dtype())?), MODULE, PTX)?;
             let (n_u, inter_i) = (n as u64, inter as i32);
-            let mut b = func.builder();
-            b.arg(&gu).arg(&out).arg(&n_u).arg(&inter_i);
+            let args = [Arg::Ptr(raw_ptr(&gu)), Arg::Ptr(slice_ptr(&out)), Arg::U64(n_u), Arg::I32(inter_i)];
             let cfg = LaunchConfig::for_num_elems(n as u32);
             // SAFETY: the arguments match `silica_silu_mul_*`.
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { launch(dev, &func, cfg, &args) }?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, inter))))
         }
     }
@@ -533,15 +635,21 @@ mod imp {
             }
             let cols_per_block = 8 >> wr_log2;
             let (n_i, k_i, wr_i) = (n as i32, k as i32, wr_log2 as i32);
-            let mut b = func.builder();
-            b.arg(&x).arg(&w).arg(&out).arg(&n_i).arg(&k_i).arg(&wr_i);
+            let args = [
+                Arg::Ptr(raw_ptr(&x)),
+                Arg::Ptr(raw_ptr(&w)),
+                Arg::Ptr(slice_ptr(&out)),
+                Arg::I32(n_i),
+                Arg::I32(k_i),
+                Arg::I32(wr_i),
+            ];
             let cfg = LaunchConfig {
                 grid_dim: (n.div_ceil(cols_per_block) as u32, 1, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: the arguments match `silica_gemv_*`; alignment checked by `gemv_applies`.
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { launch(dev, &func, cfg, &args) }?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, n))))
         }
     }
@@ -573,8 +681,15 @@ mod imp {
             let out = unsafe { dev.alloc::<T>(2 * rows * hdim)? };
             let func = dev.get_or_load_custom_func(&format!("silica_add_rmsnorm_{}", suffix(xs.dtype())?), MODULE, PTX)?;
             let (rows_i, hdim_i) = (rows as i32, hdim as i32);
-            let mut b = func.builder();
-            b.arg(&x).arg(&h).arg(&w).arg(&out).arg(&rows_i).arg(&hdim_i).arg(&self.eps);
+            let args = [
+                Arg::Ptr(raw_ptr(&x)),
+                Arg::Ptr(raw_ptr(&h)),
+                Arg::Ptr(raw_ptr(&w)),
+                Arg::Ptr(slice_ptr(&out)),
+                Arg::I32(rows_i),
+                Arg::I32(hdim_i),
+                Arg::F32(self.eps),
+            ];
             if hdim > super::MAX_HIDDEN {
                 bail!("silica-add-rmsnorm: hidden size {hdim} over the kernel's shared memory");
             }
@@ -584,7 +699,7 @@ mod imp {
                 shared_mem_bytes: ((hdim + 32) * 4) as u32,
             };
             // SAFETY: the arguments match `silica_add_rmsnorm_*`.
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { launch(dev, &func, cfg, &args) }?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((2, rows, hdim))))
         }
     }
@@ -618,11 +733,16 @@ mod imp {
             let out = unsafe { dev.alloc::<u32>(rows * self.nout * 2)? };
             let func = dev.get_or_load_custom_func("silica_select", MODULE, PTX)?;
             let (vocab_i, nout_i) = (vocab as i32, self.nout as i32);
-            let mut b = func.builder();
-            b.arg(&logits).arg(&vocab_i).arg(&params).arg(&out).arg(&nout_i);
+            let args = [
+                Arg::Ptr(raw_ptr(&logits)),
+                Arg::I32(vocab_i),
+                Arg::Ptr(raw_ptr(&params)),
+                Arg::Ptr(slice_ptr(&out)),
+                Arg::I32(nout_i),
+            ];
             let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: the arguments match `silica_select` in select.cu.
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { launch(dev, &func, cfg, &args) }?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, self.nout * 2))))
         }
     }
@@ -660,12 +780,11 @@ mod imp {
         let pairs_v = table_v.slice(2 * pools.len()..);
         let func = dev.get_or_load_custom_func("silica_copy_blocks", MODULE, PTX)?;
         let units = (block_bytes / 16) as u64;
-        let mut b = func.builder();
-        b.arg(&table_v).arg(&pairs_v).arg(&units);
+        let args = [Arg::Ptr(raw_ptr(&table_v)), Arg::Ptr(raw_ptr(&pairs_v)), Arg::U64(units)];
         let cfg = LaunchConfig { grid_dim: (pairs.len() as u32, pools.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the arguments match `silica_copy_blocks`; every block is inside its pool (checked
         // by the caller) and no block is both a source and a destination.
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { launch(dev, &func, cfg, &args) }?;
         Ok(())
     }
 

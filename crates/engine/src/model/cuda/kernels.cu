@@ -12,6 +12,12 @@
 //   silica_copy_blocks     copy-on-write of KV cache blocks in every layer's pools at once
 //   silica_select          next-token selection per row of logits (select.cu, included last)
 // All arithmetic is in f32; results are rounded once to the activation type.
+//
+// Programmatic dependent launch (sm_90+, launched so by fused.rs): every kernel lets the next
+// one launch as soon as it starts (`pdl_trigger`) and waits for the previous one to finish, its
+// writes visible, before it reads anything a kernel wrote or writes anything (`pdl_wait`). Only
+// reads of weights, which no kernel writes, may come before the wait: the GEMV streams its first
+// weights while the kernel before it still runs. Without the launch attribute both are no-ops.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -22,6 +28,22 @@ template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
     return __float2bfloat16(x);
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Both at a kernel's start: for kernels whose first reads are another kernel's output.
+__device__ __forceinline__ void pdl_enter() {
+    pdl_trigger();
+    pdl_wait();
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -59,6 +81,7 @@ __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias,
                          const uint32_t* __restrict__ pos, const uint32_t* __restrict__ slots,
                          T* __restrict__ q_out, T* __restrict__ k_pool, T* __restrict__ v_pool,
                          int nh, int nkv, int hd, float eps) {
+    pdl_enter();
     extern __shared__ float sm[];
     float* xs = sm;
     float* red = sm + hd;
@@ -117,6 +140,7 @@ __device__ void paged_decode(const T* __restrict__ q, const T* __restrict__ k_po
     __shared__ uint32_t sl[PD_CHUNK];
     __shared__ float red[32];
     __shared__ float part_acc[PARTS][HD];
+    pdl_enter();
     const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     const int kvh = h / (nh / nkv);
     const int len = (int)lens[b];
@@ -183,6 +207,7 @@ __device__ void paged_decode(const T* __restrict__ q, const T* __restrict__ k_po
 // gu: [rows, 2 inter] (gate then up); out: [rows, inter] = silu(gate) * up.
 template <typename T>
 __device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, size_t n, int inter) {
+    pdl_enter();
     for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
          idx += (size_t)gridDim.x * blockDim.x) {
         const size_t r = idx / inter, i = idx % inter;
@@ -222,32 +247,44 @@ __device__ __forceinline__ void gemv_acc(const uint4 wv, const T* __restrict__ x
 }
 
 // WR warps share one output column (split K) when the matrix alone would not give the GPU
-// enough warps in flight; their partial sums meet in shared memory.
+// enough warps in flight; their partial sums meet in shared memory. The first GEMV_LOADS weight
+// loads of each lane are issued before the wait for the kernel that wrote x.
 template <typename T, int M>
 __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n_out, int k, int wr_log2) {
     __shared__ float part[8][M];
+    pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wr = 1 << wr_log2;
     const int seg = warp & (wr - 1);
     const int n = blockIdx.x * (8 >> wr_log2) + (warp >> wr_log2);
     const int kv = k / 8;
+    const int stride = 32 * wr;
+    // Rows past n_out load nothing (kv_n = 0) and only take part in the barrier below.
+    const int kv_n = n < n_out ? kv : 0;
+    const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)(n < n_out ? n : 0) * k);
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.f;
-    if (n < n_out) {
-        const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)n * k);
-        const int stride = 32 * wr;
-        for (int base = seg * 32 + lane; base < kv; base += stride * GEMV_LOADS) {
-            uint4 v[GEMV_LOADS];
+    uint4 v[GEMV_LOADS];
+    int base = seg * 32 + lane;
+#pragma unroll
+    for (int u = 0; u < GEMV_LOADS; ++u) {
+        const int i = base + u * stride;
+        v[u] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0);
+    }
+    pdl_wait();
+    while (base < kv_n) {
+#pragma unroll
+        for (int u = 0; u < GEMV_LOADS; ++u) {
+            const int i = base + u * stride;
+            if (i < kv_n) gemv_acc<T, M>(v[u], x, k, i, acc);
+        }
+        base += stride * GEMV_LOADS;
+        if (base < kv_n) {
 #pragma unroll
             for (int u = 0; u < GEMV_LOADS; ++u) {
                 const int i = base + u * stride;
-                v[u] = i < kv ? ld_stream(row + i) : make_uint4(0, 0, 0, 0);
-            }
-#pragma unroll
-            for (int u = 0; u < GEMV_LOADS; ++u) {
-                const int i = base + u * stride;
-                if (i < kv) gemv_acc<T, M>(v[u], x, k, i, acc);
+                v[u] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0);
             }
         }
     }
@@ -279,6 +316,7 @@ __device__ void add_rmsnorm(const T* __restrict__ x, const T* __restrict__ h, co
                             T* __restrict__ out, int rows, int hdim, float eps) {
     extern __shared__ float sm[];  // hdim + 32 floats: the sum as rounded, then the reduction
     float* red = sm + hdim;
+    pdl_enter();
     const int r = blockIdx.x;
     const T* xr = x + (size_t)r * hdim;
     const T* hr = h + (size_t)r * hdim;
@@ -351,6 +389,7 @@ SILU_MUL(__nv_bfloat16, bf16)
 // Copy-on-write of whole KV cache blocks in every pool at once: pools = the pools' addresses,
 // pairs = (src, dst) block ids; grid (pairs, pools), `units` 16-byte units per block.
 extern "C" __global__ void silica_copy_blocks(const unsigned long long* pools, const uint32_t* pairs, uint64_t units) {
+    pdl_enter();
     uint4* base = reinterpret_cast<uint4*>(pools[blockIdx.y]);
     const uint4* src = base + pairs[2 * blockIdx.x] * units;
     uint4* dst = base + pairs[2 * blockIdx.x + 1] * units;

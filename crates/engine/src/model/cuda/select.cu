@@ -361,6 +361,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     silica_select(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
                   uint32_t* __restrict__ out, int nout) {
     __shared__ SelShared sh;
+    pdl_enter();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float* x = logits + (size_t)blockIdx.x * vocab;
     const SelParam p = params[blockIdx.x];
