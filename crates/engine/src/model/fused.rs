@@ -553,9 +553,18 @@ mod imp {
             let v = view::<T>(&v_s, v_l, "v pool")?;
             let table = view::<u32>(&t_s, t_l, "slot table")?;
             let lens = view::<u32>(&n_s, n_l, "lengths")?;
-            // SAFETY: written by the kernel before any read.
-            let out = unsafe { dev.alloc::<T>(d * nh * hd)? };
-            let name = format!("silica_paged_decode_{}_{hd}", suffix(s.dtype())?);
+            // PD_SPLIT and PD_THREADS in kernels.cu: positions per part, threads per part.
+            const SPLIT: usize = 64;
+            let splits = max_len.div_ceil(SPLIT).max(1);
+            if splits * 4 > 48 * 1024 {
+                bail!("paged decode: {max_len} positions in {splits} parts, over the combine's shared memory");
+            }
+            // SAFETY: every part's m, l and acc are written by its block (zeros past a
+            // sequence's end) before the combine reads them; the combine writes all of `out`.
+            let (part_acc, part_ml, out) = unsafe {
+                (dev.alloc::<f32>(d * nh * splits * hd)?, dev.alloc::<f32>(d * nh * splits * 2)?, dev.alloc::<T>(d * nh * hd)?)
+            };
+            let name = format!("silica_paged_part_{}_{hd}", suffix(s.dtype())?);
             let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let (nh_i, nkv_i, len_i) = (nh as i32, self.num_kv_heads as i32, max_len as i32);
             let args = [
@@ -564,15 +573,32 @@ mod imp {
                 Arg::Ptr(raw_ptr(&v)),
                 Arg::Ptr(raw_ptr(&table)),
                 Arg::Ptr(raw_ptr(&lens)),
-                Arg::Ptr(slice_ptr(&out)),
+                Arg::Ptr(slice_ptr(&part_acc)),
+                Arg::Ptr(slice_ptr(&part_ml)),
                 Arg::I32(nh_i),
                 Arg::I32(nkv_i),
                 Arg::I32(len_i),
                 Arg::F32(self.scale),
             ];
-            let cfg = LaunchConfig { grid_dim: (nh as u32, d as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: the arguments match `silica_paged_decode_*`; every slot in `table` is
+            let cfg = LaunchConfig { grid_dim: (nh as u32, d as u32, splits as u32), block_dim: (4 * SPLIT as u32, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments match `silica_paged_part_*`; every slot in `table` is
             // inside the pools (the engine reserved them), `lens[i] <= max_len`.
+            unsafe { launch(dev, &func, cfg, &args) }?;
+            let func = dev.get_or_load_custom_func(&format!("silica_paged_combine_{}", suffix(s.dtype())?), MODULE, PTX)?;
+            let args = [
+                Arg::Ptr(slice_ptr(&part_acc)),
+                Arg::Ptr(slice_ptr(&part_ml)),
+                Arg::Ptr(slice_ptr(&out)),
+                Arg::I32(nh_i),
+                Arg::I32(splits as i32),
+            ];
+            let cfg = LaunchConfig {
+                grid_dim: (nh as u32, d as u32, 1),
+                block_dim: (hd as u32, 1, 1),
+                shared_mem_bytes: (splits * 4) as u32,
+            };
+            // SAFETY: the arguments match `silica_paged_combine_*`; the parts are the ones
+            // written above, `splits` per (sequence, head).
             unsafe { launch(dev, &func, cfg, &args) }?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((d, nh * hd))))
         }
@@ -626,12 +652,15 @@ mod imp {
             let out = unsafe { dev.alloc::<T>(rows * n)? };
             let name = format!("silica_gemv_{}_{rows}", suffix(xs.dtype())?);
             let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            // Warps per output column (split K): enough warps in flight to cover the memory
-            // latency (an H100 holds ~8k resident warps), but at least two 16-byte loads per
-            // lane each.
-            let mut wr_log2 = 0u32;
-            while wr_log2 < 3 && n << wr_log2 < 8192 && k / 8 / 32 >> (wr_log2 + 1) >= 2 {
-                wr_log2 += 1;
+            // Warps per output column (split K): as many as leave each lane at least 1.75
+            // 16-byte loads, up to the block's 8. Measured on the H100 (scripts/gpu/
+            // kernel_bench.cu, sweep): short per-warp runs and many blocks beat long runs, e.g.
+            // the 7B's o projection 11.1 µs with 4 warps per column and 8 loads per lane, 10.4
+            // with 8 warps and 4 loads; the 3B's gate/up (k = 2048) 30.4 µs with 4 warps, 38.0
+            // with 8 (one load per lane).
+            let mut wr_log2 = 3u32;
+            while wr_log2 > 0 && k / 8 < 56 << wr_log2 {
+                wr_log2 -= 1;
             }
             let cols_per_block = 8 >> wr_log2;
             let (n_i, k_i, wr_i) = (n as i32, k as i32, wr_log2 as i32);

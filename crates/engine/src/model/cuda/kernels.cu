@@ -3,8 +3,9 @@
 // a run of candle ops that a decode step would otherwise launch one by one:
 //   silica_qkv_rope_*      bias + (Qwen3) per-head RMSNorm + RoPE for q and k, and the K/V
 //                          cache write, straight from the fused QKV projection's output
-//   silica_paged_decode_*  attention of one new token per sequence over its cached positions
-//                          (slot table + lengths on the device; online softmax in chunks)
+//   silica_paged_part_*    attention of one new token per sequence over its cached positions
+//   silica_paged_combine_* (slot table + lengths on the device), split over positions, then
+//                          the parts combined
 //   silica_silu_mul_*      SwiGLU's silu(gate) * up from the fused gate/up projection
 //   silica_gemv_*_M        y = x W^T for a few rows (decode), one warp per output column,
 //                          the weight row streamed once with 16-byte loads for all M rows
@@ -119,89 +120,155 @@ __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias,
     }
 }
 
-// One block per (query head, sequence). q: [d, nh, HD]; pools: [num_slots, nkv, HD]; table:
-// [d, max_len] cache slots of each sequence's positions; lens: [d] positions to attend (the new
-// token's included, already written). out: [d, nh, HD]. Positions are taken in chunks of
-// CHUNK: scores (one position per thread, its K row read with 16-byte loads), the chunk's max
-// and sum, then the V rows weighted (two dims per thread, PARTS groups of positions), with the
-// running max/sum rescaling of an online softmax between chunks.
-constexpr int PD_THREADS = 256;
-constexpr int PD_CHUNK = 1024;
+// Decode attention over the paged cache in two kernels (split over positions, as in
+// flash-decoding): one block per (query head, sequence, PD_SPLIT positions) writes its part,
+// then one block per (query head, sequence) combines the parts. A part of one head over 200
+// positions in one block was bound by its warps' instruction latency (6.8 µs on the H100 with
+// 28 blocks busy); split, every head's positions spread over the SMs.
+// q: [d, nh, HD]; pools: [num_slots, nkv, HD]; table: [d, max_len] cache slots of each
+// sequence's positions; lens: [d] positions to attend (the new token's included, already
+// written). Parts: acc [d, nh, splits, HD] (the V rows weighted by exp(score - m)) and ml
+// [d, nh, splits, 2] (m, the part's largest score, and l, the sum of its weights; m = -inf for
+// a part past the sequence's end, its acc zeros). Scores: PD_LPP lanes per position, each a quarter of the K
+// row in 16-byte loads, summed by shuffles. V: each warp takes every PD_WARPS-th position, each
+// lane HD / 32 dims of it (one coalesced row per warp and load).
+constexpr int PD_SPLIT = 64;                        // positions per block
+constexpr int PD_LPP = 4;                           // lanes per position in the score pass
+constexpr int PD_THREADS = PD_SPLIT * PD_LPP;
+constexpr int PD_WARPS = PD_THREADS / 32;
+
+template <int BYTES> struct VecOf;
+template <> struct VecOf<4> { using type = uint32_t; };
+template <> struct VecOf<8> { using type = uint2; };
+template <> struct VecOf<16> { using type = uint4; };
 
 template <typename T, int HD>
-__device__ void paged_decode(const T* __restrict__ q, const T* __restrict__ k_pool,
-                             const T* __restrict__ v_pool, const uint32_t* __restrict__ table,
-                             const uint32_t* __restrict__ lens, T* __restrict__ out, int nh,
-                             int nkv, int max_len, float scale) {
-    constexpr int PAIRS = HD / 2;
-    constexpr int PARTS = PD_THREADS / PAIRS;
-    __shared__ float qs[HD];
-    __shared__ float sc[PD_CHUNK];
-    __shared__ uint32_t sl[PD_CHUNK];
+__device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool,
+                           const T* __restrict__ v_pool, const uint32_t* __restrict__ table,
+                           const uint32_t* __restrict__ lens, float* __restrict__ part_acc,
+                           float* __restrict__ part_ml, int nh, int nkv, int max_len, float scale) {
+    constexpr int DPL = HD / 32;            // dims per lane in the V pass
+    constexpr int KPL = HD / PD_LPP / 8;    // 16-byte K loads per lane in the score pass
+    using Vec = typename VecOf<DPL * sizeof(T)>::type;
+    __shared__ __align__(16) float qs[HD];
+    __shared__ float sc[PD_SPLIT];
+    __shared__ uint32_t sl[PD_SPLIT];
     __shared__ float red[32];
-    __shared__ float part_acc[PARTS][HD];
+    __shared__ float wacc[PD_WARPS][HD];
     pdl_enter();
-    const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, splits = gridDim.z, tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
+    const int sub = tid % PD_LPP, pslot = tid / PD_LPP;
     const int kvh = h / (nh / nkv);
+    const int p0 = sp * PD_SPLIT;
+    const size_t part = ((size_t)b * nh + h) * splits + sp;
+    // The length, this thread's slot and q in one memory round trip (the table row has
+    // max_len entries; those past the length are not used).
     const int len = (int)lens[b];
+    const uint32_t slot = p0 + pslot < max_len ? table[(size_t)b * max_len + p0 + pslot] : 0u;
     const T* qp = q + ((size_t)b * nh + h) * HD;
     for (int e = tid; e < HD; e += PD_THREADS) qs[e] = to_f(qp[e]) * scale;
-    const uint32_t* tb = table + (size_t)b * max_len;
-    const int pair = tid % PAIRS, part = tid / PAIRS;
-    float m = -INFINITY, l = 0.f, acc0 = 0.f, acc1 = 0.f;
-    __syncthreads();
-    for (int c0 = 0; c0 < len; c0 += PD_CHUNK) {
-        const int n = min(PD_CHUNK, len - c0);
-        float lm = -INFINITY;
-        for (int j = tid; j < n; j += PD_THREADS) {
-            const uint32_t s = tb[c0 + j];
-            sl[j] = s;
-            const uint4* kp = reinterpret_cast<const uint4*>(k_pool + ((size_t)s * nkv + kvh) * HD);
-            float dot = 0.f;
-#pragma unroll
-            for (int e = 0; e < HD / 8; ++e) {
-                const uint4 w = kp[e];
-                const T* wv = reinterpret_cast<const T*>(&w);
-#pragma unroll
-                for (int k = 0; k < 8; ++k) dot += to_f(wv[k]) * qs[e * 8 + k];
-            }
-            sc[j] = dot;
-            lm = fmaxf(lm, dot);
+    if (p0 >= len) {  // past the end: an empty part (zeros, so that the combine needs no branch)
+        for (int e = tid; e < HD; e += PD_THREADS) part_acc[part * HD + e] = 0.f;
+        if (tid == 0) {
+            part_ml[2 * part] = -INFINITY;
+            part_ml[2 * part + 1] = 0.f;
         }
-        const float m_new = fmaxf(m, block_reduce<true>(lm, red));
-        const float alpha = __expf(m - m_new);
-        float ls = 0.f;
-        for (int j = tid; j < n; j += PD_THREADS) {
-            const float p = __expf(sc[j] - m_new);
-            sc[j] = p;
-            ls += p;
-        }
-        // The reduction's barriers also publish sc and sl to the whole block.
-        l = l * alpha + block_reduce<false>(ls, red);
-        m = m_new;
-        acc0 *= alpha;
-        acc1 *= alpha;
-#pragma unroll 8
-        for (int j = part; j < n; j += PARTS) {
-            const uint32_t w =
-                *reinterpret_cast<const uint32_t*>(v_pool + ((size_t)sl[j] * nkv + kvh) * HD + pair * 2);
-            const T* wv = reinterpret_cast<const T*>(&w);
-            const float p = sc[j];
-            acc0 += p * to_f(wv[0]);
-            acc1 += p * to_f(wv[1]);
-        }
-        __syncthreads();
+        return;
     }
-    part_acc[part][pair * 2] = acc0;
-    part_acc[part][pair * 2 + 1] = acc1;
+    const int n = min(PD_SPLIT, len - p0);
     __syncthreads();
-    const float inv = 1.f / l;
+    const bool on = pslot < n;
+    float dot = 0.f;
+    if (on) {
+        const uint4* kp = reinterpret_cast<const uint4*>(k_pool + ((size_t)slot * nkv + kvh) * HD) + sub * KPL;
+        const float4* q4 = reinterpret_cast<const float4*>(qs) + sub * KPL * 2;
+        uint4 kw[KPL];
+#pragma unroll
+        for (int e = 0; e < KPL; ++e) kw[e] = kp[e];
+#pragma unroll
+        for (int e = 0; e < KPL; ++e) {
+            const T* wv = reinterpret_cast<const T*>(&kw[e]);
+            const float4 qa = q4[2 * e], qb = q4[2 * e + 1];
+            dot += to_f(wv[0]) * qa.x + to_f(wv[1]) * qa.y + to_f(wv[2]) * qa.z + to_f(wv[3]) * qa.w +
+                   to_f(wv[4]) * qb.x + to_f(wv[5]) * qb.y + to_f(wv[6]) * qb.z + to_f(wv[7]) * qb.w;
+        }
+    }
+#pragma unroll
+    for (int o = 1; o < PD_LPP; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    if (on && sub == 0) {
+        sc[pslot] = dot;
+        sl[pslot] = slot;
+    }
+    // The reductions' barriers publish sc and sl to the whole block.
+    const float m = block_reduce<true>(on ? dot : -INFINITY, red);
+    float p = 0.f;
+    if (tid < n) {
+        p = __expf(sc[tid] - m);
+        sc[tid] = p;
+    }
+    const float l = block_reduce<false>(p, red);
+    float acc[DPL];
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) acc[d] = 0.f;
+    Vec v[PD_SPLIT / PD_WARPS];
+#pragma unroll
+    for (int u = 0; u < PD_SPLIT / PD_WARPS; ++u) {
+        const int j = warp + u * PD_WARPS;
+        if (j < n) v[u] = *reinterpret_cast<const Vec*>(v_pool + ((size_t)sl[j] * nkv + kvh) * HD + lane * DPL);
+    }
+#pragma unroll
+    for (int u = 0; u < PD_SPLIT / PD_WARPS; ++u) {
+        const int j = warp + u * PD_WARPS;
+        if (j < n) {
+            const float w = sc[j];
+            const T* e = reinterpret_cast<const T*>(&v[u]);
+#pragma unroll
+            for (int d = 0; d < DPL; ++d) acc[d] += w * to_f(e[d]);
+        }
+    }
+#pragma unroll
+    for (int d = 0; d < DPL; ++d) wacc[warp][lane * DPL + d] = acc[d];
+    __syncthreads();
     for (int e = tid; e < HD; e += PD_THREADS) {
         float s = 0.f;
 #pragma unroll
-        for (int p = 0; p < PARTS; ++p) s += part_acc[p][e];
-        out[((size_t)b * nh + h) * HD + e] = from_f<T>(s * inv);
+        for (int w = 0; w < PD_WARPS; ++w) s += wacc[w][e];
+        part_acc[part * HD + e] = s;
     }
+    if (tid == 0) {
+        part_ml[2 * part] = m;
+        part_ml[2 * part + 1] = l;
+    }
+}
+
+// The parts of paged_part into out: [d, nh, HD]. Grid (nh, d), HD threads, dynamic shared
+// memory of one float per part. The parts' weights are computed once per block; the sum over
+// the parts then has no data-dependent branch, so its loads are all in flight together.
+template <typename T>
+__device__ void paged_combine(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
+                              T* __restrict__ out, int nh, int splits) {
+    extern __shared__ float wsh[];
+    __shared__ float red[32];
+    pdl_enter();
+    const int h = blockIdx.x, b = blockIdx.y, e = threadIdx.x, hd = blockDim.x;
+    const size_t base = ((size_t)b * nh + h) * splits;
+    float mloc = -INFINITY;
+    for (int s = e; s < splits; s += hd) mloc = fmaxf(mloc, part_ml[2 * (base + s)]);
+    const float mx = block_reduce<true>(mloc, red);
+    float lloc = 0.f;
+    for (int s = e; s < splits; s += hd) {
+        const float m = part_ml[2 * (base + s)];
+        const float w = m == -INFINITY ? 0.f : __expf(m - mx);  // an empty part weighs 0
+        wsh[s] = w;
+        lloc += w * part_ml[2 * (base + s) + 1];
+    }
+    // The reduction's barriers publish wsh.
+    const float l = block_reduce<false>(lloc, red);
+    float a = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) a += wsh[s] * part_acc[(base + s) * hd + e];
+    out[((size_t)b * nh + h) * hd + e] = from_f<T>(a / l);
 }
 
 // gu: [rows, 2 inter] (gate then up); out: [rows, inter] = silu(gate) * up.
@@ -221,7 +288,7 @@ __device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, size_t n
 // 256 threads = 8 warps = 8 output columns. Each lane takes 8 consecutive weights per 16-byte
 // load and keeps GEMV_LOADS loads in flight (predicated at the row's end); weights bypass L1
 // (read once) so that x stays there.
-constexpr int GEMV_LOADS = 8;
+constexpr int GEMV_LOADS = 4;
 
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     uint4 r;
@@ -311,17 +378,56 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
 
 // Residual add and RMSNorm in one pass: out[0] = x + h (rounded to T, the new residual),
 // out[1] = rmsnorm(out[0]) * w. x, h: [rows, hdim]; out: [2, rows, hdim]. One block per row.
+// Rows of whole, aligned 16-byte units (every Qwen hidden size) take one unit per thread, all
+// loads in flight at once and the norm weights read before the wait; others go element-wise
+// through shared memory.
 template <typename T>
 __device__ void add_rmsnorm(const T* __restrict__ x, const T* __restrict__ h, const T* __restrict__ w,
                             T* __restrict__ out, int rows, int hdim, float eps) {
     extern __shared__ float sm[];  // hdim + 32 floats: the sum as rounded, then the reduction
     float* red = sm + hdim;
-    pdl_enter();
+    pdl_trigger();
     const int r = blockIdx.x;
     const T* xr = x + (size_t)r * hdim;
     const T* hr = h + (size_t)r * hdim;
     T* sr = out + (size_t)r * hdim;
     T* nr = out + ((size_t)rows + r) * hdim;
+    const bool vec = hdim % 8 == 0 && hdim / 8 <= (int)blockDim.x &&
+                     (((uintptr_t)xr | (uintptr_t)hr | (uintptr_t)w | (uintptr_t)sr | (uintptr_t)nr) & 15) == 0;
+    if (vec) {
+        const int u = threadIdx.x;
+        const bool on = u < hdim / 8;
+        const uint4 wv = on ? reinterpret_cast<const uint4*>(w)[u] : make_uint4(0, 0, 0, 0);
+        pdl_wait();
+        float f[8];
+        float ss = 0.f;
+        if (on) {
+            const uint4 xv = reinterpret_cast<const uint4*>(xr)[u];
+            const uint4 hv = reinterpret_cast<const uint4*>(hr)[u];
+            const T* x8 = reinterpret_cast<const T*>(&xv);
+            const T* h8 = reinterpret_cast<const T*>(&hv);
+            uint4 sv;
+            T* s8 = reinterpret_cast<T*>(&sv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                s8[j] = from_f<T>(to_f(x8[j]) + to_f(h8[j]));
+                f[j] = to_f(s8[j]);
+                ss += f[j] * f[j];
+            }
+            reinterpret_cast<uint4*>(sr)[u] = sv;
+        }
+        const float inv = rsqrtf(block_reduce<false>(ss, red) / hdim + eps);
+        if (on) {
+            const T* w8 = reinterpret_cast<const T*>(&wv);
+            uint4 nv;
+            T* n8 = reinterpret_cast<T*>(&nv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) n8[j] = from_f<T>(f[j] * inv * to_f(w8[j]));
+            reinterpret_cast<uint4*>(nr)[u] = nv;
+        }
+        return;
+    }
+    pdl_wait();
     float ss = 0.f;
     for (int i = threadIdx.x; i < hdim; i += blockDim.x) {
         const T s = from_f<T>(to_f(xr[i]) + to_f(hr[i]));
@@ -362,12 +468,19 @@ GEMV_ALL(__nv_bfloat16, bf16)
                     nkv, hd, eps);                                                            \
     }
 
-#define PAGED_DECODE(T, SUFFIX, HD)                                                            \
-    extern "C" __global__ void __launch_bounds__(PD_THREADS)                                   \
-        silica_paged_decode_##SUFFIX##_##HD(const T* q, const T* k_pool, const T* v_pool,      \
-                                            const uint32_t* table, const uint32_t* lens,       \
-                                            T* out, int nh, int nkv, int max_len, float scale) { \
-        paged_decode<T, HD>(q, k_pool, v_pool, table, lens, out, nh, nkv, max_len, scale);     \
+#define PAGED_PART(T, SUFFIX, HD)                                                               \
+    extern "C" __global__ void __launch_bounds__(PD_THREADS)                                    \
+        silica_paged_part_##SUFFIX##_##HD(const T* q, const T* k_pool, const T* v_pool,         \
+                                          const uint32_t* table, const uint32_t* lens,          \
+                                          float* part_acc, float* part_ml, int nh, int nkv,     \
+                                          int max_len, float scale) {                           \
+        paged_part<T, HD>(q, k_pool, v_pool, table, lens, part_acc, part_ml, nh, nkv, max_len, scale); \
+    }
+#define PAGED_COMBINE(T, SUFFIX)                                                                \
+    extern "C" __global__ void silica_paged_combine_##SUFFIX(const float* part_acc,             \
+                                                             const float* part_ml, T* out,      \
+                                                             int nh, int splits) {              \
+        paged_combine<T>(part_acc, part_ml, out, nh, splits);                                   \
     }
 
 #define SILU_MUL(T, SUFFIX)                                                                    \
@@ -378,12 +491,14 @@ GEMV_ALL(__nv_bfloat16, bf16)
 
 QKV_ROPE(__half, f16)
 QKV_ROPE(__nv_bfloat16, bf16)
-PAGED_DECODE(__half, f16, 64)
-PAGED_DECODE(__half, f16, 128)
-PAGED_DECODE(__half, f16, 256)
-PAGED_DECODE(__nv_bfloat16, bf16, 64)
-PAGED_DECODE(__nv_bfloat16, bf16, 128)
-PAGED_DECODE(__nv_bfloat16, bf16, 256)
+PAGED_PART(__half, f16, 64)
+PAGED_PART(__half, f16, 128)
+PAGED_PART(__half, f16, 256)
+PAGED_PART(__nv_bfloat16, bf16, 64)
+PAGED_PART(__nv_bfloat16, bf16, 128)
+PAGED_PART(__nv_bfloat16, bf16, 256)
+PAGED_COMBINE(__half, f16)
+PAGED_COMBINE(__nv_bfloat16, bf16)
 SILU_MUL(__half, f16)
 SILU_MUL(__nv_bfloat16, bf16)
 // Copy-on-write of whole KV cache blocks in every pool at once: pools = the pools' addresses,

@@ -1,0 +1,261 @@
+// Times Silica's decode kernels (crates/engine/src/model/cuda/kernels.cu, included as is) on
+// the GPU machine, outside the engine: each GEMV shape of Qwen2.5-7B / 3B alone, and a whole
+// single-row decode step (every layer's nine kernels plus the output head, distinct weights
+// per layer, captured in one CUDA graph) with and without programmatic dependent launch.
+// Build and run there:  nvcc -O3 -arch=sm_90a -o /tmp/kb scripts/gpu/kernel_bench.cu && /tmp/kb
+#include "../../crates/engine/src/model/cuda/kernels.cu"
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+#include <cuda_runtime.h>
+
+// A GEMV variant for the sweep: Silica's kernel with the loads per lane, the block size and
+// double-buffered loads as parameters.
+template <int LOADS, bool PIPE>
+__global__ void gemv_var(const __half* __restrict__ x, const __half* __restrict__ w, __half* __restrict__ y,
+                         int n_out, int k, int wr_log2) {
+    __shared__ float part[32];
+    pdl_trigger();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+    const int wr = 1 << wr_log2;
+    const int seg = warp & (wr - 1);
+    const int n = blockIdx.x * (nwarps >> wr_log2) + (warp >> wr_log2);
+    const int kv = k / 8, stride = 32 * wr;
+    const int kv_n = n < n_out ? kv : 0;
+    const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)(n < n_out ? n : 0) * k);
+    float acc[1] = {0.f};
+    uint4 v[LOADS], nx[PIPE ? LOADS : 1];
+    int base = seg * 32 + lane;
+#pragma unroll
+    for (int u = 0; u < LOADS; ++u) { const int i = base + u * stride; v[u] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0); }
+    pdl_wait();
+    while (base < kv_n) {
+        const int nb = base + stride * LOADS;
+        if (PIPE) {
+#pragma unroll
+            for (int u = 0; u < LOADS; ++u) { const int i = nb + u * stride; nx[PIPE ? u : 0] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0); }
+        }
+#pragma unroll
+        for (int u = 0; u < LOADS; ++u) { const int i = base + u * stride; if (i < kv_n) gemv_acc<__half, 1>(v[u], x, k, i, acc); }
+        base = nb;
+        if (PIPE) {
+#pragma unroll
+            for (int u = 0; u < LOADS; ++u) v[u] = nx[PIPE ? u : 0];
+        } else if (base < kv_n) {
+#pragma unroll
+            for (int u = 0; u < LOADS; ++u) { const int i = base + u * stride; v[u] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0); }
+        }
+    }
+    acc[0] = warp_sum(acc[0]);
+    if (wr == 1) { if (lane == 0 && n < n_out) y[n] = __float2half(acc[0]); return; }
+    if (lane == 0) part[warp] = acc[0];
+    __syncthreads();
+    if (seg == 0 && lane == 0 && n < n_out) {
+        float s = 0.f;
+        for (int g = 0; g < wr; ++g) s += part[warp + g];
+        y[n] = __float2half(s);
+    }
+}
+
+#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { \
+    fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); exit(1); } } while (0)
+
+__global__ void fill(__half* p, size_t n, uint32_t seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15; h *= 2246822519u; h ^= h >> 13;
+        p[i] = __float2half(((h & 0xffff) / 65536.f - 0.5f) * 0.05f);
+    }
+}
+
+static bool g_pdl = true;
+static cudaStream_t g_s;
+
+template <typename... A>
+static void go(void (*k)(A...), dim3 grid, dim3 block, size_t smem, A... args) {
+    cudaLaunchConfig_t c = {};
+    c.gridDim = grid; c.blockDim = block; c.dynamicSmemBytes = smem; c.stream = g_s;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    c.attrs = at; c.numAttrs = g_pdl ? 1 : 0;
+    CK(cudaLaunchKernelEx(&c, k, args...));
+}
+
+static __half* alloc_h(size_t n, uint32_t seed) {
+    __half* p; CK(cudaMalloc(&p, n * 2));
+    fill<<<1024, 256>>>(p, n, seed);
+    return p;
+}
+
+// The split rule of fused.rs's GemvOp.
+static int wr_for(int n, int k) {
+    (void)n;
+    int wr = 3;
+    while (wr > 0 && k / 8 < (56 << wr)) --wr;
+    return wr;
+}
+
+static void gemv1(const __half* x, const __half* w, __half* y, int n, int k) {
+    int wr = wr_for(n, k);
+    go(silica_gemv_f16_1, dim3((n + (8 >> wr) - 1) / (8 >> wr)), dim3(256), 0, x, w, y, n, k, wr);
+}
+
+struct Cfg { const char* name; int hidden, inter, layers, nh, nkv, vocab; };
+
+template <typename F>
+static float time_graph(F body, int reps) {
+    cudaGraph_t g; cudaGraphExec_t ge;
+    CK(cudaStreamBeginCapture(g_s, cudaStreamCaptureModeGlobal));
+    body();
+    CK(cudaStreamEndCapture(g_s, &g));
+    CK(cudaGraphInstantiate(&ge, g, 0));
+    for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(ge, g_s));
+    cudaEvent_t a, b; CK(cudaEventCreate(&a)); CK(cudaEventCreate(&b));
+    CK(cudaEventRecord(a, g_s));
+    for (int i = 0; i < reps; ++i) CK(cudaGraphLaunch(ge, g_s));
+    CK(cudaEventRecord(b, g_s));
+    CK(cudaEventSynchronize(b));
+    float ms; CK(cudaEventElapsedTime(&ms, a, b));
+    CK(cudaGraphExecDestroy(ge)); CK(cudaGraphDestroy(g));
+    return ms / reps;
+}
+
+struct Var { const char* name; void (*k)(const __half*, const __half*, __half*, int, int, int); };
+
+// Every variant × block size × split for the 7B / 3B shapes; prints the best per shape.
+static void sweep() {
+    Var vars[] = {{"L4", gemv_var<4, false>}, {"L8", gemv_var<8, false>}, {"L16", gemv_var<16, false>},
+                  {"L4p", gemv_var<4, true>}, {"L8p", gemv_var<8, true>}};
+    for (auto& v : vars) {
+        cudaFuncAttributes a; CK(cudaFuncGetAttributes(&a, v.k));
+        printf("variant %s: %d registers\n", v.name, a.numRegs);
+    }
+    struct S { const char* n; int rows, k; } shapes[] = {
+        {"7b qkv", 4608, 3584}, {"7b o", 3584, 3584}, {"7b gate/up", 37888, 3584}, {"7b down", 3584, 18944},
+        {"3b qkv", 2560, 2048}, {"3b o", 2048, 2048}, {"3b gate/up", 22016, 2048}, {"3b down", 2048, 11008}};
+    const int L = 32;
+    for (auto& sh : shapes) {
+        std::vector<__half*> w(L);
+        for (int l = 0; l < L; ++l) w[l] = alloc_h((size_t)sh.rows * sh.k, 100 + l);
+        __half* x = alloc_h(sh.k, 7); __half* y; CK(cudaMalloc(&y, sh.rows * 2));
+        CK(cudaDeviceSynchronize());
+        const double bytes = 2.0 * sh.rows * sh.k;
+        float best = 1e9; char bestd[96] = "";
+        printf("%-11s", sh.n);
+        for (auto& v : vars) for (int threads : {128, 256, 512}) for (int wr = 0; wr <= 4; ++wr) {
+            const int cols = (threads / 32) >> wr;
+            if (cols < 1 || (sh.k / 8) / (32 << wr) < 1) continue;
+            float ms = time_graph([&]() { for (int l = 0; l < L; ++l) go(v.k, dim3((sh.rows + cols - 1) / cols), dim3(threads), 0, (const __half*)x, (const __half*)w[l], y, sh.rows, sh.k, wr); }, 10);
+            float us = ms * 1000 / L;
+            if (threads == 256 && (v.k == vars[0].k || v.k == vars[1].k)) printf(" %s/wr%d %.2f", v.name, 1 << wr, us);
+            if (us < best) { best = us; snprintf(bestd, sizeof bestd, "%s threads %d wr %d", v.name, threads, 1 << wr); }
+        }
+        printf("\n%-11s best %6.2f us (%4.0f GB/s): %s\n", sh.n, best, bytes / best / 1e3, bestd);
+        for (auto p : w) CK(cudaFree(p));
+        CK(cudaFree(x)); CK(cudaFree(y));
+    }
+}
+
+int main(int argc, char** argv) {
+    CK(cudaStreamCreateWithFlags(&g_s, cudaStreamNonBlocking));
+    const int ctx = argc > 1 ? atoi(argv[1]) : 200;
+    if (argc > 2 && std::string(argv[2]) == "sweep") { sweep(); return 0; }
+    Cfg cfgs[] = {{"qwen2.5-7b", 3584, 18944, 28, 28, 4, 152064}, {"qwen2.5-3b", 2048, 11008, 36, 16, 2, 151936}};
+    for (const Cfg& c : cfgs) {
+        const int H = c.hidden, I = c.inter, L = c.layers, hd = 128, nh = c.nh, nkv = c.nkv;
+        const int qkvw = (nh + 2 * nkv) * hd;
+        std::vector<__half*> wqkv(L), wo(L), wgu(L), wd(L), n1(L), n2(L), bias(L);
+        double bytes = 0;
+        for (int l = 0; l < L; ++l) {
+            wqkv[l] = alloc_h((size_t)qkvw * H, 1 + l * 8); wo[l] = alloc_h((size_t)H * H, 2 + l * 8);
+            wgu[l] = alloc_h((size_t)2 * I * H, 3 + l * 8); wd[l] = alloc_h((size_t)H * I, 4 + l * 8);
+            n1[l] = alloc_h(H, 5 + l * 8); n2[l] = alloc_h(H, 6 + l * 8); bias[l] = alloc_h(qkvw, 7 + l * 8);
+            bytes += 2.0 * ((double)qkvw * H + (double)H * H + 2.0 * I * H + (double)H * I);
+        }
+        __half* head = alloc_h((size_t)c.vocab * H, 999);
+        bytes += 2.0 * c.vocab * H;
+        const int slots = 4096;
+        __half* cosT = alloc_h((size_t)32768 * hd / 2, 11); __half* sinT = alloc_h((size_t)32768 * hd / 2, 12);
+        std::vector<__half*> kp(L), vp(L);
+        for (int l = 0; l < L; ++l) { kp[l] = alloc_h((size_t)slots * nkv * hd, 20 + l); vp[l] = alloc_h((size_t)slots * nkv * hd, 60 + l); }
+        uint32_t *pos, *slot, *table, *lens;
+        const int splits = (ctx + PD_SPLIT - 1) / PD_SPLIT;
+        float *pacc, *pml;
+        CK(cudaMalloc(&pacc, (size_t)nh * splits * hd * 4)); CK(cudaMalloc(&pml, (size_t)nh * splits * 2 * 4));
+        CK(cudaMalloc(&pos, 4)); CK(cudaMalloc(&slot, 4)); CK(cudaMalloc(&table, 4 * ctx)); CK(cudaMalloc(&lens, 4));
+        std::vector<uint32_t> tb(ctx); for (int i = 0; i < ctx; ++i) tb[i] = i;
+        uint32_t p0 = ctx - 1, l0 = ctx;
+        CK(cudaMemcpy(pos, &p0, 4, cudaMemcpyHostToDevice)); CK(cudaMemcpy(slot, &p0, 4, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(lens, &l0, 4, cudaMemcpyHostToDevice)); CK(cudaMemcpy(table, tb.data(), 4 * ctx, cudaMemcpyHostToDevice));
+        __half* resid = alloc_h(H, 30); __half* normed = alloc_h(H, 31);
+        __half *qkv, *q, *att, *h, *an, *gu, *act, *logits;
+        CK(cudaMalloc(&qkv, qkvw * 2)); CK(cudaMalloc(&q, nh * hd * 2)); CK(cudaMalloc(&att, nh * hd * 2));
+        CK(cudaMalloc(&h, H * 2)); CK(cudaMalloc(&an, 2 * H * 2)); CK(cudaMalloc(&gu, 2 * I * 2)); CK(cudaMalloc(&act, I * 2));
+        CK(cudaMalloc(&logits, (size_t)c.vocab * 2));
+        CK(cudaDeviceSynchronize());
+        const float scale = 1.f / sqrtf((float)hd), eps = 1e-6f;
+        auto layer = [&](int l, const __half* x_res, const __half* x_norm) {
+            gemv1(x_norm, wqkv[l], qkv, qkvw, H);
+            go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
+               (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
+               (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l], nh, nkv, hd, eps);
+            go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
+               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
+            go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits);
+            gemv1(att, wo[l], h, H, H);
+            go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, x_res, (const __half*)h, (const __half*)n1[l], an, 1, H, eps);
+            gemv1(an + H, wgu[l], gu, 2 * I, H);
+            go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I);
+            gemv1(act, wd[l], h, H, I);
+            go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, (const __half*)an, (const __half*)h, (const __half*)n2[l], resid, 1, H, eps);
+        };
+        auto step = [&]() {
+            for (int l = 0; l < L; ++l) layer(l, resid, normed);
+            gemv1(normed, head, logits, c.vocab, H);
+        };
+        if (argc > 2) {  // "ncu": one eager layer, for the profiler
+            layer(0, resid, normed);
+            CK(cudaDeviceSynchronize());
+            return 0;
+        }
+        printf("== %s, context %d, %.2f GB of weights per step\n", c.name, ctx, bytes / 1e9);
+        for (int pdl : {0, 1, 0, 1}) {
+            g_pdl = pdl;
+            float ms = time_graph(step, 50);
+            printf("step (graph, pdl %d): %.3f ms = %.1f tok/s, %.0f GB/s\n", pdl, ms, 1000 / ms, bytes / ms / 1e6);
+        }
+        g_pdl = true;
+        struct Shape { const char* n; std::vector<__half*>* w; int rows, k; const __half* x; __half* y; };
+        Shape shapes[] = {{"qkv", &wqkv, qkvw, H, normed, qkv}, {"o", &wo, H, H, att, h}, {"gate/up", &wgu, 2 * I, H, normed, gu}, {"down", &wd, H, I, act, h}};
+        for (auto& s : shapes) {
+            float ms = time_graph([&]() { for (int l = 0; l < L; ++l) gemv1(s.x, (*s.w)[l], s.y, s.rows, s.k); }, 20);
+            double b = 2.0 * s.rows * s.k;
+            printf("gemv %-8s [%6d x %6d] wr %d: %7.2f us  %6.0f GB/s\n", s.n, s.rows, s.k, wr_for(s.rows, s.k), ms * 1000 / L, b / (ms / L) / 1e6);
+        }
+        for (int wr = 0; wr <= 3; ++wr) {
+            const int cols = 8 >> wr;
+            float ms = time_graph([&]() { for (int i = 0; i < 4; ++i)
+                go(silica_gemv_f16_1, dim3((c.vocab + cols - 1) / cols), dim3(256), 0, (const __half*)normed, (const __half*)head, logits, c.vocab, H, wr); }, 20);
+            printf("gemv head    [%6d x %6d] wr %d: %7.2f us  %6.0f GB/s\n", c.vocab, H, 1 << wr, ms * 1000 / 4, 2.0 * c.vocab * H / (ms / 4) / 1e6);
+        }
+        auto small = [&](const char* n, auto f) {
+            float ms = time_graph([&]() { for (int l = 0; l < L; ++l) f(l); }, 50);
+            printf("%-22s %7.2f us each (in a chain of %d)\n", n, ms * 1000 / L, L);
+        };
+        small("qkv_rope", [&](int l) { go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
+               (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
+               (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l], nh, nkv, hd, eps); });
+        small("paged_decode", [&](int l) { go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
+               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
+            go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits); });
+        small("add_rmsnorm", [&](int l) { go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)h, (const __half*)n1[l], an, 1, H, eps); });
+        small("silu_mul", [&](int l) { go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I); });
+        CK(cudaDeviceSynchronize());
+        for (auto* v : {&wqkv, &wo, &wgu, &wd, &n1, &n2, &bias, &kp, &vp}) for (auto p : *v) CK(cudaFree(p));
+        for (void* p : {(void*)head, (void*)cosT, (void*)sinT, (void*)pos, (void*)slot, (void*)pacc, (void*)pml, (void*)table, (void*)lens, (void*)resid, (void*)normed,
+                        (void*)qkv, (void*)q, (void*)att, (void*)h, (void*)an, (void*)gu, (void*)act, (void*)logits}) CK(cudaFree(p));
+    }
+    return 0;
+}
