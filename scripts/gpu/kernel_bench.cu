@@ -70,6 +70,8 @@ __global__ void fill(__half* p, size_t n, uint32_t seed) {
 }
 
 static bool g_pdl = true;
+static bool g_alloc = false;  // a stream-ordered allocation before and a free after each kernel, as candle's ops make
+static void* g_pending = nullptr;
 static cudaStream_t g_s;
 
 template <typename... A>
@@ -80,7 +82,13 @@ static void go(void (*k)(A...), dim3 grid, dim3 block, size_t smem, A... args) {
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[0].val.programmaticStreamSerializationAllowed = 1;
     c.attrs = at; c.numAttrs = g_pdl ? 1 : 0;
+    void* mine = nullptr;
+    if (g_alloc) CK(cudaMallocAsync(&mine, 4096, g_s));
     CK(cudaLaunchKernelEx(&c, k, args...));
+    if (g_alloc) {
+        if (g_pending) CK(cudaFreeAsync(g_pending, g_s));
+        g_pending = mine;
+    }
 }
 
 static __half* alloc_h(size_t n, uint32_t seed) {
@@ -226,6 +234,13 @@ int main(int argc, char** argv) {
             float ms = time_graph(step, 50);
             printf("step (graph, pdl %d): %.3f ms = %.1f tok/s, %.0f GB/s\n", pdl, ms, 1000 / ms, bytes / ms / 1e6);
         }
+        for (int pdl : {0, 1}) {
+            g_pdl = pdl;
+            g_alloc = true;
+            float ms = time_graph([&]() { step(); CK(cudaFreeAsync(g_pending, g_s)); g_pending = nullptr; }, 50);
+            g_alloc = false;
+            printf("step (graph, pdl %d, an allocation and a free around each kernel): %.3f ms = %.1f tok/s\n", pdl, ms, 1000 / ms);
+        }
         g_pdl = true;
         struct Shape { const char* n; std::vector<__half*>* w; int rows, k; const __half* x; __half* y; };
         Shape shapes[] = {{"qkv", &wqkv, qkvw, H, normed, qkv}, {"o", &wo, H, H, att, h}, {"gate/up", &wgu, 2 * I, H, normed, gu}, {"down", &wd, H, I, act, h}};
@@ -252,6 +267,36 @@ int main(int argc, char** argv) {
             go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits); });
         small("add_rmsnorm", [&](int l) { go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)h, (const __half*)n1[l], an, 1, H, eps); });
         small("silu_mul", [&](int l) { go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I); });
+        {  // next-token selection over this model's vocabulary (random logits, sd 2)
+            float* lg; CK(cudaMalloc(&lg, (size_t)c.vocab * 4));
+            std::vector<float> hl(c.vocab);
+            uint32_t st = 12345;
+            for (auto& v : hl) { st = st * 1664525u + 1013904223u; v = ((st >> 8) / 16777216.f - 0.5f) * 7.f; }
+            CK(cudaMemcpy(lg, hl.data(), (size_t)c.vocab * 4, cudaMemcpyHostToDevice));
+            SelParam ps[3] = {};
+            ps[0].inv_temp = 1.f; ps[0].top_p = 1.f; ps[0].mode = 0; ps[0].n = 1;                       // greedy
+            ps[1] = ps[0]; ps[1].mode = 1; ps[1].u = 0.3; ps[1].top_k = 50;                           // top-k 50
+            ps[2] = ps[0]; ps[2].mode = 1; ps[2].u = 0.3; ps[2].top_p = 0.9f;                         // top-p 0.9
+            SelParam* dp; CK(cudaMalloc(&dp, sizeof ps)); CK(cudaMemcpy(dp, ps, sizeof ps, cudaMemcpyHostToDevice));
+            uint32_t* so; CK(cudaMalloc(&so, 64));
+            const char* names[3] = {"select greedy", "select top-k 50", "select top-p 0.9"};
+            SelStats* sp; uint32_t* gc; unsigned long long* gm;
+            CK(cudaMalloc(&sp, 64 * sizeof(SelStats))); CK(cudaMalloc(&gc, SEL_BINS * 4)); CK(cudaMalloc(&gm, SEL_BINS * 8));
+            for (int i = 0; i < 3; ++i)
+                small(names[i], [&](int) {
+                    go(silica_select_stats, dim3(64, 1), dim3(SEL_PART_THREADS), 0, (const float*)lg, c.vocab, sp, gc, gm);
+                    go(silica_select_hist, dim3(64, 1), dim3(SEL_PART_THREADS), 0, (const float*)lg, c.vocab, (const SelParam*)(dp + i),
+                       (const SelStats*)sp, gc, gm);
+                    go(silica_select, dim3(1), dim3(SEL_THREADS), 0, (const float*)lg, c.vocab, (const SelParam*)(dp + i), so, 1,
+                       (const SelStats*)sp, 64, (const uint32_t*)gc, (const unsigned long long*)gm); });
+            CK(cudaFree(sp)); CK(cudaFree(gc)); CK(cudaFree(gm));
+            ArgPart* ap; CK(cudaMalloc(&ap, 64 * sizeof(ArgPart)));
+            small("argmax (64 parts)", [&](int) {
+                go(silica_argmax_part, dim3(64, 1), dim3(ARGMAX_THREADS), 0, (const float*)lg, c.vocab, ap);
+                go(silica_argmax_combine, dim3(1), dim3(32), 0, (const ArgPart*)ap, 64, so); });
+            CK(cudaFree(ap));
+            CK(cudaFree(lg)); CK(cudaFree(dp)); CK(cudaFree(so));
+        }
         CK(cudaDeviceSynchronize());
         for (auto* v : {&wqkv, &wo, &wgu, &wd, &n1, &n2, &bias, &kp, &vp}) for (auto p : *v) CK(cudaFree(p));
         for (void* p : {(void*)head, (void*)cosT, (void*)sinT, (void*)pos, (void*)slot, (void*)pacc, (void*)pml, (void*)table, (void*)lens, (void*)resid, (void*)normed,

@@ -204,9 +204,15 @@ pub fn select(logits: &Tensor, rows: &[crate::sampling::Selection]) -> Result<Ve
     }
     #[cfg(feature = "cuda")]
     {
-        let params = Tensor::from_vec(words, (rows.len(), 8), logits.device())?;
         let logits = logits.to_dtype(DType::F32)?.contiguous()?;
-        let out = logits.apply_op2_no_bwd(&params, &imp::SelectOp { nout })?.flatten_all()?.to_vec1::<u32>()?;
+        // Every row greedy (nout is then 1): the argmax split over many blocks per row.
+        let out = if rows.iter().all(|r| matches!(r, Selection::Greedy)) {
+            logits.apply_op1_no_bwd(&imp::ArgmaxOp)?
+        } else {
+            let params = Tensor::from_vec(words, (rows.len(), 8), logits.device())?;
+            logits.apply_op2_no_bwd(&params, &imp::SelectOp { nout })?
+        };
+        let out = out.flatten_all()?.to_vec1::<u32>()?;
         Ok(rows
             .iter()
             .enumerate()
@@ -757,22 +763,95 @@ mod imp {
             if raw_ptr(&params) % 8 != 0 {
                 bail!("silica-select: parameters not 8-byte aligned");
             }
+            let nparts = SELECT_PARTS.min(vocab).max(1);
             // SAFETY: the kernel writes the slots the host reads (slot 0 of every row; the first
-            // n of a top-n row).
-            let out = unsafe { dev.alloc::<u32>(rows * self.nout * 2)? };
+            // n of a top-n row); silica_select_stats writes every part (16 bytes: SelStats in
+            // select.cu) and zeroes the histograms before silica_select_hist and silica_select
+            // read them.
+            let (out, parts, g_cnt, g_mass) = unsafe {
+                (
+                    dev.alloc::<u32>(rows * self.nout * 2)?,
+                    dev.alloc::<u32>(rows * nparts * 4)?,
+                    dev.alloc::<u32>(rows * SEL_BINS)?,
+                    dev.alloc::<u64>(rows * SEL_BINS)?,
+                )
+            };
+            let vocab_i = vocab as i32;
+            let grid_parts = LaunchConfig { grid_dim: (nparts as u32, rows as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let func = dev.get_or_load_custom_func("silica_select_stats", MODULE, PTX)?;
+            let args = [Arg::Ptr(raw_ptr(&logits)), Arg::I32(vocab_i), Arg::Ptr(slice_ptr(&parts)), Arg::Ptr(slice_ptr(&g_cnt)), Arg::Ptr(slice_ptr(&g_mass))];
+            // SAFETY: the arguments match `silica_select_stats`.
+            unsafe { launch(dev, &func, grid_parts, &args) }?;
+            let func = dev.get_or_load_custom_func("silica_select_hist", MODULE, PTX)?;
+            let args = [
+                Arg::Ptr(raw_ptr(&logits)),
+                Arg::I32(vocab_i),
+                Arg::Ptr(raw_ptr(&params)),
+                Arg::Ptr(slice_ptr(&parts)),
+                Arg::Ptr(slice_ptr(&g_cnt)),
+                Arg::Ptr(slice_ptr(&g_mass)),
+            ];
+            // SAFETY: the arguments match `silica_select_hist`; same grid as the stats.
+            unsafe { launch(dev, &func, grid_parts, &args) }?;
             let func = dev.get_or_load_custom_func("silica_select", MODULE, PTX)?;
-            let (vocab_i, nout_i) = (vocab as i32, self.nout as i32);
             let args = [
                 Arg::Ptr(raw_ptr(&logits)),
                 Arg::I32(vocab_i),
                 Arg::Ptr(raw_ptr(&params)),
                 Arg::Ptr(slice_ptr(&out)),
-                Arg::I32(nout_i),
+                Arg::I32(self.nout as i32),
+                Arg::Ptr(slice_ptr(&parts)),
+                Arg::I32(nparts as i32),
+                Arg::Ptr(slice_ptr(&g_cnt)),
+                Arg::Ptr(slice_ptr(&g_mass)),
             ];
             let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: the arguments match `silica_select` in select.cu.
             unsafe { launch(dev, &func, cfg, &args) }?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, self.nout * 2))))
+        }
+    }
+
+    /// Parts per row of silica_select_stats / silica_select_hist (select.cu), and its bins.
+    const SELECT_PARTS: usize = 64;
+    const SEL_BINS: usize = 1024;
+
+    /// `silica_argmax_part` + `silica_argmax_combine`: logits `[rows, vocab]` f32 → `[rows, 2]`
+    /// u32, as `silica_select` writes for greedy rows.
+    pub(super) struct ArgmaxOp;
+
+    /// Blocks per row of the argmax (select.cu): ~2.4k logits each on a 152k vocabulary.
+    const ARGMAX_PARTS: usize = 64;
+
+    impl CustomOp1 for ArgmaxOp {
+        fn name(&self) -> &'static str {
+            "silica-argmax"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            cpu_unsupported("silica-argmax")
+        }
+        fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = ls.device();
+            let (rows, vocab) = ll.shape().dims2()?;
+            if ls.dtype() != DType::F32 {
+                bail!("silica-argmax: logits {:?} {:?}", ll.shape(), ls.dtype());
+            }
+            let logits = input::<f32>(ls, ll)?;
+            let parts_n = ARGMAX_PARTS.min(vocab).max(1);
+            // SAFETY: every part (16 bytes: ArgPart in select.cu) is written by its block before
+            // the combine reads it; the combine writes both words of every row.
+            let (parts, out) = unsafe { (dev.alloc::<u32>(rows * parts_n * 4)?, dev.alloc::<u32>(rows * 2)?) };
+            let func = dev.get_or_load_custom_func("silica_argmax_part", MODULE, PTX)?;
+            let args = [Arg::Ptr(raw_ptr(&logits)), Arg::I32(vocab as i32), Arg::Ptr(slice_ptr(&parts))];
+            let cfg = LaunchConfig { grid_dim: (parts_n as u32, rows as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments match `silica_argmax_part`.
+            unsafe { launch(dev, &func, cfg, &args) }?;
+            let func = dev.get_or_load_custom_func("silica_argmax_combine", MODULE, PTX)?;
+            let args = [Arg::Ptr(slice_ptr(&parts)), Arg::I32(parts_n as i32), Arg::Ptr(slice_ptr(&out))];
+            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments match `silica_argmax_combine`; `parts` holds parts_n per row.
+            unsafe { launch(dev, &func, cfg, &args) }?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, 2))))
         }
     }
 
@@ -882,6 +961,14 @@ mod cuda_tests {
             let logits = on_device(&rows);
             let greedy = select(&logits, &vec![Selection::Greedy; rows.len()]).unwrap();
             let top = select(&logits, &vec![Selection::TopN(12); rows.len()]).unwrap();
+            // Greedy rows beside others go through the one-block selection kernel instead of
+            // the split argmax: the same tokens.
+            let mixed: Vec<Selection> =
+                (0..rows.len()).map(|r| if r % 2 == 0 { Selection::Greedy } else { Selection::TopN(12) }).collect();
+            let mixed = select(&logits, &mixed).unwrap();
+            for r in (0..rows.len()).step_by(2) {
+                assert_eq!(mixed[r], greedy[r], "row {r}, vocab {vocab}");
+            }
             for (r, x) in rows.iter().enumerate() {
                 let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let argmax = x.iter().position(|&v| v == max).unwrap() as u32;
@@ -945,6 +1032,10 @@ mod cuda_tests {
         rows[3] = vec![f32::NEG_INFINITY; 1001];
         let got = select(&on_device(&rows), &vec![Selection::TopN(4); 4]).unwrap();
         assert!(matches!(got[0], Selected::Top(_)));
+        assert_eq!(&got[1..], &[Selected::NonFinite, Selected::NonFinite, Selected::NonFinite]);
+        // Greedy rows alone take the split argmax.
+        let got = select(&on_device(&rows), &vec![Selection::Greedy; 4]).unwrap();
+        assert!(matches!(got[0], Selected::Token(_)));
         assert_eq!(&got[1..], &[Selected::NonFinite, Selected::NonFinite, Selected::NonFinite]);
     }
 

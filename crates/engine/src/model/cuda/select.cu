@@ -357,9 +357,137 @@ __device__ __forceinline__ unsigned long long sel_composite(uint32_t key, uint32
     return ((unsigned long long)key << 32) | (uint32_t)~id;
 }
 
+// The passes that need the whole row but no cut, split over many blocks per row (one block
+// streams a 152k row in ~15 µs a pass, bound by one SM): silica_select_stats finds each part's
+// largest and smallest finite logit, whether it holds a NaN or +inf, and how many finite
+// logits it has (and zeroes the row's global histogram); silica_select_hist, for the rows that
+// cut by top-k or top-p, adds each part's counts (and fixed-point masses) to the row's global
+// histogram with integer atomics, so the sums are exact and the same from run to run.
+#define SEL_PART_THREADS 256
+struct SelStats {
+    float m;          // largest logit (NaN ignored)
+    float lo;         // smallest logit other than -inf
+    uint32_t bad;     // a NaN or +inf
+    uint32_t finite;  // logits other than -inf
+};
+
+// The row's stats from its parts (every thread gets them). blockDim.x is a multiple of 32.
+__device__ SelStats sel_row_stats(const SelStats* __restrict__ parts, int nparts, float* redf, unsigned long long* redu) {
+    float m = -INFINITY, lo = INFINITY;
+    uint32_t bad = 0, finite = 0;
+    for (int t = threadIdx.x; t < nparts; t += blockDim.x) {
+        const SelStats a = parts[t];
+        m = fmaxf(m, a.m);
+        lo = fminf(lo, a.lo);
+        bad |= a.bad;
+        finite += a.finite;
+    }
+    SelStats r;
+    r.m = block_reduce<true>(m, redf);
+    r.lo = -block_reduce<true>(-lo, redf);
+    r.bad = __syncthreads_or(bad);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const unsigned long long f = warp_sum_u64(finite);
+    __syncthreads();
+    if (lane == 0) redu[warp] = f;
+    __syncthreads();
+    unsigned long long t = 0;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += redu[w];
+    r.finite = (uint32_t)t;
+    return r;
+}
+
+// The bin scale of a row: SEL_BINS equal bins from lo to m.
+__device__ __forceinline__ float sel_scale(float m, float lo) {
+    const float span = m - lo;
+    return span > 0.f && isfinite(span) ? (float)(SEL_BINS - 1) / span : 0.f;
+}
+
+// Whether a row's selection cuts by top-k or top-p (then its histogram is built by parts).
+__device__ __forceinline__ bool sel_cuts(const SelParam& p, uint32_t finite, bool* has_p) {
+    const bool has_k = p.top_k > 0 && p.top_k < finite;
+    *has_p = p.top_p < 1.f;
+    return p.mode == SEL_SAMPLE && (has_k || *has_p);
+}
+
+// Grid (parts, rows). parts: [rows, parts]; the histogram: [rows, SEL_BINS] counts and masses.
+extern "C" __global__ void __launch_bounds__(SEL_PART_THREADS)
+    silica_select_stats(const float* __restrict__ logits, int vocab, SelStats* __restrict__ parts,
+                        uint32_t* __restrict__ g_cnt, unsigned long long* __restrict__ g_mass) {
+    __shared__ float redf[32];
+    __shared__ unsigned long long redu[32];
+    pdl_enter();
+    const int row = blockIdx.y, nparts = gridDim.x;
+    for (int b = blockIdx.x * SEL_PART_THREADS + threadIdx.x; b < SEL_BINS; b += nparts * SEL_PART_THREADS) {
+        g_cnt[(size_t)row * SEL_BINS + b] = 0;
+        g_mass[(size_t)row * SEL_BINS + b] = 0;
+    }
+    const int per = (vocab + nparts - 1) / nparts;
+    const int i0 = blockIdx.x * per, i1 = min(vocab, i0 + per);
+    const float* x = logits + (size_t)row * vocab;
+    SelStats a{-INFINITY, INFINITY, 0, 0};
+#pragma unroll 4
+    for (int i = i0 + threadIdx.x; i < i1; i += SEL_PART_THREADS) {
+        const float v = x[i];
+        a.bad |= isnan(v) || v == INFINITY;
+        a.m = fmaxf(a.m, v);
+        if (v != -INFINITY) {
+            a.lo = fminf(a.lo, v);
+            ++a.finite;
+        }
+    }
+    // One part's own stats: the row reduction over a single "part" per thread.
+    __shared__ SelStats mine[SEL_PART_THREADS];
+    mine[threadIdx.x] = a;
+    __syncthreads();
+    const SelStats r = sel_row_stats(mine, SEL_PART_THREADS, redf, redu);
+    if (threadIdx.x == 0) parts[(size_t)row * nparts + blockIdx.x] = r;
+}
+
+// Grid (parts, rows), after silica_select_stats on the same parts.
+extern "C" __global__ void __launch_bounds__(SEL_PART_THREADS)
+    silica_select_hist(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
+                       const SelStats* __restrict__ parts, uint32_t* __restrict__ g_cnt,
+                       unsigned long long* __restrict__ g_mass) {
+    __shared__ uint32_t cnt[SEL_BINS];
+    __shared__ unsigned long long mass[SEL_BINS];
+    __shared__ float redf[32];
+    __shared__ unsigned long long redu[32];
+    pdl_enter();
+    const int row = blockIdx.y, nparts = gridDim.x;
+    const SelParam p = params[row];
+    const SelStats st = sel_row_stats(parts + (size_t)row * nparts, nparts, redf, redu);
+    bool has_p;
+    if (st.bad || st.m == -INFINITY || !sel_cuts(p, st.finite, &has_p)) return;
+    const float scale = sel_scale(st.m, st.lo), inv_t = p.inv_temp;
+    for (int b = threadIdx.x; b < SEL_BINS; b += SEL_PART_THREADS) {
+        cnt[b] = 0;
+        mass[b] = 0;
+    }
+    __syncthreads();
+    const int per = (vocab + nparts - 1) / nparts;
+    const int i0 = blockIdx.x * per, i1 = min(vocab, i0 + per);
+    const float* x = logits + (size_t)row * vocab;
+#pragma unroll 4
+    for (int i = i0 + threadIdx.x; i < i1; i += SEL_PART_THREADS) {
+        const float v = x[i];
+        const int b = sel_bin(v, st.lo, scale);
+        if (b >= 0) {
+            atomicAdd(&cnt[b], 1u);
+            if (has_p) atomicAdd(&mass[b], (unsigned long long)sel_fix(sel_weight(v, st.m, inv_t)));
+        }
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < SEL_BINS; b += SEL_PART_THREADS) {
+        if (cnt[b]) atomicAdd(&g_cnt[(size_t)row * SEL_BINS + b], cnt[b]);
+        if (mass[b]) atomicAdd(&g_mass[(size_t)row * SEL_BINS + b], mass[b]);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     silica_select(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
-                  uint32_t* __restrict__ out, int nout) {
+                  uint32_t* __restrict__ out, int nout, const SelStats* __restrict__ parts, int nparts,
+                  const uint32_t* __restrict__ g_cnt, const unsigned long long* __restrict__ g_mass) {
     __shared__ SelShared sh;
     pdl_enter();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -369,34 +497,18 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     const int range = (vocab + SEL_THREADS - 1) / SEL_THREADS * 32;
 
     // The max and the smallest finite logit; whether some logit is NaN or +inf; how many are
-    // finite.
-    float m = -INFINITY, lo = INFINITY;
-    int bad = 0;
-    uint32_t finite = 0;
-    sel_each(x, vocab, range, [&](float v, int) {
-        bad |= isnan(v) || v == INFINITY;
-        m = fmaxf(m, v);
-        if (v != -INFINITY) {
-            lo = fminf(lo, v);
-            ++finite;
-        }
-    });
-    m = block_reduce<true>(m, sh.redf);
-    lo = -block_reduce<true>(-lo, sh.redf);
-    if (__syncthreads_or(bad) || m == -INFINITY) {
+    // finite: from silica_select_stats' parts.
+    const SelStats st = sel_row_stats(parts + (size_t)blockIdx.x * nparts, nparts, sh.redf, sh.redu);
+    const float m = st.m, lo = st.lo;
+    const uint32_t finite = st.finite;
+    if (st.bad || m == -INFINITY) {
         if (threadIdx.x == 0) {
             o[0] = 0xffffffffu;
             o[1] = 0;
         }
         return;
     }
-    {
-        unsigned long long before, total;
-        sel_warp_scan(finite, sh.redu, &before, &total);
-        finite = (uint32_t)total;
-    }
-    const float span = m - lo;
-    const float scale = span > 0.f && isfinite(span) ? (float)(SEL_BINS - 1) / span : 0.f;
+    const float scale = sel_scale(m, lo);
 
     if (p.mode == SEL_GREEDY) {
         uint32_t best = 0xffffffffu;
@@ -454,10 +566,14 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     unsigned long long cut = 0;  // below every finite logit: all kept
     bool fast = true;
     if (has_k || has_p) {
-        if (has_p)
-            sel_hist<true>(x, vocab, range, lo, scale, m, inv_t, sh);
-        else
-            sel_hist<false>(x, vocab, range, lo, scale, m, inv_t, sh);
+        // The histogram silica_select_hist built (masses only with top-p).
+        const uint32_t* gc = g_cnt + (size_t)blockIdx.x * SEL_BINS;
+        const unsigned long long* gm = g_mass + (size_t)blockIdx.x * SEL_BINS;
+        for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) {
+            sh.cnt[b] = gc[b];
+            sh.mass[b] = has_p ? gm[b] : 0;
+        }
+        __syncthreads();
         int top_bin = -1;                       // the top-k cut's bin
         unsigned long long kept_mass = 0;       // mass of the top-k set (has_k && has_p)
         uint32_t jk = 0;                        // the top-k cut's index in the top-k bin's list
@@ -556,26 +672,122 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     // total >= 2^26: the most likely token has weight 1 and survives every filter.
     unsigned long long target = (unsigned long long)(p.u * (double)total);
     if (target >= total) target = total - 1;
-    if (base <= target && target < base + own) {
-        // This warp holds the draw: walk its range in id order to the first token whose running
-        // mass exceeds the target.
-        unsigned long long run = base;
-        for (int j = 0; j < range; j += 32) {
-            const int i = warp * range + j + lane;
-            unsigned long long incl = kept(i);
-            for (int off = 1; off < 32; off <<= 1) {
-                const unsigned long long t = __shfl_up_sync(SEL_FULL, incl, off);
-                if (lane >= off) incl += t;
+    // The warp whose range holds the draw; then the whole block walks that range in id order:
+    // each thread sums a run of `per` consecutive ids, a scan over the threads finds the run where
+    // the mass passes the target, and that thread walks its run. (One warp walking its range
+    // 32 ids at a time took a memory round trip per step: ~150 of them on a 152k vocabulary.)
+    if (lane == 0 && base <= target && target < base + own) {
+        sh.digit = warp;
+        sh.rem = target - base;
+    }
+    __syncthreads();
+    const int start = (int)sh.digit * range;
+    const unsigned long long t_in = sh.rem;
+    const int per = (range + SEL_THREADS - 1) / SEL_THREADS;
+    const int i0 = start + threadIdx.x * per, i1 = min(start + range, i0 + per);
+    unsigned long long run_sum = 0;
+    for (int i = i0; i < i1; ++i) run_sum += kept(i);
+    unsigned long long incl = run_sum;
+    for (int off = 1; off < 32; off <<= 1) {
+        const unsigned long long t = __shfl_up_sync(SEL_FULL, incl, off);
+        if (lane >= off) incl += t;
+    }
+    __syncthreads();
+    if (lane == 31) sh.redu[warp] = incl;
+    __syncthreads();
+    unsigned long long excl = incl - run_sum;
+    for (int w = 0; w < warp; ++w) excl += sh.redu[w];
+    if (excl <= t_in && t_in < excl + run_sum) {
+        unsigned long long run = excl;
+        for (int i = i0; i < i1; ++i) {
+            run += kept(i);
+            if (run > t_in) {
+                o[0] = (uint32_t)i;
+                o[1] = 0;
+                break;
             }
-            const uint32_t hit = __ballot_sync(SEL_FULL, run + incl > target);
-            if (hit) {
-                if (lane == __ffs(hit) - 1) {
-                    o[0] = (uint32_t)i;
-                    o[1] = 0;
-                }
-                return;
-            }
-            run += __shfl_sync(SEL_FULL, incl, 31);
         }
+    }
+}
+
+// Greedy rows alone (every row of the step greedy): the argmax split over ARGMAX_PARTS blocks
+// per row, then one warp per row combines the parts (the one-block kernel above spends ~30 µs
+// on two passes over a 152k row on one SM). Same result: the largest logit, ties to the lowest
+// id; token 0xffffffff for a row with a NaN or +inf logit, or only -inf.
+#define ARGMAX_THREADS 256
+struct ArgPart {
+    float m;        // the part's largest logit (-inf if none is larger)
+    uint32_t arg;   // its lowest id (0xffffffff if none)
+    uint32_t bad;   // the part holds a NaN or +inf
+    uint32_t pad;
+};
+
+// Larger logit first, then lower id.
+__device__ __forceinline__ void arg_better(float& m, uint32_t& arg, float m2, uint32_t arg2) {
+    if (m2 > m || (m2 == m && arg2 < arg)) {
+        m = m2;
+        arg = arg2;
+    }
+}
+
+// Grid (parts, rows), ARGMAX_THREADS threads; parts: [rows, parts].
+extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
+    silica_argmax_part(const float* __restrict__ logits, int vocab, ArgPart* __restrict__ parts) {
+    __shared__ float rm[ARGMAX_THREADS / 32];
+    __shared__ uint32_t ra[ARGMAX_THREADS / 32];
+    pdl_enter();
+    const int row = blockIdx.y, nparts = gridDim.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int per = (vocab + nparts - 1) / nparts;
+    const int i0 = blockIdx.x * per, i1 = min(vocab, i0 + per);
+    const float* x = logits + (size_t)row * vocab;
+    float m = -INFINITY;
+    uint32_t arg = 0xffffffffu;
+    int bad = 0;
+#pragma unroll 4
+    for (int i = i0 + threadIdx.x; i < i1; i += ARGMAX_THREADS) {
+        const float v = x[i];
+        bad |= isnan(v) || v == INFINITY;
+        if (v > m) {  // ids rise within a thread: the first of equal logits stays
+            m = v;
+            arg = (uint32_t)i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        const uint32_t a2 = __shfl_xor_sync(0xffffffffu, arg, o);
+        arg_better(m, arg, m2, a2);
+    }
+    if (lane == 0) {
+        rm[warp] = m;
+        ra[warp] = arg;
+    }
+    bad = __syncthreads_or(bad);
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < ARGMAX_THREADS / 32; ++w) arg_better(m, arg, rm[w], ra[w]);
+        parts[(size_t)row * nparts + blockIdx.x] = ArgPart{m, arg, (uint32_t)bad, 0};
+    }
+}
+
+// Grid (rows), 32 threads; out: [rows, 2] (token, 0), as silica_select writes for greedy rows.
+extern "C" __global__ void silica_argmax_combine(const ArgPart* __restrict__ parts, int nparts,
+                                                 uint32_t* __restrict__ out) {
+    pdl_enter();
+    const int row = blockIdx.x, lane = threadIdx.x;
+    float m = -INFINITY;
+    uint32_t arg = 0xffffffffu, bad = 0;
+    for (int p = lane; p < nparts; p += 32) {
+        const ArgPart a = parts[(size_t)row * nparts + p];
+        arg_better(m, arg, a.m, a.arg);
+        bad |= a.bad;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        const uint32_t a2 = __shfl_xor_sync(0xffffffffu, arg, o);
+        arg_better(m, arg, m2, a2);
+        bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+    }
+    if (lane == 0) {
+        out[2 * row] = bad || m == -INFINITY ? 0xffffffffu : arg;
+        out[2 * row + 1] = 0;
     }
 }
