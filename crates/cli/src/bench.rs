@@ -93,22 +93,31 @@ fn request(i: usize, spec: &BenchSpec) -> GenerateRequest {
 
 /// Run every concurrency level; returns one row per level.
 pub async fn run(handle: &EngineHandle, spec: &BenchSpec) -> Result<Vec<BenchRow>> {
-    // Warm-up: one short request (first-touch allocations, thread pools).
+    // Warm-up: one short request of the same shape (first-touch allocations, thread pools,
+    // the first use of each kernel), with a prompt of its own. Every measured request also has
+    // its own index, so a token prompt is never one the prefix cache has already seen: a
+    // time to first token is a whole prefill.
     let warm = BenchSpec { concurrency: vec![1], max_tokens: 4, ..spec.clone() };
-    run_level(handle, &warm, 1).await?;
+    run_level(handle, &warm, 1, WARM_UP_INDEX).await?;
     let mut rows = Vec::new();
+    let mut next = 0;
     for &c in &spec.concurrency {
-        let row = run_level(handle, spec, c).await?;
+        let row = run_level(handle, spec, c, next).await?;
+        next += c;
         tracing::info!(?row, "bench level done");
         rows.push(row);
     }
     Ok(rows)
 }
 
-async fn run_level(handle: &EngineHandle, spec: &BenchSpec, c: usize) -> Result<BenchRow> {
+/// The warm-up request's index: far from the measured ones (0, 1, 2, ...).
+const WARM_UP_INDEX: usize = 1_000_003;
+
+/// `c` concurrent requests with indices `first..first + c`.
+async fn run_level(handle: &EngineHandle, spec: &BenchSpec, c: usize, first: usize) -> Result<BenchRow> {
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(c);
-    for i in 0..c {
+    for i in first..first + c {
         let mut rx = handle.submit(request(i, spec))?;
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();

@@ -11,7 +11,8 @@
 //                          the weight row streamed once with 16-byte loads for all M rows
 //   silica_add_rmsnorm_*   residual add + RMSNorm (the new residual and the normed input)
 //   silica_copy_blocks     copy-on-write of KV cache blocks in every layer's pools at once
-//   silica_select          next-token selection per row of logits (select.cu, included last)
+//   silica_select_*        next-token selection per row of logits (select.cu, included last),
+//   silica_argmax_*        with the passes that need no cut split over 64 blocks per row
 // All arithmetic is in f32; results are rounded once to the activation type.
 //
 // Programmatic dependent launch (sm_90+, launched so by fused.rs): every kernel lets the next

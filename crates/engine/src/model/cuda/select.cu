@@ -1,6 +1,9 @@
-// Next-token selection on the device (included by kernels.cu): one block of SEL_THREADS per
-// row of f32 logits, so that a step brings a few bytes per row to the host instead of the
-// vocabulary's logits, and the host does not sort or scan 150k values per row.
+// Next-token selection on the device (included by kernels.cu), so that a step brings a few
+// bytes per row to the host instead of the vocabulary's logits, and the host does not sort or
+// scan 150k values per row. silica_select_stats and silica_select_hist (64 blocks per row) make
+// the row's statistics and, for top-k / top-p rows, its histogram; then silica_select (one
+// block of SEL_THREADS per row of f32 logits) finds the cut and draws. A step whose rows are
+// all greedy takes silica_argmax_part + silica_argmax_combine instead (end of this file).
 //
 // Modes (SelParam::mode):
 //   SEL_GREEDY  the argmax, ties to the lowest token id;
