@@ -1039,6 +1039,69 @@ mod cuda_tests {
         assert_eq!(&got[1..], &[Selected::NonFinite, Selected::NonFinite, Selected::NonFinite]);
     }
 
+    /// The split decode attention against a plain host computation: lengths of one position,
+    /// around a part's 64, and several parts; two head sizes; grouped heads; shuffled slots.
+    #[test]
+    fn paged_decode_matches_the_host() {
+        use super::paged_decode;
+        use candle_core::DType;
+        let dev = Device::new_cuda(0).expect("a CUDA device");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+        let (nh, nkv, slots, max_len) = (4usize, 2usize, 1024usize, 640usize);
+        let lens = [1u32, 64, 65, 300, 640];
+        let d = lens.len();
+        for hd in [64usize, 128] {
+            let mut uni = |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| (rng.random::<f32>() - 0.5) * s).collect() };
+            let half = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect() };
+            let (q, k, v) = (half(uni(d * nh * hd, 2.0)), half(uni(slots * nkv * hd, 2.0)), half(uni(slots * nkv * hd, 2.0)));
+            // Each sequence's positions at distinct, shuffled slots.
+            let mut table = vec![0u32; d * max_len];
+            for b in 0..d {
+                let mut perm: Vec<u32> = (0..slots as u32).collect();
+                for i in (1..perm.len()).rev() {
+                    perm.swap(i, rng.random_range(0..=i));
+                }
+                table[b * max_len..(b + 1) * max_len].copy_from_slice(&perm[..max_len]);
+            }
+            let scale = 1.0 / (hd as f32).sqrt();
+            let t = |x: &[f32], shape: &[usize]| Tensor::from_vec(x.to_vec(), shape, &dev).unwrap().to_dtype(DType::F16).unwrap();
+            let got = paged_decode(
+                &t(&q, &[d, nh, hd]),
+                &t(&k, &[slots, nkv, hd]),
+                &t(&v, &[slots, nkv, hd]),
+                &Tensor::from_vec(table.clone(), (d, max_len), &dev).unwrap(),
+                &Tensor::from_vec(lens.to_vec(), d, &dev).unwrap(),
+                nkv,
+                scale,
+            )
+            .unwrap();
+            let got: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for b in 0..d {
+                for h in 0..nh {
+                    let kvh = h / (nh / nkv);
+                    let qv = &q[(b * nh + h) * hd..(b * nh + h + 1) * hd];
+                    let len = lens[b] as usize;
+                    let row = |pool: &[f32], j: usize| {
+                        let s = table[b * max_len + j] as usize;
+                        pool[(s * nkv + kvh) * hd..(s * nkv + kvh + 1) * hd].to_vec()
+                    };
+                    let scores: Vec<f64> = (0..len)
+                        .map(|j| row(&k, j).iter().zip(qv).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() * scale as f64)
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let l: f64 = w.iter().sum();
+                    let vrows: Vec<Vec<f32>> = (0..len).map(|j| row(&v, j)).collect();
+                    for e in 0..hd {
+                        let want: f64 = (0..len).map(|j| w[j] * vrows[j][e] as f64).sum::<f64>() / l;
+                        let have = got[(b * nh + h) * hd + e] as f64;
+                        assert!((have - want).abs() <= 2e-3 + 1e-2 * want.abs(), "hd {hd} seq {b} (len {len}) head {h} dim {e}: {have} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn copy_on_write_copies_are_batched_and_exact() {
         use crate::kv::{KvCache, KvCacheConfig, SeqCache};
