@@ -981,6 +981,39 @@ mod tests {
     }
 
     #[test]
+    #[ignore]
+    fn kquant_stacked_speed() {
+        let (n, k) = (8960, 1536);
+        let (q, xs, _) = setup(GgmlDType::Q4K, n, k, 1);
+        let copies: Vec<KMatrix> = (0..16)
+            .map(|_| KMatrix { n, k, format: q.format, data: WeightBytes::from_slice(&q.data).unwrap() })
+            .collect();
+        let mut single = Vec::new();
+        let mut stacked = Vec::new();
+        for it in 0..20 {
+            let r = rayon::scope(|_| {
+                let t = std::time::Instant::now();
+                for _ in 0..2 {
+                    if it % 2 == 0 {
+                        for c in &copies {
+                            std::hint::black_box(c.matmul(&xs, 1, Path::best()));
+                        }
+                    } else {
+                        for c in copies.chunks(2) {
+                            std::hint::black_box(KMatrix::matmul_stacked(c, &xs, 1, Path::best()));
+                        }
+                    }
+                }
+                (32 * q.data.len()) as f64 / t.elapsed().as_secs_f64() / 1e9
+            });
+            if it % 2 == 0 { single.push(r) } else { stacked.push(r) }
+        }
+        single.sort_by(f64::total_cmp);
+        stacked.sort_by(f64::total_cmp);
+        println!("single {:.1} stacked {:.1} GB/s", single[5], stacked[5]);
+    }
+
+    #[test]
     fn close_to_the_dequantized_product() {
         for dt in [GgmlDType::Q4K, GgmlDType::Q6K] {
             let (q, xs, deq) = setup(dt, 48, 1024, 3);
