@@ -142,13 +142,20 @@ impl Q4KLayout {
 /// blocks). Superblock `b` of the group (3360 bytes at `b · 3360`):
 ///
 /// - bytes 0..32: the 16 columns' `d` (f16);
-/// - bytes 32..288: the 16 signed scales of each column as four u32 words, word-major;
-/// - bytes 288..3360: for each 32-value sub-block `s`, 384 bytes (one forward stream: with the
-///   low and high bits in two separate regions the hardware prefetcher kept up with half the
-///   bandwidth): 256 bytes of the low four bits of the values, as Q4_K's nibbles
-///   ([`Q4KLayout`]), then 128 bytes of the high two bits: for each
-///   `t` in 0..2, 64 bytes, bits `2u..2u + 2` of byte `4c + i` = value `32s + 4(4t + u) + i` of
-///   column `c`.
+/// - bytes 32..288: the signed scales, group-major: byte `16g + c` = scale of 16-value group
+///   `g` of column `c` (one `vpmovsxbd` loads a group's 16 scales as i32);
+/// - bytes 288..3360: for each 32-value sub-block `s`, 384 bytes in one forward stream (with
+///   the low and high bits in two separate regions the hardware prefetcher kept up with half
+///   the bandwidth). Let `q(v)` be the 6-bit value `v` of column `c`, `A(p, i) = q(32s + 4p + i)`
+///   (the sub-block's first 16 values) and `B(p, i) = q(32s + 16 + 4p + i)` (its last 16):
+///   - bytes `64p..64p + 64` (`p` in 0..4), byte `4c + i`: `A(p, i)` in bits 0..6 and the high
+///     two bits of `B(p, i)` in bits 6..8 (so `A` is one AND away);
+///   - bytes `256 + 64t..` (`t` in 0..2), byte `4c + i`: the low four bits of `B(2t, i)`
+///     (low nibble) and of `B(2t + 1, i)` (high nibble).
+///
+/// Per sub-block and 16 columns that is 4 ANDs for the `A` values and, for the `B` values,
+/// 6 shifts and 8 logic operations (the previous layout, high bits apart, took 10 shifts and
+/// 16 logic operations, and the scales 4 more shifts).
 struct Q6KLayout;
 
 impl Q6KLayout {
@@ -165,9 +172,8 @@ impl Q6KLayout {
                 for c in 0..GROUP {
                     let blk = &src[c * row_bytes + b * Self::BYTES..c * row_bytes + (b + 1) * Self::BYTES];
                     dst[2 * c..2 * c + 2].copy_from_slice(&blk[208..210]);
-                    for word in 0..4 {
-                        let at = 32 + 64 * word + 4 * c;
-                        dst[at..at + 4].copy_from_slice(&blk[192 + 4 * word..196 + 4 * word]);
+                    for grp in 0..16 {
+                        dst[32 + 16 * grp + c] = blk[192 + grp];
                     }
                     let (ql, qh) = (&blk[0..128], &blk[128..192]);
                     for sb in 0..8 {
@@ -175,19 +181,19 @@ impl Q6KLayout {
                         // or high nibbles of `ql`, and bits 2(s % 4).. of `qh`.
                         let (half, s4) = (sb / 4, sb % 4);
                         let (base, shift) = (64 * half + 32 * (s4 % 2), 4 * (s4 / 2));
+                        // Four values each (bytes of a word): low four bits of A(p, ·) and B(p, ·),
+                        // high two bits of A(p, ·) and B(p, ·).
+                        let lo_a = |p: usize| (word(ql, base + 4 * p) >> shift) & 0x0f0f_0f0f;
+                        let lo_b = |p: usize| (word(ql, base + 4 * p + 16) >> shift) & 0x0f0f_0f0f;
+                        let hi = |j: usize| (word(qh, 32 * half + 4 * j) >> (2 * s4)) & 0x0303_0303;
+                        let at = 288 + 384 * sb + 4 * c;
                         for p in 0..4 {
-                            let (w1, w2) = (word(ql, base + 4 * p), word(ql, base + 4 * p + 16));
-                            let v = ((w1 >> shift) & 0x0f0f_0f0f) | (((w2 >> shift) & 0x0f0f_0f0f) << 4);
-                            let at = 288 + 384 * sb + 64 * p + 4 * c;
-                            dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                            let r = lo_a(p) | (hi(p) << 4) | (hi(p + 4) << 6);
+                            dst[at + 64 * p..at + 64 * p + 4].copy_from_slice(&r.to_le_bytes());
                         }
                         for t in 0..2 {
-                            let mut v = 0u32;
-                            for u in 0..4 {
-                                v |= ((word(qh, 32 * half + 16 * t + 4 * u) >> (2 * s4)) & 0x0303_0303) << (2 * u);
-                            }
-                            let at = 288 + 384 * sb + 256 + 64 * t + 4 * c;
-                            dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
+                            let nib = lo_b(2 * t) | (lo_b(2 * t + 1) << 4);
+                            dst[at + 256 + 64 * t..at + 256 + 64 * t + 4].copy_from_slice(&nib.to_le_bytes());
                         }
                     }
                 }
@@ -199,13 +205,14 @@ impl Q6KLayout {
     fn column(blk: &[u8], c: usize) -> [u8; 210] {
         let mut q = [0u8; QK_K];
         for sb in 0..8 {
-            for j in 0..8 {
+            let at = 288 + 384 * sb + 4 * c;
+            for p in 0..4 {
                 for i in 0..4 {
-                    let v = 32 * sb + 4 * j + i;
-                    let byte = blk[288 + 384 * sb + 64 * (j % 4) + 4 * c + i];
-                    let lo = if j < 4 { byte & 0xF } else { byte >> 4 };
-                    let hi = (blk[288 + 384 * sb + 256 + 64 * (j / 4) + 4 * c + i] >> (2 * (j % 4))) & 3;
-                    q[v] = lo | (hi << 4);
+                    let r = blk[at + 64 * p + i];
+                    let nib = blk[at + 256 + 64 * (p / 2) + i];
+                    let lo_b = if p % 2 == 0 { nib & 0xF } else { nib >> 4 };
+                    q[32 * sb + 4 * p + i] = r & 0x3f;
+                    q[32 * sb + 16 + 4 * p + i] = lo_b | ((r >> 6) << 4);
                 }
             }
         }
@@ -218,9 +225,8 @@ impl Q6KLayout {
                 out[128 + 32 * c2 + l] = (v(0) >> 4) | ((v(32) >> 4) << 2) | ((v(64) >> 4) << 4) | ((v(96) >> 4) << 6);
             }
         }
-        for word in 0..4 {
-            let at = 32 + 64 * word + 4 * c;
-            out[192 + 4 * word..196 + 4 * word].copy_from_slice(&blk[at..at + 4]);
+        for grp in 0..16 {
+            out[192 + grp] = blk[32 + 16 * grp + c];
         }
         out[208..210].copy_from_slice(&blk[2 * c..2 * c + 2]);
         out
@@ -727,38 +733,33 @@ mod simd {
         let mut acc = [_mm512_setzero_ps(); T];
         let m4 = _mm512_set1_epi8(0x0f);
         let m30 = _mm512_set1_epi8(0x30);
+        let m3f = _mm512_set1_epi8(0x3f);
         for b in 0..kb {
             let blk = g.as_ptr().add(b * GROUP * 210);
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
             let mut isum = [_mm512_setzero_si512(); T];
             for sb in 0..8 {
+                let at = blk.add(288 + 384 * sb);
                 let mut w = [_mm512_setzero_si512(); 8];
-                let hb = [
-                    _mm512_loadu_si512(blk.add(288 + 384 * sb + 256) as *const _),
-                    _mm512_loadu_si512(blk.add(288 + 384 * sb + 320) as *const _),
+                let r = [0, 1, 2, 3].map(|p| _mm512_loadu_si512(at.add(64 * p) as *const _));
+                let nib = [
+                    _mm512_loadu_si512(at.add(256) as *const _),
+                    _mm512_loadu_si512(at.add(320) as *const _),
                 ];
+                let lo = [_mm512_and_si512(nib[0], m4), _mm512_and_si512(nib[1], m4)];
+                let hi = [
+                    _mm512_and_si512(_mm512_srli_epi16(nib[0], 4), m4),
+                    _mm512_and_si512(_mm512_srli_epi16(nib[1], 4), m4),
+                ];
+                let nibs = [lo[0], hi[0], lo[1], hi[1]];
                 for p in 0..4 {
-                    let v = _mm512_loadu_si512(blk.add(288 + 384 * sb + 64 * p) as *const _);
-                    let lo = _mm512_and_si512(v, m4);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                    // Bits 2p..2p + 2 of the high-bit bytes to bits 4..6.
-                    let (h0, h1) = match p {
-                        0 => (_mm512_slli_epi16(hb[0], 4), _mm512_slli_epi16(hb[1], 4)),
-                        1 => (_mm512_slli_epi16(hb[0], 2), _mm512_slli_epi16(hb[1], 2)),
-                        2 => (hb[0], hb[1]),
-                        _ => (_mm512_srli_epi16(hb[0], 2), _mm512_srli_epi16(hb[1], 2)),
-                    };
-                    w[p] = _mm512_or_si512(lo, _mm512_and_si512(h0, m30));
-                    w[p + 4] = _mm512_or_si512(hi, _mm512_and_si512(h1, m30));
+                    w[p] = _mm512_and_si512(r[p], m3f);
+                    // Bits 6..8 of each byte to bits 4..6 (what a 16-bit shift brings in from
+                    // the next byte lands in bits 6..8 and is masked off).
+                    w[p + 4] = _mm512_or_si512(nibs[p], _mm512_and_si512(_mm512_srli_epi16(r[p], 2), m30));
                 }
                 // The scales of the sub-block's two 16-value groups, sign-extended to i32.
-                let mut scv = [_mm512_setzero_si512(); 2];
-                for (half, sc) in scv.iter_mut().enumerate() {
-                    let grp = 2 * sb + half;
-                    let word = _mm512_loadu_si512(blk.add(32 + 64 * (grp / 4)) as *const _);
-                    let up = _mm512_sllv_epi32(word, _mm512_set1_epi32(24 - 8 * (grp % 4) as i32));
-                    *sc = _mm512_srai_epi32(up, 24);
-                }
+                let scv = [0, 1].map(|half| _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(32 + 16 * (2 * sb + half)) as *const __m128i)));
                 for (i, is) in isum.iter_mut().enumerate() {
                     let r = r0 + i;
                     let x = rows.quants.as_ptr().add(r * k + b * QK_K + 32 * sb);
@@ -803,6 +804,7 @@ mod simd {
         let mut acc = [[_mm256_setzero_ps(); 2]; T];
         let m4 = _mm256_set1_epi8(0x0f);
         let m30 = _mm256_set1_epi8(0x30);
+        let m3f = _mm256_set1_epi8(0x3f);
         let m32 = _mm256_set1_epi8(32);
         for b in 0..kb {
             let blk = g.as_ptr().add(b * GROUP * 210);
@@ -810,32 +812,26 @@ mod simd {
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h) as *const __m128i));
                 let mut isum = [_mm256_setzero_si256(); T];
                 for sb in 0..8 {
+                    let at = blk.add(288 + 384 * sb + 32 * h);
                     let mut w = [_mm256_setzero_si256(); 8];
-                    let hb = [
-                        _mm256_loadu_si256(blk.add(288 + 384 * sb + 256 + 32 * h) as *const __m256i),
-                        _mm256_loadu_si256(blk.add(288 + 384 * sb + 320 + 32 * h) as *const __m256i),
+                    let r = [0, 1, 2, 3].map(|p| _mm256_loadu_si256(at.add(64 * p) as *const __m256i));
+                    let nib = [_mm256_loadu_si256(at.add(256) as *const __m256i), _mm256_loadu_si256(at.add(320) as *const __m256i)];
+                    let nibs = [
+                        _mm256_and_si256(nib[0], m4),
+                        _mm256_and_si256(_mm256_srli_epi16(nib[0], 4), m4),
+                        _mm256_and_si256(nib[1], m4),
+                        _mm256_and_si256(_mm256_srli_epi16(nib[1], 4), m4),
                     ];
                     for p in 0..4 {
-                        let v = _mm256_loadu_si256(blk.add(288 + 384 * sb + 64 * p + 32 * h) as *const __m256i);
-                        let lo = _mm256_and_si256(v, m4);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                        let (h0, h1) = match p {
-                            0 => (_mm256_slli_epi16(hb[0], 4), _mm256_slli_epi16(hb[1], 4)),
-                            1 => (_mm256_slli_epi16(hb[0], 2), _mm256_slli_epi16(hb[1], 2)),
-                            2 => (hb[0], hb[1]),
-                            _ => (_mm256_srli_epi16(hb[0], 2), _mm256_srli_epi16(hb[1], 2)),
-                        };
-                        w[p] = _mm256_or_si256(lo, _mm256_and_si256(h0, m30));
-                        w[p + 4] = _mm256_or_si256(hi, _mm256_and_si256(h1, m30));
+                        w[p] = _mm256_and_si256(r[p], m3f);
+                        w[p + 4] = _mm256_or_si256(nibs[p], _mm256_and_si256(_mm256_srli_epi16(r[p], 2), m30));
                     }
-                    let mut scv = [_mm256_setzero_si256(); 2];
-                    for (half, sc) in scv.iter_mut().enumerate() {
-                        let grp = 2 * sb + half;
-                        let word = _mm256_loadu_si256(blk.add(32 + 64 * (grp / 4) + 32 * h) as *const __m256i);
-                        let s = _mm256_srai_epi32(_mm256_sllv_epi32(word, _mm256_set1_epi32(24 - 8 * (grp % 4) as i32)), 24);
+                    let scv = [0, 1].map(|half| {
+                        let p = blk.add(32 + 16 * (2 * sb + half) + 8 * h) as *const __m128i;
+                        let s = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p));
                         // The scale in both i16 halves of each lane.
-                        *sc = _mm256_or_si256(_mm256_and_si256(s, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(s, 16));
-                    }
+                        _mm256_or_si256(_mm256_and_si256(s, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(s, 16))
+                    });
                     for (i, is) in isum.iter_mut().enumerate() {
                         let x = rows.quants.as_ptr().add((r0 + i) * k + b * QK_K + 32 * sb);
                         for (half, sc) in scv.iter().enumerate() {
@@ -949,6 +945,72 @@ mod tests {
         assert_eq!(col, all[0].len());
         // A part that is not a whole number of tasks wide can only come last.
         assert!(!KMatrix::stackable(&[part(GgmlDType::Q4K, 48), part(GgmlDType::Q4K, 32)]));
+    }
+
+    /// `cargo test --release -p silica-engine --lib kquant_stream_speed -- --ignored --nocapture`:
+    /// one activation row against weights shaped as the 1.5B's gate/up and down projections and
+    /// a 1536×1536 one, 8 copies each so that the first two stream from memory (not the 32 MB
+    /// L3) as in a decode step, run inside the rayon pool as the forward pass is; GB/s of
+    /// weights, median of 9 rounds of 3 sweeps.
+    #[test]
+    #[ignore]
+    fn kquant_stream_speed() {
+        for dt in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            for (n, k) in [(8960, 1536), (1536, 8960), (1536, 1536)] {
+                let (q, xs, _) = setup(dt, n, k, 1);
+                let copies: Vec<KMatrix> = (0..8)
+                    .map(|_| KMatrix { n, k, format: q.format, data: WeightBytes::from_slice(&q.data).unwrap() })
+                    .collect();
+                let mut rates: Vec<f64> = (0..9)
+                    .map(|_| {
+                        rayon::scope(|_| {
+                            let t = std::time::Instant::now();
+                            for _ in 0..3 {
+                                for c in &copies {
+                                    std::hint::black_box(c.matmul(&xs, 1, Path::best()));
+                                }
+                            }
+                            (24 * q.data.len()) as f64 / t.elapsed().as_secs_f64() / 1e9
+                        })
+                    })
+                    .collect();
+                rates.sort_by(f64::total_cmp);
+                println!("{dt:?} {n}x{k}: {:.1} GB/s (min {:.1}, max {:.1})", rates[4], rates[0], rates[8]);
+            }
+        }
+    }
+
+    #[test]
+    #[ignore]
+    fn kquant_stacked_speed() {
+        let (n, k) = (8960, 1536);
+        let (q, xs, _) = setup(GgmlDType::Q4K, n, k, 1);
+        let copies: Vec<KMatrix> = (0..16)
+            .map(|_| KMatrix { n, k, format: q.format, data: WeightBytes::from_slice(&q.data).unwrap() })
+            .collect();
+        let mut single = Vec::new();
+        let mut stacked = Vec::new();
+        for it in 0..20 {
+            let r = rayon::scope(|_| {
+                let t = std::time::Instant::now();
+                for _ in 0..2 {
+                    if it % 2 == 0 {
+                        for c in &copies {
+                            std::hint::black_box(c.matmul(&xs, 1, Path::best()));
+                        }
+                    } else {
+                        for c in copies.chunks(2) {
+                            std::hint::black_box(KMatrix::matmul_stacked(c, &xs, 1, Path::best()));
+                        }
+                    }
+                }
+                (32 * q.data.len()) as f64 / t.elapsed().as_secs_f64() / 1e9
+            });
+            if it % 2 == 0 { single.push(r) } else { stacked.push(r) }
+        }
+        single.sort_by(f64::total_cmp);
+        stacked.sort_by(f64::total_cmp);
+        println!("single {:.1} stacked {:.1} GB/s", single[5], stacked[5]);
     }
 
     #[test]

@@ -25,8 +25,12 @@ impl RmsNorm {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
-    /// `(x + h, self(x + h))` in one CUDA kernel (fused mode only).
+    /// `(x + h, self(x + h))` in one pass: one CUDA kernel (fused mode), or one pass per row
+    /// on the CPU (F32).
     pub(crate) fn add_forward(&self, x: &Tensor, h: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        if super::cpu_ops::applies(x) {
+            return super::cpu_ops::add_rmsnorm(x, h, &self.weight, self.eps);
+        }
         super::fused::add_rmsnorm(x, h, &self.weight, self.eps)
     }
 }
@@ -160,6 +164,10 @@ impl Attention {
             }
             QkvProj::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
         };
+        // 2–4 on the CPU (Qwen2: no q/k norms): RoPE and the cache write in one pass.
+        if self.q_norm.is_none() && super::attention_cpu::applies(&q, k_pool) && super::attention_cpu::applies(&q, v_pool) {
+            return self.rope_write_cpu(&q, &k, &v, meta, rope, k_pool, v_pool);
+        }
         let mut q = q.reshape((rows, nh, hd))?;
         let mut k = k.reshape((rows, nkv, hd))?;
         let v = v.reshape((rows, nkv, hd))?.contiguous()?;
@@ -180,6 +188,43 @@ impl Attention {
         k_pool.scatter_set(write_index, &k.contiguous()?, 0)?;
         v_pool.scatter_set(write_index, &v, 0)?;
         Ok(q)
+    }
+
+    /// Steps 2–4 of [`Attention::qkv_ops`] on the CPU ([`super::cpu_ops::rope_write`]): q, k
+    /// and v `[rows, width]` (column ranges of the stacked output, or separate products).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_write_cpu(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        meta: &BatchMeta,
+        rope: &RopeAt<'_>,
+        k_pool: &Tensor,
+        v_pool: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        use super::cpu_ops::{with_rows, RopeWrite};
+        let rows = q.dim(0)?;
+        // Each row's cache slot: position `start + i` of its sequence.
+        let mut slots = vec![0u32; rows];
+        for s in &meta.seqs {
+            for i in 0..s.n {
+                slots[s.row + i] = s.slots[s.start + i];
+            }
+        }
+        let (cos, sin) = rope.rows()?;
+        // (`rows × head_dim / 2` values each: copied.)
+        let (cos, sin) = (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
+        let p = RopeWrite {
+            cos: &cos,
+            sin: &sin,
+            slots: &slots,
+            num_heads: self.num_heads,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+        };
+        // One `?` per borrowed tensor, the last for `rope_write` itself.
+        with_rows(q, |q| with_rows(k, |k| with_rows(v, |v| super::cpu_ops::rope_write(q, k, v, &p, k_pool, v_pool))))???
     }
 
     /// `x: [rows, hidden]` → `[rows, hidden]`. Writes the rows' K/V into the cache pools, then
@@ -418,9 +463,10 @@ impl DecoderLayer {
         &self.input_layernorm
     }
 
-    /// Fused mode: takes the residual stream and its normed copy (this layer's input norm
-    /// already applied), returns the new residual and `next_norm` applied to it (the next
-    /// layer's input norm, or the final norm), each residual add fused with the norm after it.
+    /// Fused mode and the CPU F32 path: takes the residual stream and its normed copy (this
+    /// layer's input norm already applied), returns the new residual and `next_norm` applied to
+    /// it (the next layer's input norm, or the final norm), each residual add fused with the
+    /// norm after it ([`RmsNorm::add_forward`]).
     pub(crate) fn forward_fused(
         &self,
         resid: &Tensor,
@@ -433,7 +479,7 @@ impl DecoderLayer {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let h = self.self_attn.forward(normed, meta, rope, k_pool, v_pool)?;
         let (x, n) = self.post_attention_layernorm.add_forward(resid, &h)?;
-        let h = self.mlp.forward(&n, true)?;
+        let h = self.mlp.forward(&n, meta.fused.is_some())?;
         next_norm.add_forward(&x, &h)
     }
 

@@ -3,6 +3,7 @@
 mod attention_cpu;
 pub mod batch;
 pub mod config;
+mod cpu_ops;
 pub(crate) mod fused;
 #[cfg(feature = "cuda")]
 mod graph;

@@ -144,9 +144,10 @@ impl QwenModel {
         let logit_rows = |x: Tensor| -> candle_core::Result<Tensor> {
             if meta.num_logit_rows == x.dim(0)? { Ok(x) } else { x.index_select(&meta.logit_rows, 0) }
         };
-        let x = if self.fused {
+        let x = if self.fused || super::cpu_ops::applies(&x) {
             // Each residual add is fused with the norm that follows it (the next layer's input
-            // norm, the final norm after the last layer), so every row leaves normed.
+            // norm, the final norm after the last layer), so every row leaves normed: Silica's
+            // CUDA kernel, or one pass per row on the CPU (F32).
             let mut normed = self.layers[0].input_norm().forward(&x)?;
             for (i, layer) in self.layers.iter().enumerate() {
                 let next = self.layers.get(i + 1).map_or(&self.norm, |l| l.input_norm());
