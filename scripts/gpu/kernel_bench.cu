@@ -280,7 +280,8 @@ int main(int argc, char** argv) {
             SelParam* dp; CK(cudaMalloc(&dp, sizeof ps)); CK(cudaMemcpy(dp, ps, sizeof ps, cudaMemcpyHostToDevice));
             uint32_t* so; CK(cudaMalloc(&so, 64));
             const char* names[3] = {"select greedy", "select top-k 50", "select top-p 0.9"};
-            SelStats* sp; uint32_t* gc; unsigned long long* gm;
+            SelStats* sp; uint32_t* gc; unsigned long long *gm, *cuts, *pm;
+            CK(cudaMalloc(&cuts, 8)); CK(cudaMalloc(&pm, 64 * 8));
             CK(cudaMalloc(&sp, 64 * sizeof(SelStats))); CK(cudaMalloc(&gc, SEL_BINS * 4)); CK(cudaMalloc(&gm, SEL_BINS * 8));
             for (int i = 0; i < 3; ++i)
                 small(names[i], [&](int) {
@@ -288,8 +289,12 @@ int main(int argc, char** argv) {
                     go(silica_select_hist, dim3(64, 1), dim3(SEL_PART_THREADS), 0, (const float*)lg, c.vocab, (const SelParam*)(dp + i),
                        (const SelStats*)sp, gc, gm);
                     go(silica_select, dim3(1), dim3(SEL_THREADS), 0, (const float*)lg, c.vocab, (const SelParam*)(dp + i), so, 1,
-                       (const SelStats*)sp, 64, (const uint32_t*)gc, (const unsigned long long*)gm); });
-            CK(cudaFree(sp)); CK(cudaFree(gc)); CK(cudaFree(gm));
+                       (const SelStats*)sp, 64, (const uint32_t*)gc, (const unsigned long long*)gm, cuts);
+                    go(silica_select_mass, dim3(64, 1), dim3(SEL_PART_THREADS), 0, (const float*)lg, c.vocab, (const SelParam*)(dp + i),
+                       (const SelStats*)sp, (const unsigned long long*)cuts, pm);
+                    go(silica_select_draw, dim3(1), dim3(SEL_THREADS), 0, (const float*)lg, c.vocab, (const SelParam*)(dp + i),
+                       (const SelStats*)sp, 64, (const unsigned long long*)cuts, (const unsigned long long*)pm, so, 1); });
+            CK(cudaFree(sp)); CK(cudaFree(gc)); CK(cudaFree(gm)); CK(cudaFree(cuts)); CK(cudaFree(pm));
             ArgPart* ap; CK(cudaMalloc(&ap, 64 * sizeof(ArgPart)));
             small("argmax (64 parts)", [&](int) {
                 go(silica_argmax_part, dim3(64, 1), dim3(ARGMAX_THREADS), 0, (const float*)lg, c.vocab, ap);

@@ -768,12 +768,14 @@ mod imp {
             // n of a top-n row); silica_select_stats writes every part (16 bytes: SelStats in
             // select.cu) and zeroes the histograms before silica_select_hist and silica_select
             // read them.
-            let (out, parts, g_cnt, g_mass) = unsafe {
+            let (out, parts, g_cnt, g_mass, cuts, pmass) = unsafe {
                 (
                     dev.alloc::<u32>(rows * self.nout * 2)?,
                     dev.alloc::<u32>(rows * nparts * 4)?,
                     dev.alloc::<u32>(rows * SEL_BINS)?,
                     dev.alloc::<u64>(rows * SEL_BINS)?,
+                    dev.alloc::<u64>(rows)?,
+                    dev.alloc::<u64>(rows * nparts)?,
                 )
             };
             let vocab_i = vocab as i32;
@@ -804,10 +806,38 @@ mod imp {
                 Arg::I32(nparts as i32),
                 Arg::Ptr(slice_ptr(&g_cnt)),
                 Arg::Ptr(slice_ptr(&g_mass)),
+                Arg::Ptr(slice_ptr(&cuts)),
             ];
-            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: the arguments match `silica_select` in select.cu.
-            unsafe { launch(dev, &func, cfg, &args) }?;
+            let grid_rows = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments match `silica_select` in select.cu; it writes every row's cut.
+            unsafe { launch(dev, &func, grid_rows, &args) }?;
+            // Sampled rows: their kept mass by parts, then the draw.
+            let func = dev.get_or_load_custom_func("silica_select_mass", MODULE, PTX)?;
+            let args = [
+                Arg::Ptr(raw_ptr(&logits)),
+                Arg::I32(vocab_i),
+                Arg::Ptr(raw_ptr(&params)),
+                Arg::Ptr(slice_ptr(&parts)),
+                Arg::Ptr(slice_ptr(&cuts)),
+                Arg::Ptr(slice_ptr(&pmass)),
+            ];
+            // SAFETY: the arguments match `silica_select_mass`; same parts as the stats.
+            unsafe { launch(dev, &func, grid_parts, &args) }?;
+            let func = dev.get_or_load_custom_func("silica_select_draw", MODULE, PTX)?;
+            let args = [
+                Arg::Ptr(raw_ptr(&logits)),
+                Arg::I32(vocab_i),
+                Arg::Ptr(raw_ptr(&params)),
+                Arg::Ptr(slice_ptr(&parts)),
+                Arg::I32(nparts as i32),
+                Arg::Ptr(slice_ptr(&cuts)),
+                Arg::Ptr(slice_ptr(&pmass)),
+                Arg::Ptr(slice_ptr(&out)),
+                Arg::I32(self.nout as i32),
+            ];
+            // SAFETY: the arguments match `silica_select_draw`; it writes slot 0 of each sampled
+            // row, which silica_select left to it.
+            unsafe { launch(dev, &func, grid_rows, &args) }?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, self.nout * 2))))
         }
     }

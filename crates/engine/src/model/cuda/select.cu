@@ -2,8 +2,10 @@
 // bytes per row to the host instead of the vocabulary's logits, and the host does not sort or
 // scan 150k values per row. silica_select_stats and silica_select_hist (64 blocks per row) make
 // the row's statistics and, for top-k / top-p rows, its histogram; then silica_select (one
-// block of SEL_THREADS per row of f32 logits) finds the cut and draws. A step whose rows are
-// all greedy takes silica_argmax_part + silica_argmax_combine instead (end of this file).
+// block of SEL_THREADS per row of f32 logits) decides greedy and top-n rows and finds a sampled
+// row's cut; silica_select_mass (64 blocks per row) sums the kept mass of each part and
+// silica_select_draw (one block per row) draws inside the part that holds the draw. A step
+// whose rows are all greedy takes silica_argmax_part + silica_argmax_combine instead.
 //
 // Modes (SelParam::mode):
 //   SEL_GREEDY  the argmax, ties to the lowest token id;
@@ -367,6 +369,8 @@ __device__ __forceinline__ unsigned long long sel_composite(uint32_t key, uint32
 // cut by top-k or top-p, adds each part's counts (and fixed-point masses) to the row's global
 // histogram with integer atomics, so the sums are exact and the same from run to run.
 #define SEL_PART_THREADS 256
+// cuts[row] of a row that silica_select decided itself (no draw to make).
+#define SEL_DECIDED 0xffffffffffffffffull
 struct SelStats {
     float m;          // largest logit (NaN ignored)
     float lo;         // smallest logit other than -inf
@@ -490,9 +494,13 @@ extern "C" __global__ void __launch_bounds__(SEL_PART_THREADS)
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     silica_select(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
                   uint32_t* __restrict__ out, int nout, const SelStats* __restrict__ parts, int nparts,
-                  const uint32_t* __restrict__ g_cnt, const unsigned long long* __restrict__ g_mass) {
+                  const uint32_t* __restrict__ g_cnt, const unsigned long long* __restrict__ g_mass,
+                  unsigned long long* __restrict__ cuts) {
     __shared__ SelShared sh;
     pdl_enter();
+    // A row that is not drawn by silica_select_mass / silica_select_draw (greedy, top-n, or
+    // not finite) is decided here; a sampled row's cut is written at the end.
+    if (threadIdx.x == 0) cuts[blockIdx.x] = SEL_DECIDED;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float* x = logits + (size_t)blockIdx.x * vocab;
     const SelParam p = params[blockIdx.x];
@@ -659,35 +667,88 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         }
         cut = ties == ~0ull ? 0 : sel_composite(tau, sel_tie_id(x, vocab, range, tau, ties - 1, sh));
     }
-    const float min_p = p.min_p;
+    // The draw over the kept tokens: silica_select_mass and silica_select_draw.
+    if (threadIdx.x == 0) cuts[blockIdx.x] = cut;
+}
 
-    // A token's fixed-point weight if it is kept, else 0.
-    auto amount = [&](float v, int i) -> uint32_t {
-        const float w = sel_weight(v, m, inv_t);
-        return v != -INFINITY && sel_composite(sel_key(v), i) >= cut && w >= min_p ? sel_fix(w) : 0;
-    };
-    auto kept = [&](int i) -> uint32_t { return i < vocab ? amount(x[i], i) : 0; };
+// A token's fixed-point weight if it is kept (at or above the cut, weight at least min_p),
+// else 0.
+__device__ __forceinline__ uint32_t sel_amount(float v, int i, float m, float inv_t, unsigned long long cut,
+                                               float min_p) {
+    const float w = sel_weight(v, m, inv_t);
+    return v != -INFINITY && sel_composite(sel_key(v), i) >= cut && w >= min_p ? sel_fix(w) : 0;
+}
+
+// The kept mass of each part of a sampled row (grid (parts, rows), SEL_PART_THREADS threads;
+// after silica_select): pmass: [rows, parts].
+extern "C" __global__ void __launch_bounds__(SEL_PART_THREADS)
+    silica_select_mass(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
+                       const SelStats* __restrict__ parts, const unsigned long long* __restrict__ cuts,
+                       unsigned long long* __restrict__ pmass) {
+    __shared__ float redf[32];
+    __shared__ unsigned long long redu[32];
+    pdl_enter();
+    const int row = blockIdx.y, nparts = gridDim.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const unsigned long long cut = cuts[row];
+    if (cut == SEL_DECIDED) return;
+    const SelParam p = params[row];
+    const float m = sel_row_stats(parts + (size_t)row * nparts, nparts, redf, redu).m;
+    const int per = (vocab + nparts - 1) / nparts;
+    const int i0 = blockIdx.x * per, i1 = min(vocab, i0 + per);
+    const float* x = logits + (size_t)row * vocab;
     unsigned long long mine = 0;
-    sel_each(x, vocab, range, [&](float v, int i) { mine += amount(v, i); });
-    unsigned long long base, total;
-    sel_warp_scan(mine, sh.redu, &base, &total);
-    const unsigned long long own = warp_sum_u64(mine);
-    // total >= 2^26: the most likely token has weight 1 and survives every filter.
-    unsigned long long target = (unsigned long long)(p.u * (double)total);
-    if (target >= total) target = total - 1;
-    // The warp whose range holds the draw; then the whole block walks that range in id order:
-    // each thread sums a run of `per` consecutive ids, a scan over the threads finds the run where
-    // the mass passes the target, and that thread walks its run. (One warp walking its range
-    // 32 ids at a time took a memory round trip per step: ~150 of them on a 152k vocabulary.)
-    if (lane == 0 && base <= target && target < base + own) {
-        sh.digit = warp;
-        sh.rem = target - base;
+#pragma unroll 4
+    for (int i = i0 + threadIdx.x; i < i1; i += SEL_PART_THREADS) mine += sel_amount(x[i], i, m, p.inv_temp, cut, p.min_p);
+    mine = warp_sum_u64(mine);
+    if (lane == 0) redu[warp] = mine;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned long long t = 0;
+        for (int w = 0; w < SEL_PART_THREADS / 32; ++w) t += redu[w];
+        pmass[(size_t)row * nparts + blockIdx.x] = t;
+    }
+}
+
+// The draw of a sampled row (grid (rows), SEL_THREADS threads; after silica_select_mass): the
+// first token, in id order, whose running kept mass exceeds u * total. The part that holds it
+// is found from the parts' masses; the whole block then walks that part: each thread sums a run
+// of consecutive ids, a scan over the threads finds the run where the mass passes the target,
+// and that thread walks its run.
+extern "C" __global__ void __launch_bounds__(SEL_THREADS)
+    silica_select_draw(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
+                       const SelStats* __restrict__ parts, int nparts, const unsigned long long* __restrict__ cuts,
+                       const unsigned long long* __restrict__ pmass, uint32_t* __restrict__ out, int nout) {
+    __shared__ float redf[32];
+    __shared__ unsigned long long redu[32];
+    __shared__ int part_at;
+    __shared__ unsigned long long t_part;
+    pdl_enter();
+    const int row = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const unsigned long long cut = cuts[row];
+    if (cut == SEL_DECIDED) return;
+    const SelParam p = params[row];
+    const float m = sel_row_stats(parts + (size_t)row * nparts, nparts, redf, redu).m;
+    const unsigned long long* pm = pmass + (size_t)row * nparts;
+    if (threadIdx.x == 0) {
+        unsigned long long total = 0;
+        for (int b = 0; b < nparts; ++b) total += pm[b];
+        // total >= 2^26: the most likely token has weight 1 and survives every filter.
+        unsigned long long target = (unsigned long long)(p.u * (double)total);
+        if (target >= total) target = total - 1;
+        unsigned long long before = 0;
+        int b = 0;
+        while (b + 1 < nparts && before + pm[b] <= target) before += pm[b++];
+        part_at = b;
+        t_part = target - before;
     }
     __syncthreads();
-    const int start = (int)sh.digit * range;
-    const unsigned long long t_in = sh.rem;
-    const int per = (range + SEL_THREADS - 1) / SEL_THREADS;
-    const int i0 = start + threadIdx.x * per, i1 = min(start + range, i0 + per);
+    const int per_part = (vocab + nparts - 1) / nparts;
+    const int start = part_at * per_part, end = min(vocab, start + per_part);
+    const unsigned long long t_in = t_part;
+    const float* x = logits + (size_t)row * vocab;
+    const int per = (end - start + SEL_THREADS - 1) / SEL_THREADS;
+    const int i0 = start + threadIdx.x * per, i1 = min(end, i0 + per);
+    auto kept = [&](int i) -> uint32_t { return sel_amount(x[i], i, m, p.inv_temp, cut, p.min_p); };
     unsigned long long run_sum = 0;
     for (int i = i0; i < i1; ++i) run_sum += kept(i);
     unsigned long long incl = run_sum;
@@ -696,17 +757,17 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         if (lane >= off) incl += t;
     }
     __syncthreads();
-    if (lane == 31) sh.redu[warp] = incl;
+    if (lane == 31) redu[warp] = incl;
     __syncthreads();
     unsigned long long excl = incl - run_sum;
-    for (int w = 0; w < warp; ++w) excl += sh.redu[w];
+    for (int w = 0; w < warp; ++w) excl += redu[w];
     if (excl <= t_in && t_in < excl + run_sum) {
         unsigned long long run = excl;
         for (int i = i0; i < i1; ++i) {
             run += kept(i);
             if (run > t_in) {
-                o[0] = (uint32_t)i;
-                o[1] = 0;
+                out[(size_t)row * nout * 2] = (uint32_t)i;
+                out[(size_t)row * nout * 2 + 1] = 0;
                 break;
             }
         }
