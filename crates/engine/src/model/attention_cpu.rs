@@ -199,6 +199,9 @@ impl Task<'_> {
     /// through, they come from memory.
     #[inline(always)]
     fn prefetch(&self, pool: &[f32], slots: &[u32], j: usize, kvh: usize) {
+        // Other architectures: no prefetch (the hardware's own prefetcher only).
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (pool, slots, j, kvh);
         #[cfg(target_arch = "x86_64")]
         if let Some(&slot) = slots.get(j) {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -235,7 +238,8 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[cfg(test)]
+// Both tests are of the AVX2 build.
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 

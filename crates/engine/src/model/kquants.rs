@@ -240,7 +240,9 @@ struct Q8KRows {
     scales: Vec<f32>,
     /// Eight per block, as i16 (|sum| ≤ 32·127) so SIMD can load a block's eight at once.
     sums32: Vec<i16>,
-    /// Sixteen per block: `−32 ·` the sum of each 16 values (Q6_K's offset).
+    /// Sixteen per block: `−32 ·` the sum of each 16 values (Q6_K's offset; read by the
+    /// AVX-512 kernel only).
+    #[cfg(target_arch = "x86_64")]
     bias16: Vec<i32>,
 }
 
@@ -412,6 +414,7 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> Q8KRows {
     let mut quants = vec![0i8; m * k];
     let mut scales = vec![0f32; m * k / QK_K];
     let mut sums32 = vec![0i16; m * k / 32];
+    #[cfg(target_arch = "x86_64")]
     let mut bias16 = vec![0i32; m * k / 16];
     for (bi, (xb, qb)) in xs.chunks_exact(QK_K).zip(quants.chunks_exact_mut(QK_K)).enumerate() {
         let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
@@ -424,11 +427,18 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> Q8KRows {
         for (s, q) in sums32[bi * 8..bi * 8 + 8].iter_mut().zip(qb.chunks_exact(32)) {
             *s = q.iter().map(|&v| v as i16).sum();
         }
+        #[cfg(target_arch = "x86_64")]
         for (s, q) in bias16[bi * 16..bi * 16 + 16].iter_mut().zip(qb.chunks_exact(16)) {
             *s = -32 * q.iter().map(|&v| v as i32).sum::<i32>();
         }
     }
-    Q8KRows { quants, scales, sums32, bias16 }
+    Q8KRows {
+        quants,
+        scales,
+        sums32,
+        #[cfg(target_arch = "x86_64")]
+        bias16,
+    }
 }
 
 #[inline]
