@@ -189,27 +189,31 @@ pub fn select(logits: &Tensor, rows: &[crate::sampling::Selection]) -> Result<Ve
     }
     let nout = rows.iter().map(|r| if let Selection::TopN(k) = r { (*k).clamp(1, vocab) } else { 1 }).max().unwrap_or(1);
     // `SelParam` of select.cu: u (f64), inv_temp, top_p, min_p (f32), top_k, mode, n (u32).
-    let mut words = Vec::with_capacity(rows.len() * 8);
-    for r in rows {
-        let (u, inv_t, top_p, min_p, top_k, mode, k) = match *r {
-            Selection::Greedy => (0f64, 1f32, 1f32, 0f32, 0u32, 0u32, 1u32),
-            Selection::Sample { u, temperature, top_k, top_p, min_p } => {
-                let top_k = top_k.filter(|&k| k < vocab).map_or(0, |k| k as u32);
-                (u, 1.0 / temperature, top_p, min_p, top_k, 1, 1)
-            }
-            Selection::TopN(k) => (0.0, 1.0, 1.0, 0.0, 0, 2, k.clamp(1, vocab) as u32),
-        };
-        let ub = u.to_bits();
-        words.extend([ub as u32, (ub >> 32) as u32, inv_t.to_bits(), top_p.to_bits(), min_p.to_bits(), top_k, mode, k]);
-    }
+    let params = |rows: &[Selection]| -> Vec<u32> {
+        let mut words = Vec::with_capacity(rows.len() * 8);
+        for r in rows {
+            let (u, inv_t, top_p, min_p, top_k, mode, k) = match *r {
+                Selection::Greedy => (0f64, 1f32, 1f32, 0f32, 0u32, 0u32, 1u32),
+                Selection::Sample { u, temperature, top_k, top_p, min_p } => {
+                    let top_k = top_k.filter(|&k| k < vocab).map_or(0, |k| k as u32);
+                    (u, 1.0 / temperature, top_p, min_p, top_k, 1, 1)
+                }
+                Selection::TopN(k) => (0.0, 1.0, 1.0, 0.0, 0, 2, k.clamp(1, vocab) as u32),
+            };
+            let ub = u.to_bits();
+            words.extend([ub as u32, (ub >> 32) as u32, inv_t.to_bits(), top_p.to_bits(), min_p.to_bits(), top_k, mode, k]);
+        }
+        words
+    };
     #[cfg(feature = "cuda")]
     {
         let logits = logits.to_dtype(DType::F32)?.contiguous()?;
-        // Every row greedy (nout is then 1): the argmax split over many blocks per row.
+        // Every row greedy (nout is then 1): the argmax split over many blocks per row, no
+        // parameters to upload.
         let out = if rows.iter().all(|r| matches!(r, Selection::Greedy)) {
             logits.apply_op1_no_bwd(&imp::ArgmaxOp)?
         } else {
-            let params = Tensor::from_vec(words, (rows.len(), 8), logits.device())?;
+            let params = Tensor::from_vec(params(rows), (rows.len(), 8), logits.device())?;
             logits.apply_op2_no_bwd(&params, &imp::SelectOp { nout })?
         };
         let out = out.flatten_all()?.to_vec1::<u32>()?;
@@ -235,7 +239,7 @@ pub fn select(logits: &Tensor, rows: &[crate::sampling::Selection]) -> Result<Ve
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (words, nout);
+        let _ = (params, nout);
         candle_core::bail!("device selection needs the `cuda` feature")
     }
 }
@@ -375,8 +379,19 @@ mod imp {
     unsafe fn launch(dev: &CudaDevice, func: &CudaFunction, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         let stream = dev.cuda_stream();
         stream.context().bind_to_thread().w()?;
-        let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
-        let mut params: Vec<*mut std::ffi::c_void> = slots.iter_mut().map(|v| (v as *mut u64).cast()).collect();
+        // On the stack: no allocation per launch (the most any Silica kernel takes is 15).
+        const MAX_ARGS: usize = 16;
+        if args.len() > MAX_ARGS {
+            bail!("a kernel launch with {} arguments (at most {MAX_ARGS})", args.len());
+        }
+        let mut slots = [0u64; MAX_ARGS];
+        for (s, a) in slots.iter_mut().zip(args) {
+            *s = a.slot();
+        }
+        let mut params = [std::ptr::null_mut::<std::ffi::c_void>(); MAX_ARGS];
+        for (p, s) in params.iter_mut().zip(slots.iter_mut()) {
+            *p = (s as *mut u64).cast();
+        }
         // SAFETY: a plain C struct for which all zeroes is a valid value.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;

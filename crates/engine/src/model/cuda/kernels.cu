@@ -7,7 +7,7 @@
 //   silica_paged_combine_* (slot table + lengths on the device), split over positions, then
 //                          the parts combined
 //   silica_silu_mul_*      SwiGLU's silu(gate) * up from the fused gate/up projection
-//   silica_gemv_*_M        y = x W^T for a few rows (decode), one warp per output column,
+//   silica_gemv_*_M        y = x W^T for a few rows (decode), 1-8 warps per output column,
 //                          the weight row streamed once with 16-byte loads for all M rows
 //   silica_add_rmsnorm_*   residual add + RMSNorm (the new residual and the normed input)
 //   silica_copy_blocks     copy-on-write of KV cache blocks in every layer's pools at once
@@ -286,7 +286,7 @@ __device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, size_t n
 }
 
 // x: [M, k], w: [n_out, k] (row-major, k % 8 == 0, 16-byte aligned), y: [M, n_out]. Block of
-// 256 threads = 8 warps = 8 output columns. Each lane takes 8 consecutive weights per 16-byte
+// 256 threads = 8 warps, 8 >> wr_log2 output columns. Each lane takes 8 consecutive weights per 16-byte
 // load and keeps GEMV_LOADS loads in flight (predicated at the row's end); weights bypass L1
 // (read once) so that x stays there.
 constexpr int GEMV_LOADS = 4;
