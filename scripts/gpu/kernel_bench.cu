@@ -213,11 +213,11 @@ int main(int argc, char** argv) {
                (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
             go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits);
             gemv1(att, wo[l], h, H, H);
-            go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, x_res, (const __half*)h, (const __half*)n1[l], an, 1, H, eps);
+            go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, x_res, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps);
             gemv1(an + H, wgu[l], gu, 2 * I, H);
             go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I);
             gemv1(act, wd[l], h, H, I);
-            go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, (const __half*)an, (const __half*)h, (const __half*)n2[l], resid, 1, H, eps);
+            go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, (const __half*)an, (const __half*)h, (const __half*)n2[l], resid, normed, 1, H, eps);
         };
         auto step = [&]() {
             for (int l = 0; l < L; ++l) layer(l, resid, normed);
@@ -265,7 +265,7 @@ int main(int argc, char** argv) {
         small("paged_decode", [&](int l) { go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
                (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
             go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits); });
-        small("add_rmsnorm", [&](int l) { go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)h, (const __half*)n1[l], an, 1, H, eps); });
+        small("add_rmsnorm", [&](int l) { go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps); });
         small("silu_mul", [&](int l) { go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I); });
         {  // next-token selection over this model's vocabulary (random logits, sd 2)
             float* lg; CK(cudaMalloc(&lg, (size_t)c.vocab * 4));

@@ -165,6 +165,17 @@ impl BatchMeta {
             num_logit_rows,
         })
     }
+
+    /// `(rows, positions attended)` when every row is one sequence's single new token, all in
+    /// the decode group (the fused kernels' decode step); `None` otherwise.
+    pub(crate) fn decode_only(&self) -> Option<(usize, usize)> {
+        let g = self.decode.as_ref()?;
+        let all = self.fused.is_some()
+            && g.rows.is_none()
+            && g.seq_idx.len() == self.seqs.len()
+            && self.seqs.iter().all(|s| s.n == 1);
+        all.then_some((self.seqs.len(), g.max_len))
+    }
 }
 
 #[cfg(feature = "cuda")]

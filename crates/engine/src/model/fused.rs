@@ -48,22 +48,29 @@ pub struct QkvRope<'a> {
 
 /// From the fused projection `qkv: [rows, (nh + 2 nkv) hd]` (no bias added yet): adds the bias,
 /// applies Qwen3's per-head q/k norms if given, rotates q and k, writes k and v into the pools
-/// `[slots, nkv, hd]` at each row's slot, and returns q `[rows, nh, hd]`.
-pub fn qkv_rope_write(qkv: &Tensor, p: &QkvRope<'_>, k_pool: &Tensor, v_pool: &Tensor) -> Result<Tensor> {
+/// `[slots, nkv, hd]` at each row's slot, and returns q `[rows, nh, hd]` (in `out` when given:
+/// a [`Scratch`] buffer).
+pub fn qkv_rope_write(qkv: &Tensor, p: &QkvRope<'_>, k_pool: &Tensor, v_pool: &Tensor, out: Option<&Tensor>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        qkv.contiguous()?.apply_op1_no_bwd(&imp::QkvOp { p, k_pool, v_pool })
+        let op = imp::QkvOp { p, k_pool, v_pool };
+        match out {
+            None => qkv.contiguous()?.apply_op1_no_bwd(&op),
+            Some(out) => op.write_into(&qkv.contiguous()?, out),
+        }
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (qkv, p, k_pool, v_pool);
+        let _ = (qkv, p, k_pool, v_pool, out);
         candle_core::bail!("fused kernels need the `cuda` feature")
     }
 }
 
 /// Attention of one new token per sequence: `q: [d, nh, hd]` over the pools at the slots of
 /// `table: [d, max_len]` (u32, row `i` valid for its first `lens[i]` entries), scaled by
-/// `scale`. Returns `[d, nh * hd]`.
+/// `scale`. Returns `[d, nh * hd]`: the parts and the output in `scratch`'s buffers when given
+/// and large enough, newly allocated otherwise.
+#[allow(clippy::too_many_arguments)]
 pub fn paged_decode(
     q: &Tensor,
     k_pool: &Tensor,
@@ -72,14 +79,20 @@ pub fn paged_decode(
     lens: &Tensor,
     num_kv_heads: usize,
     scale: f32,
+    scratch: Option<&Scratch>,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        q.contiguous()?.apply_op1_no_bwd(&imp::PagedOp { k_pool, v_pool, table, lens, num_kv_heads, scale })
+        let op = imp::PagedOp { k_pool, v_pool, table, lens, num_kv_heads, scale };
+        let (d, max_len) = table.dims2()?;
+        match scratch.filter(|s| s.fits(d, max_len)) {
+            None => q.contiguous()?.apply_op1_no_bwd(&op),
+            Some(s) => op.write_into(&q.contiguous()?, &s.part_acc, &s.part_ml, &s.attn(d)?),
+        }
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, k_pool, v_pool, table, lens, num_kv_heads, scale);
+        let _ = (q, k_pool, v_pool, table, lens, num_kv_heads, scale, scratch);
         candle_core::bail!("fused kernels need the `cuda` feature")
     }
 }
@@ -117,44 +130,170 @@ pub fn gemv_applies(x: &Tensor, w: &Tensor) -> bool {
         && w.layout().start_offset() * elem % 16 == 0
 }
 
-/// `x: [rows, k]`, `w: [n, k]` → `x W^T: [rows, n]` (when [`gemv_applies`]).
-pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x: [rows, k]`, `w: [n, k]` → `x W^T: [rows, n]` (when [`gemv_applies`]), in `out` when
+/// given (a [`Scratch`] buffer of that shape).
+pub fn gemv(x: &Tensor, w: &Tensor, out: Option<&Tensor>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        x.apply_op2_no_bwd(w, &imp::GemvOp)
+        match out {
+            None => x.apply_op2_no_bwd(w, &imp::GemvOp),
+            Some(out) => imp::gemv_into(x, w, out),
+        }
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (x, w);
+        let _ = (x, w, out);
         candle_core::bail!("fused kernels need the `cuda` feature")
     }
 }
 
 /// The residual add and the next RMSNorm in one kernel: `(x + h, rmsnorm(x + h) * weight)`,
-/// both `[rows, hidden]`.
-pub fn add_rmsnorm(x: &Tensor, h: &Tensor, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+/// both `[rows, hidden]`; into `scratch`'s residual and normed buffers when given (the residual
+/// may be `x` itself: the add is done in place).
+pub fn add_rmsnorm(x: &Tensor, h: &Tensor, weight: &Tensor, eps: f32, scratch: Option<&Scratch>) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     {
-        let out = x.contiguous()?.apply_op2_no_bwd(&h.contiguous()?, &imp::AddNormOp { weight, eps })?;
-        Ok((out.get(0)?, out.get(1)?))
+        let op = imp::AddNormOp { weight, eps };
+        let (x, h) = (x.contiguous()?, h.contiguous()?);
+        match scratch {
+            None => {
+                let out = x.apply_op2_no_bwd(&h, &op)?;
+                Ok((out.get(0)?, out.get(1)?))
+            }
+            Some(s) => {
+                let rows = x.dim(0)?;
+                let (resid, normed) = (s.resid(rows)?, s.normed(rows)?);
+                op.write_into(&x, &h, &resid, &normed)?;
+                Ok((resid, normed))
+            }
+        }
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (x, h, weight, eps);
+        let _ = (x, h, weight, eps, scratch);
         candle_core::bail!("fused kernels need the `cuda` feature")
     }
 }
 
-/// `gate_up: [rows, 2 inter]` (gate columns, then up) → `silu(gate) * up: [rows, inter]`.
-pub fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
+/// `gate_up: [rows, 2 inter]` (gate columns, then up) → `silu(gate) * up: [rows, inter]`, into
+/// `scratch`'s buffer when given.
+pub fn silu_mul(gate_up: &Tensor, scratch: Option<&Scratch>) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        gate_up.contiguous()?.apply_op1_no_bwd(&imp::SiluMulOp)
+        let gate_up = gate_up.contiguous()?;
+        match scratch {
+            None => gate_up.apply_op1_no_bwd(&imp::SiluMulOp),
+            Some(s) => imp::SiluMulOp.write_into(&gate_up, &s.act(gate_up.dim(0)?)?),
+        }
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = gate_up;
+        let _ = (gate_up, scratch);
         candle_core::bail!("fused kernels need the `cuda` feature")
+    }
+}
+
+/// Most rows a [`Scratch`] serves: the rows of a captured decode step (`graph::max_rows`'s
+/// default; a 4-beam search).
+pub const SCRATCH_ROWS: usize = 4;
+
+/// Most positions a [`Scratch`] serves (its attention parts: 4 rows × 28 heads × 512 parts ×
+/// 128 × 4 bytes = 29 MB for the 7B); longer steps allocate their parts.
+pub const SCRATCH_MAX_LEN: usize = 32768;
+
+/// The sizes a [`Scratch`] is made for.
+#[derive(Debug, Clone, Copy)]
+pub struct ScratchDims {
+    /// Most rows of a step it serves.
+    pub rows: usize,
+    /// Most positions a decode row attends over (the model's context).
+    pub max_len: usize,
+    pub hidden: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+}
+
+/// A decode step's activations in buffers made once per model. Inside a captured CUDA graph
+/// every tensor candle allocates becomes a memory node between the kernels, and those nodes
+/// stop a kernel from starting while the previous one ends (programmatic dependent launch, see
+/// `imp::launch`); steps of single-token rows therefore write every intermediate of the fused
+/// kernels and the GEMVs here (the same buffers in every layer: the kernels run in stream
+/// order). Only the embedding, the first norm and the head still allocate, at the ends of the
+/// step.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub struct Scratch {
+    dims: ScratchDims,
+    resid: Tensor,
+    normed: Tensor,
+    qkv: Tensor,
+    q: Tensor,
+    attn: Tensor,
+    h: Tensor,
+    gate_up: Tensor,
+    act: Tensor,
+    /// The split decode attention's parts (f32, flat): weighted V sums, then (max, sum) pairs.
+    part_acc: Tensor,
+    part_ml: Tensor,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl Scratch {
+    /// Positions per part of the split decode attention (`PD_SPLIT` in kernels.cu).
+    pub const SPLIT: usize = 64;
+
+    pub fn new(d: ScratchDims, dtype: DType, device: &Device) -> Result<Self> {
+        let (r, nh, hd) = (d.rows, d.num_heads, d.head_dim);
+        let parts = d.max_len.div_ceil(Self::SPLIT).max(1);
+        let buf = |cols: usize| Tensor::zeros((r, cols), dtype, device);
+        Ok(Scratch {
+            resid: buf(d.hidden)?,
+            normed: buf(d.hidden)?,
+            qkv: buf((nh + 2 * d.num_kv_heads) * hd)?,
+            q: Tensor::zeros((r, nh, hd), dtype, device)?,
+            attn: buf(nh * hd)?,
+            h: buf(d.hidden)?,
+            gate_up: buf(2 * d.intermediate)?,
+            act: buf(d.intermediate)?,
+            part_acc: Tensor::zeros(r * nh * parts * hd, DType::F32, device)?,
+            part_ml: Tensor::zeros(r * nh * parts * 2, DType::F32, device)?,
+            dims: d,
+        })
+    }
+
+    /// Whether a decode step of `rows` single-token rows attending over up to `max_len`
+    /// positions fits.
+    pub fn fits(&self, rows: usize, max_len: usize) -> bool {
+        rows <= self.dims.rows && max_len <= self.dims.max_len
+    }
+
+    fn first(t: &Tensor, rows: usize) -> Result<Tensor> {
+        t.narrow(0, 0, rows)
+    }
+    pub fn resid(&self, rows: usize) -> Result<Tensor> {
+        Self::first(&self.resid, rows)
+    }
+    pub fn normed(&self, rows: usize) -> Result<Tensor> {
+        Self::first(&self.normed, rows)
+    }
+    pub fn qkv(&self, rows: usize) -> Result<Tensor> {
+        Self::first(&self.qkv, rows)
+    }
+    pub fn q(&self, rows: usize) -> Result<Tensor> {
+        Self::first(&self.q, rows)
+    }
+    pub fn attn(&self, rows: usize) -> Result<Tensor> {
+        Self::first(&self.attn, rows)
+    }
+    pub fn h(&self, rows: usize) -> Result<Tensor> {
+        Self::first(&self.h, rows)
+    }
+    pub fn gate_up(&self, rows: usize) -> Result<Tensor> {
+        Self::first(&self.gate_up, rows)
+    }
+    pub fn act(&self, rows: usize) -> Result<Tensor> {
+        Self::first(&self.act, rows)
     }
 }
 
@@ -462,6 +601,23 @@ mod imp {
         };
     }
 
+    /// The CUDA device a tensor lives on.
+    fn cuda_device(t: &Tensor, what: &str) -> Result<CudaDevice> {
+        match t.device() {
+            candle_core::Device::Cuda(d) => Ok(d.clone()),
+            _ => bail!("{what} is not on the CUDA device"),
+        }
+    }
+
+    /// A kernel's output buffer (a [`super::Scratch`] view): `dims` of the input's dtype,
+    /// contiguous; its device address.
+    fn out_addr(t: &Tensor, dtype: DType, dims: &[usize], what: &str) -> Result<u64> {
+        if t.dtype() != dtype || t.dims() != dims {
+            bail!("{what}: buffer {:?} {:?}, the kernel writes {dims:?} {dtype:?}", t.dims(), t.dtype());
+        }
+        addr(t, what)
+    }
+
     pub(super) struct QkvOp<'a> {
         pub p: &'a QkvRope<'a>,
         pub k_pool: &'a Tensor,
@@ -470,9 +626,26 @@ mod imp {
 
     impl QkvOp<'_> {
         fn run<T: CudaDType + DeviceRepr>(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            let p = self.p;
             let dev = s.device();
-            let (rows, width) = l.shape().dims2()?;
+            let (rows, _) = l.shape().dims2()?;
+            let (nh, hd) = (self.p.num_heads, self.p.head_dim);
+            // SAFETY: written by the kernel before any read.
+            let out = unsafe { dev.alloc::<T>(rows * nh * hd)? };
+            self.launch(dev, s.dtype(), raw_ptr(&input::<T>(s, l)?), l.shape().dims2()?, slice_ptr(&out))?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, nh, hd))))
+        }
+
+        /// Into `out: [rows, nh, hd]`.
+        pub(super) fn write_into(&self, qkv: &Tensor, out: &Tensor) -> Result<Tensor> {
+            let dev = cuda_device(qkv, "qkv")?;
+            let dims = qkv.dims2()?;
+            let o = out_addr(out, qkv.dtype(), &[dims.0, self.p.num_heads, self.p.head_dim], "q")?;
+            self.launch(&dev, qkv.dtype(), addr(qkv, "qkv")?, dims, o)?;
+            Ok(out.clone())
+        }
+
+        fn launch(&self, dev: &CudaDevice, dtype: DType, qkv: u64, (rows, width): (usize, usize), out: u64) -> Result<()> {
+            let p = self.p;
             let (nh, nkv, hd) = (p.num_heads, p.num_kv_heads, p.head_dim);
             if width != (nh + 2 * nkv) * hd {
                 bail!("fused qkv: width {width}, expected ({nh} + 2 * {nkv}) * {hd}");
@@ -482,54 +655,25 @@ mod imp {
                     bail!("fused qkv: {what} has {} entries for {rows} rows", t.dims1()?);
                 }
             }
-            let qkv = input::<T>(s, l)?;
-            let (cos_s, cos_l) = p.cos.storage_and_layout();
-            let (sin_s, sin_l) = p.sin.storage_and_layout();
-            let (pos_s, pos_l) = p.positions.storage_and_layout();
-            let (slot_s, slot_l) = p.slots.storage_and_layout();
-            // The pools are written in place through read guards: the kernel is the only user
-            // of those slots, and everything runs on candle's one stream.
-            let (k_s, k_l) = self.k_pool.storage_and_layout();
-            let (v_s, v_l) = self.v_pool.storage_and_layout();
-            let (bias_g, qn_g, kn_g) = (
-                p.bias.map(Tensor::storage_and_layout),
-                p.q_norm.map(Tensor::storage_and_layout),
-                p.k_norm.map(Tensor::storage_and_layout),
-            );
-            let opt_view = |g: &Option<(candle_core::StorageRef<'_>, &Layout)>, what: &str| -> Result<Option<u64>> {
-                match g {
-                    None => Ok(None),
-                    Some((s, l)) => Ok(Some(raw_ptr(&view::<T>(s, l, what)?))),
-                }
-            };
-            let bias = opt_view(&bias_g, "qkv bias")?.unwrap_or(0);
-            let qn = opt_view(&qn_g, "q_norm")?.unwrap_or(0);
-            let kn = opt_view(&kn_g, "k_norm")?.unwrap_or(0);
-            let cos = view::<T>(&cos_s, cos_l, "rope cos")?;
-            let sin = view::<T>(&sin_s, sin_l, "rope sin")?;
-            let pos = view::<u32>(&pos_s, pos_l, "positions")?;
-            let slots = view::<u32>(&slot_s, slot_l, "write slots")?;
-            let k = view::<T>(&k_s, k_l, "k pool")?;
-            let v = view::<T>(&v_s, v_l, "v pool")?;
-            // SAFETY: written by the kernel before any read.
-            let out = unsafe { dev.alloc::<T>(rows * nh * hd)? };
-            let func = dev.get_or_load_custom_func(&format!("silica_qkv_rope_{}", suffix(s.dtype())?), MODULE, PTX)?;
-            let (nh_i, nkv_i, hd_i) = (nh as i32, nkv as i32, hd as i32);
+            let opt = |t: Option<&Tensor>, what: &str| t.map_or(Ok(0), |t| addr(t, what));
+            let func = dev.get_or_load_custom_func(&format!("silica_qkv_rope_{}", suffix(dtype)?), MODULE, PTX)?;
+            // The pools are written in place: the kernel is the only user of those slots, and
+            // everything runs on candle's one stream.
             let args = [
-                Arg::Ptr(raw_ptr(&qkv)),
-                Arg::Ptr(bias),
-                Arg::Ptr(qn),
-                Arg::Ptr(kn),
-                Arg::Ptr(raw_ptr(&cos)),
-                Arg::Ptr(raw_ptr(&sin)),
-                Arg::Ptr(raw_ptr(&pos)),
-                Arg::Ptr(raw_ptr(&slots)),
-                Arg::Ptr(slice_ptr(&out)),
-                Arg::Ptr(raw_ptr(&k)),
-                Arg::Ptr(raw_ptr(&v)),
-                Arg::I32(nh_i),
-                Arg::I32(nkv_i),
-                Arg::I32(hd_i),
+                Arg::Ptr(qkv),
+                Arg::Ptr(opt(p.bias, "qkv bias")?),
+                Arg::Ptr(opt(p.q_norm, "q_norm")?),
+                Arg::Ptr(opt(p.k_norm, "k_norm")?),
+                Arg::Ptr(addr(p.cos, "rope cos")?),
+                Arg::Ptr(addr(p.sin, "rope sin")?),
+                Arg::Ptr(addr(p.positions, "positions")?),
+                Arg::Ptr(addr(p.slots, "write slots")?),
+                Arg::Ptr(out),
+                Arg::Ptr(addr(self.k_pool, "k pool")?),
+                Arg::Ptr(addr(self.v_pool, "v pool")?),
+                Arg::I32(nh as i32),
+                Arg::I32(nkv as i32),
+                Arg::I32(hd as i32),
                 Arg::F32(p.eps),
             ];
             let cfg = LaunchConfig {
@@ -538,9 +682,8 @@ mod imp {
                 shared_mem_bytes: ((hd + 32) * 4) as u32,
             };
             // SAFETY: the arguments match `silica_qkv_rope_*` in kernels.cu; shapes checked above
-            // and by the caller (pools hold every slot in `slots`).
-            unsafe { launch(dev, &func, cfg, &args) }?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, nh, hd))))
+            // and by the caller (pools hold every slot in `slots`, `out` holds rows * nh * hd).
+            unsafe { launch(dev, &func, cfg, &args) }
         }
     }
 
@@ -555,9 +698,48 @@ mod imp {
     }
 
     impl PagedOp<'_> {
+        /// Parts per (sequence, head) for this step's table.
+        fn splits(&self) -> Result<usize> {
+            let splits = self.table.dims2()?.1.div_ceil(super::Scratch::SPLIT).max(1);
+            if splits * 4 > 48 * 1024 {
+                bail!("paged decode: {splits} parts of {} positions, over the combine's shared memory", super::Scratch::SPLIT);
+            }
+            Ok(splits)
+        }
+
         fn run<T: CudaDType + DeviceRepr>(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
             let dev = s.device();
             let (d, nh, hd) = l.shape().dims3()?;
+            let splits = self.splits()?;
+            // SAFETY: every part's m, l and acc are written by its block (zeros past a
+            // sequence's end) before the combine reads them; the combine writes all of `out`.
+            let (part_acc, part_ml, out) = unsafe {
+                (dev.alloc::<f32>(d * nh * splits * hd)?, dev.alloc::<f32>(d * nh * splits * 2)?, dev.alloc::<T>(d * nh * hd)?)
+            };
+            let bufs = (slice_ptr(&part_acc), slice_ptr(&part_ml), slice_ptr(&out));
+            self.launch(dev, s.dtype(), raw_ptr(&input::<T>(s, l)?), (d, nh, hd), bufs)?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((d, nh * hd))))
+        }
+
+        /// With the parts in `part_acc`/`part_ml` (f32, flat, large enough) and the output in
+        /// `out: [d, nh * hd]`.
+        pub(super) fn write_into(&self, q: &Tensor, part_acc: &Tensor, part_ml: &Tensor, out: &Tensor) -> Result<Tensor> {
+            let dev = cuda_device(q, "q")?;
+            let (d, nh, hd) = q.dims3()?;
+            let splits = self.splits()?;
+            if part_acc.elem_count() < d * nh * splits * hd || part_ml.elem_count() < d * nh * splits * 2 {
+                bail!("paged decode: part buffers too small for {d} x {nh} x {splits} parts");
+            }
+            let bufs = (
+                out_addr(part_acc, DType::F32, part_acc.dims(), "attention parts")?,
+                out_addr(part_ml, DType::F32, part_ml.dims(), "attention part weights")?,
+                out_addr(out, q.dtype(), &[d, nh * hd], "attention output")?,
+            );
+            self.launch(&dev, q.dtype(), addr(q, "q")?, (d, nh, hd), bufs)?;
+            Ok(out.clone())
+        }
+
+        fn launch(&self, dev: &CudaDevice, dtype: DType, q: u64, (d, nh, hd): (usize, usize, usize), (part_acc, part_ml, out): (u64, u64, u64)) -> Result<()> {
             let (td, max_len) = self.table.dims2()?;
             if td != d || self.lens.dims1()? != d {
                 bail!("paged decode: {d} queries, table {td} rows, {} lengths", self.lens.dims1()?);
@@ -565,63 +747,40 @@ mod imp {
             if nh % self.num_kv_heads != 0 {
                 bail!("paged decode: {nh} heads over {} kv heads", self.num_kv_heads);
             }
-            let q = input::<T>(s, l)?;
-            let (k_s, k_l) = self.k_pool.storage_and_layout();
-            let (v_s, v_l) = self.v_pool.storage_and_layout();
-            let (t_s, t_l) = self.table.storage_and_layout();
-            let (n_s, n_l) = self.lens.storage_and_layout();
-            let k = view::<T>(&k_s, k_l, "k pool")?;
-            let v = view::<T>(&v_s, v_l, "v pool")?;
-            let table = view::<u32>(&t_s, t_l, "slot table")?;
-            let lens = view::<u32>(&n_s, n_l, "lengths")?;
-            // PD_SPLIT and PD_THREADS in kernels.cu: positions per part, threads per part.
-            const SPLIT: usize = 64;
-            let splits = max_len.div_ceil(SPLIT).max(1);
-            if splits * 4 > 48 * 1024 {
-                bail!("paged decode: {max_len} positions in {splits} parts, over the combine's shared memory");
-            }
-            // SAFETY: every part's m, l and acc are written by its block (zeros past a
-            // sequence's end) before the combine reads them; the combine writes all of `out`.
-            let (part_acc, part_ml, out) = unsafe {
-                (dev.alloc::<f32>(d * nh * splits * hd)?, dev.alloc::<f32>(d * nh * splits * 2)?, dev.alloc::<T>(d * nh * hd)?)
-            };
-            let name = format!("silica_paged_part_{}_{hd}", suffix(s.dtype())?);
+            let splits = self.splits()?;
+            let name = format!("silica_paged_part_{}_{hd}", suffix(dtype)?);
             let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let (nh_i, nkv_i, len_i) = (nh as i32, self.num_kv_heads as i32, max_len as i32);
             let args = [
-                Arg::Ptr(raw_ptr(&q)),
-                Arg::Ptr(raw_ptr(&k)),
-                Arg::Ptr(raw_ptr(&v)),
-                Arg::Ptr(raw_ptr(&table)),
-                Arg::Ptr(raw_ptr(&lens)),
-                Arg::Ptr(slice_ptr(&part_acc)),
-                Arg::Ptr(slice_ptr(&part_ml)),
+                Arg::Ptr(q),
+                Arg::Ptr(addr(self.k_pool, "k pool")?),
+                Arg::Ptr(addr(self.v_pool, "v pool")?),
+                Arg::Ptr(addr(self.table, "slot table")?),
+                Arg::Ptr(addr(self.lens, "lengths")?),
+                Arg::Ptr(part_acc),
+                Arg::Ptr(part_ml),
                 Arg::I32(nh_i),
                 Arg::I32(nkv_i),
                 Arg::I32(len_i),
                 Arg::F32(self.scale),
             ];
-            let cfg = LaunchConfig { grid_dim: (nh as u32, d as u32, splits as u32), block_dim: (4 * SPLIT as u32, 1, 1), shared_mem_bytes: 0 };
+            // PD_THREADS in kernels.cu: 4 threads per position of a part.
+            let threads = 4 * super::Scratch::SPLIT as u32;
+            let cfg = LaunchConfig { grid_dim: (nh as u32, d as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: the arguments match `silica_paged_part_*`; every slot in `table` is
-            // inside the pools (the engine reserved them), `lens[i] <= max_len`.
+            // inside the pools (the engine reserved them), `lens[i] <= max_len`; the part
+            // buffers hold d * nh * splits parts (checked by the callers).
             unsafe { launch(dev, &func, cfg, &args) }?;
-            let func = dev.get_or_load_custom_func(&format!("silica_paged_combine_{}", suffix(s.dtype())?), MODULE, PTX)?;
-            let args = [
-                Arg::Ptr(slice_ptr(&part_acc)),
-                Arg::Ptr(slice_ptr(&part_ml)),
-                Arg::Ptr(slice_ptr(&out)),
-                Arg::I32(nh_i),
-                Arg::I32(splits as i32),
-            ];
+            let func = dev.get_or_load_custom_func(&format!("silica_paged_combine_{}", suffix(dtype)?), MODULE, PTX)?;
+            let args = [Arg::Ptr(part_acc), Arg::Ptr(part_ml), Arg::Ptr(out), Arg::I32(nh_i), Arg::I32(splits as i32)];
             let cfg = LaunchConfig {
                 grid_dim: (nh as u32, d as u32, 1),
                 block_dim: (hd as u32, 1, 1),
                 shared_mem_bytes: (splits * 4) as u32,
             };
             // SAFETY: the arguments match `silica_paged_combine_*`; the parts are the ones
-            // written above, `splits` per (sequence, head).
-            unsafe { launch(dev, &func, cfg, &args) }?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((d, nh * hd))))
+            // written above, `splits` per (sequence, head); `out` holds d * nh * hd.
+            unsafe { launch(dev, &func, cfg, &args) }
         }
     }
 
@@ -632,21 +791,32 @@ mod imp {
         fn run<T: CudaDType + DeviceRepr>(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
             let dev = s.device();
             let (rows, w) = l.shape().dims2()?;
+            // SAFETY: written by the kernel before any read.
+            let out = unsafe { dev.alloc::<T>(rows * (w / 2))? };
+            self.launch(dev, s.dtype(), raw_ptr(&input::<T>(s, l)?), (rows, w), slice_ptr(&out))?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, w / 2))))
+        }
+
+        /// Into `out: [rows, inter]`.
+        pub(super) fn write_into(&self, gu: &Tensor, out: &Tensor) -> Result<Tensor> {
+            let dev = cuda_device(gu, "gate/up")?;
+            let (rows, w) = gu.dims2()?;
+            let o = out_addr(out, gu.dtype(), &[rows, w / 2], "silu output")?;
+            self.launch(&dev, gu.dtype(), addr(gu, "gate/up")?, (rows, w), o)?;
+            Ok(out.clone())
+        }
+
+        fn launch(&self, dev: &CudaDevice, dtype: DType, gu: u64, (rows, w): (usize, usize), out: u64) -> Result<()> {
             if w % 2 != 0 {
                 bail!("silu_mul: odd width {w}");
             }
             let inter = w / 2;
             let n = rows * inter;
-            let gu = input::<T>(s, l)?;
-            // SAFETY: written by the kernel before any read.
-            let out = unsafe { dev.alloc::<T>(n)? };
-            let func = dev.get_or_load_custom_func(&format!("silica_silu_mul_{}", suffix(s.dtype())?), MODULE, PTX)?;
-            let (n_u, inter_i) = (n as u64, inter as i32);
-            let args = [Arg::Ptr(raw_ptr(&gu)), Arg::Ptr(slice_ptr(&out)), Arg::U64(n_u), Arg::I32(inter_i)];
+            let func = dev.get_or_load_custom_func(&format!("silica_silu_mul_{}", suffix(dtype)?), MODULE, PTX)?;
+            let args = [Arg::Ptr(gu), Arg::Ptr(out), Arg::U64(n as u64), Arg::I32(inter as i32)];
             let cfg = LaunchConfig::for_num_elems(n as u32);
-            // SAFETY: the arguments match `silica_silu_mul_*`.
-            unsafe { launch(dev, &func, cfg, &args) }?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, inter))))
+            // SAFETY: the arguments match `silica_silu_mul_*`; `out` holds rows * inter.
+            unsafe { launch(dev, &func, cfg, &args) }
         }
     }
 
@@ -663,45 +833,51 @@ mod imp {
         ) -> Result<(CudaStorage, Shape)> {
             let dev = xs.device();
             let (rows, k) = xl.shape().dims2()?;
-            let (n, wk) = wl.shape().dims2()?;
-            if wk != k || rows == 0 || rows > super::GEMV_MAX_ROWS || k % 8 != 0 {
-                bail!("silica-gemv: x {:?}, w {:?}", xl.shape(), wl.shape());
-            }
+            let (n, _) = wl.shape().dims2()?;
             let x = input::<T>(xs, xl)?;
             let w = input::<T>(ws, wl)?;
             // SAFETY: written by the kernel before any read.
             let out = unsafe { dev.alloc::<T>(rows * n)? };
-            let name = format!("silica_gemv_{}_{rows}", suffix(xs.dtype())?);
-            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            // Warps per output column (split K): as many as leave each lane at least 1.75
-            // 16-byte loads, up to the block's 8. Measured on the H100 (scripts/gpu/
-            // kernel_bench.cu, sweep): short per-warp runs and many blocks beat long runs, e.g.
-            // the 7B's o projection 11.1 µs with 4 warps per column and 8 loads per lane, 10.4
-            // with 8 warps and 4 loads; the 3B's gate/up (k = 2048) 30.4 µs with 4 warps, 38.0
-            // with 8 (one load per lane).
-            let mut wr_log2 = 3u32;
-            while wr_log2 > 0 && k / 8 < 56 << wr_log2 {
-                wr_log2 -= 1;
-            }
-            let cols_per_block = 8 >> wr_log2;
-            let (n_i, k_i, wr_i) = (n as i32, k as i32, wr_log2 as i32);
-            let args = [
-                Arg::Ptr(raw_ptr(&x)),
-                Arg::Ptr(raw_ptr(&w)),
-                Arg::Ptr(slice_ptr(&out)),
-                Arg::I32(n_i),
-                Arg::I32(k_i),
-                Arg::I32(wr_i),
-            ];
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(cols_per_block) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the arguments match `silica_gemv_*`; alignment checked by `gemv_applies`.
-            unsafe { launch(dev, &func, cfg, &args) }?;
+            gemv_launch(dev, xs.dtype(), raw_ptr(&x), raw_ptr(&w), slice_ptr(&out), (rows, k), wl.shape().dims2()?)?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, n))))
         }
+    }
+
+    /// `x W^T` into `out: [rows, n]`.
+    pub(super) fn gemv_into(x: &Tensor, w: &Tensor, out: &Tensor) -> Result<Tensor> {
+        let dev = cuda_device(x, "gemv input")?;
+        let (rows, k) = x.dims2()?;
+        let (n, wk) = w.dims2()?;
+        if w.dtype() != x.dtype() {
+            bail!("silica-gemv: x {:?}, w {:?}", x.dtype(), w.dtype());
+        }
+        let o = out_addr(out, x.dtype(), &[rows, n], "gemv output")?;
+        gemv_launch(&dev, x.dtype(), addr(x, "gemv input")?, addr(w, "gemv weight")?, o, (rows, k), (n, wk))?;
+        Ok(out.clone())
+    }
+
+    fn gemv_launch(dev: &CudaDevice, dtype: DType, x: u64, w: u64, out: u64, (rows, k): (usize, usize), (n, wk): (usize, usize)) -> Result<()> {
+        if wk != k || rows == 0 || rows > super::GEMV_MAX_ROWS || k % 8 != 0 {
+            bail!("silica-gemv: x [{rows}, {k}], w [{n}, {wk}]");
+        }
+        let name = format!("silica_gemv_{}_{rows}", suffix(dtype)?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        // Warps per output column (split K): as many as leave each lane at least 1.75
+        // 16-byte loads, up to the block's 8. Measured on the H100 (scripts/gpu/
+        // kernel_bench.cu, sweep): short per-warp runs and many blocks beat long runs, e.g.
+        // the 7B's o projection 11.1 µs with 4 warps per column and 8 loads per lane, 10.4
+        // with 8 warps and 4 loads; the 3B's gate/up (k = 2048) 30.4 µs with 4 warps, 38.0
+        // with 8 (one load per lane).
+        let mut wr_log2 = 3u32;
+        while wr_log2 > 0 && k / 8 < 56 << wr_log2 {
+            wr_log2 -= 1;
+        }
+        let cols_per_block = 8 >> wr_log2;
+        let args = [Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(out), Arg::I32(n as i32), Arg::I32(k as i32), Arg::I32(wr_log2 as i32)];
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(cols_per_block) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `silica_gemv_*`; alignment checked by `gemv_applies` (the
+        // allocating path) or `addr` (16-byte starts); `out` holds rows * n.
+        unsafe { launch(dev, &func, cfg, &args) }
     }
 
 
@@ -720,37 +896,54 @@ mod imp {
         ) -> Result<(CudaStorage, Shape)> {
             let dev = xs.device();
             let (rows, hdim) = xl.shape().dims2()?;
-            if hl.shape().dims2()? != (rows, hdim) || self.weight.dims1()? != hdim {
-                bail!("silica-add-rmsnorm: x {:?}, h {:?}, weight {:?}", xl.shape(), hl.shape(), self.weight.shape());
+            if hl.shape().dims2()? != (rows, hdim) {
+                bail!("silica-add-rmsnorm: x {:?}, h {:?}", xl.shape(), hl.shape());
             }
-            let x = input::<T>(xs, xl)?;
-            let h = input::<T>(hs, hl)?;
-            let (w_s, w_l) = self.weight.storage_and_layout();
-            let w = view::<T>(&w_s, w_l, "norm weight")?;
+            let (x, h) = (input::<T>(xs, xl)?, input::<T>(hs, hl)?);
             // SAFETY: written by the kernel before any read.
             let out = unsafe { dev.alloc::<T>(2 * rows * hdim)? };
-            let func = dev.get_or_load_custom_func(&format!("silica_add_rmsnorm_{}", suffix(xs.dtype())?), MODULE, PTX)?;
-            let (rows_i, hdim_i) = (rows as i32, hdim as i32);
-            let args = [
-                Arg::Ptr(raw_ptr(&x)),
-                Arg::Ptr(raw_ptr(&h)),
-                Arg::Ptr(raw_ptr(&w)),
-                Arg::Ptr(slice_ptr(&out)),
-                Arg::I32(rows_i),
-                Arg::I32(hdim_i),
-                Arg::F32(self.eps),
-            ];
+            let s = slice_ptr(&out);
+            let n = s + (rows * hdim * std::mem::size_of::<T>()) as u64;
+            self.launch(dev, xs.dtype(), (raw_ptr(&x), raw_ptr(&h)), (s, n), (rows, hdim))?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((2, rows, hdim))))
+        }
+
+        /// Into `s_out` (which may be `x`) and `n_out`, both `[rows, hidden]`.
+        pub(super) fn write_into(&self, x: &Tensor, h: &Tensor, s_out: &Tensor, n_out: &Tensor) -> Result<()> {
+            let dev = cuda_device(x, "residual")?;
+            let dims = x.dims2()?;
+            if h.dims2()? != dims {
+                bail!("silica-add-rmsnorm: x {:?}, h {:?}", x.shape(), h.shape());
+            }
+            let outs = (out_addr(s_out, x.dtype(), &[dims.0, dims.1], "residual")?, out_addr(n_out, x.dtype(), &[dims.0, dims.1], "normed")?);
+            self.launch(&dev, x.dtype(), (addr(x, "residual")?, addr(h, "residual delta")?), outs, dims)
+        }
+
+        fn launch(&self, dev: &CudaDevice, dtype: DType, (x, h): (u64, u64), (s, n): (u64, u64), (rows, hdim): (usize, usize)) -> Result<()> {
+            if self.weight.dims1()? != hdim {
+                bail!("silica-add-rmsnorm: hidden {hdim}, weight {:?}", self.weight.shape());
+            }
             if hdim > super::MAX_HIDDEN {
                 bail!("silica-add-rmsnorm: hidden size {hdim} over the kernel's shared memory");
             }
+            let func = dev.get_or_load_custom_func(&format!("silica_add_rmsnorm_{}", suffix(dtype)?), MODULE, PTX)?;
+            let args = [
+                Arg::Ptr(x),
+                Arg::Ptr(h),
+                Arg::Ptr(addr(self.weight, "norm weight")?),
+                Arg::Ptr(s),
+                Arg::Ptr(n),
+                Arg::I32(rows as i32),
+                Arg::I32(hdim as i32),
+                Arg::F32(self.eps),
+            ];
             let cfg = LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),
                 block_dim: (1024, 1, 1),
                 shared_mem_bytes: ((hdim + 32) * 4) as u32,
             };
-            // SAFETY: the arguments match `silica_add_rmsnorm_*`.
-            unsafe { launch(dev, &func, cfg, &args) }?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((2, rows, hdim))))
+            // SAFETY: the arguments match `silica_add_rmsnorm_*`; every buffer holds rows * hdim.
+            unsafe { launch(dev, &func, cfg, &args) }
         }
     }
 
@@ -900,15 +1093,17 @@ mod imp {
         }
     }
 
-    /// The device address of a contiguous tensor's first element, for a kernel that writes it
-    /// in place (the caller keeps the tensor alive and alone in using those bytes).
-    fn tensor_ptr(t: &Tensor) -> Result<u64> {
+    /// The device address of a contiguous tensor's first element (16-byte aligned); `what` names
+    /// it in errors. A kernel that writes there in place relies on the caller keeping the tensor
+    /// alive and alone in using those bytes until the stream has run it.
+    fn addr(t: &Tensor, what: &str) -> Result<u64> {
         let (s, l) = t.storage_and_layout();
         Ok(match t.dtype() {
-            DType::F16 => raw_ptr(&view::<half::f16>(&s, l, "kv pool")?),
-            DType::BF16 => raw_ptr(&view::<half::bf16>(&s, l, "kv pool")?),
-            DType::F32 => raw_ptr(&view::<f32>(&s, l, "kv pool")?),
-            other => bail!("kv pool of {other:?}"),
+            DType::F16 => raw_ptr(&view::<half::f16>(&s, l, what)?),
+            DType::BF16 => raw_ptr(&view::<half::bf16>(&s, l, what)?),
+            DType::F32 => raw_ptr(&view::<f32>(&s, l, what)?),
+            DType::U32 => raw_ptr(&view::<u32>(&s, l, what)?),
+            other => bail!("{what} of {other:?}"),
         })
     }
 
@@ -920,7 +1115,7 @@ mod imp {
         // One upload: the pools' addresses (two words each), then the pairs.
         let mut words = Vec::with_capacity(2 * pools.len() + 2 * pairs.len());
         for p in pools {
-            let a = tensor_ptr(p)?;
+            let a = addr(p, "kv pool")?;
             words.extend([a as u32, (a >> 32) as u32]);
         }
         for &(s, d) in pairs {
@@ -1088,7 +1283,7 @@ mod cuda_tests {
     /// around a part's 64, and several parts; two head sizes; grouped heads; shuffled slots.
     #[test]
     fn paged_decode_matches_the_host() {
-        use super::paged_decode;
+        use super::{paged_decode, Scratch, ScratchDims};
         use candle_core::DType;
         let dev = Device::new_cuda(0).expect("a CUDA device");
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
@@ -1110,17 +1305,20 @@ mod cuda_tests {
             }
             let scale = 1.0 / (hd as f32).sqrt();
             let t = |x: &[f32], shape: &[usize]| Tensor::from_vec(x.to_vec(), shape, &dev).unwrap().to_dtype(DType::F16).unwrap();
-            let got = paged_decode(
-                &t(&q, &[d, nh, hd]),
-                &t(&k, &[slots, nkv, hd]),
-                &t(&v, &[slots, nkv, hd]),
-                &Tensor::from_vec(table.clone(), (d, max_len), &dev).unwrap(),
-                &Tensor::from_vec(lens.to_vec(), d, &dev).unwrap(),
-                nkv,
-                scale,
-            )
-            .unwrap();
-            let got: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let (qt, kt, vt) = (t(&q, &[d, nh, hd]), t(&k, &[slots, nkv, hd]), t(&v, &[slots, nkv, hd]));
+            let table_t = Tensor::from_vec(table.clone(), (d, max_len), &dev).unwrap();
+            let lens_t = Tensor::from_vec(lens.to_vec(), d, &dev).unwrap();
+            let run = |q: &Tensor, scratch: Option<&Scratch>| -> Vec<f32> {
+                let got = paged_decode(q, &kt, &vt, &table_t, &lens_t, nkv, scale, scratch).unwrap();
+                got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+            };
+            // Into preallocated buffers (a decode step's scratch, left dirty by an earlier step),
+            // the same bits as into fresh ones.
+            let dims = ScratchDims { rows: d, max_len, hidden: 64, num_heads: nh, num_kv_heads: nkv, head_dim: hd, intermediate: 64 };
+            let scratch = Scratch::new(dims, DType::F16, &dev).unwrap();
+            run(&(&qt * 3.0).unwrap(), Some(&scratch));
+            let got = run(&qt, None);
+            assert_eq!(run(&qt, Some(&scratch)), got, "hd {hd}: scratch and allocated outputs differ");
             for b in 0..d {
                 for h in 0..nh {
                     let kvh = h / (nh / nkv);

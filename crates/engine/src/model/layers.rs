@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::batch::BatchMeta;
 use super::config::ModelConfig;
+use super::fused::Scratch;
 use super::weights::{Linear, WeightSource};
 use crate::error::Result;
 
@@ -25,13 +26,13 @@ impl RmsNorm {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
-    /// `(x + h, self(x + h))` in one pass: one CUDA kernel (fused mode), or one pass per row
-    /// on the CPU (F32).
-    pub(crate) fn add_forward(&self, x: &Tensor, h: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    /// `(x + h, self(x + h))` in one pass: one CUDA kernel (fused mode; into `scratch`'s
+    /// buffers when given), or one pass per row on the CPU (F32).
+    pub(crate) fn add_forward(&self, x: &Tensor, h: &Tensor, scratch: Option<&Scratch>) -> candle_core::Result<(Tensor, Tensor)> {
         if super::cpu_ops::applies(x) {
             return super::cpu_ops::add_rmsnorm(x, h, &self.weight, self.eps);
         }
-        super::fused::add_rmsnorm(x, h, &self.weight, self.eps)
+        super::fused::add_rmsnorm(x, h, &self.weight, self.eps, scratch)
     }
 }
 
@@ -228,7 +229,8 @@ impl Attention {
     }
 
     /// `x: [rows, hidden]` → `[rows, hidden]`. Writes the rows' K/V into the cache pools, then
-    /// attends each sequence over its own blocks.
+    /// attends each sequence over its own blocks. `scratch`: a decode step's buffers (fused
+    /// mode, single-token rows only).
     pub(crate) fn forward(
         &self,
         x: &Tensor,
@@ -236,6 +238,7 @@ impl Attention {
         rope: &RopeAt<'_>,
         k_pool: &Tensor,
         v_pool: &Tensor,
+        scratch: Option<&Scratch>,
     ) -> candle_core::Result<Tensor> {
         let rows = x.dim(0)?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -257,7 +260,8 @@ impl Attention {
                     head_dim: hd,
                     eps: self.eps,
                 };
-                super::fused::qkv_rope_write(&l.forward_no_bias(x)?, &p, k_pool, v_pool)?
+                let qkv = l.forward_no_bias_into(x, scratch.map(|s| s.qkv(rows)).transpose()?.as_ref())?;
+                super::fused::qkv_rope_write(&qkv, &p, k_pool, v_pool, scratch.map(|s| s.q(rows)).transpose()?.as_ref())?
             }
             _ => self.qkv_ops(x, meta, rope, k_pool, v_pool)?,
         };
@@ -289,7 +293,7 @@ impl Attention {
                 Some(match (&meta.fused, &g.lens) {
                     (Some(_), Some(lens)) => {
                         let table = g.slots.reshape((d, l))?;
-                        super::fused::paged_decode(&qd, k_pool, v_pool, &table, lens, nkv, scale as f32)?
+                        super::fused::paged_decode(&qd, k_pool, v_pool, &table, lens, nkv, scale as f32, scratch)?
                     }
                     _ => {
                         let qd = qd.contiguous()?.reshape((d, nkv, groups, hd))?;
@@ -310,7 +314,7 @@ impl Attention {
         };
         if let (Some(o), Some(g)) = (&decoded, &meta.decode) {
             if g.seq_idx.len() == meta.seqs.len() && g.rows.is_none() {
-                return self.o_proj.forward(o);
+                return self.o_proj.forward_into(o, scratch.map(|s| s.h(rows)).transpose()?.as_ref());
             }
         }
         // 5b. Prefill sequences one by one; outputs assembled in row order.
@@ -375,8 +379,9 @@ impl Mlp {
         Ok(Mlp { gate_up, down_proj: w.linear(&format!("{p}.down_proj"), i, h, false)?, intermediate: i })
     }
 
-    /// `fused_kernels`: SwiGLU's activation by Silica's CUDA kernel.
-    pub fn forward(&self, x: &Tensor, fused_kernels: bool) -> candle_core::Result<Tensor> {
+    /// `fused_kernels`: SwiGLU's activation by Silica's CUDA kernel; `scratch`: the step's
+    /// buffers for the products and the activation.
+    pub fn forward(&self, x: &Tensor, fused_kernels: bool, scratch: Option<&Scratch>) -> candle_core::Result<Tensor> {
         // On the CPU a long prefill goes through in slices of rows: the `[rows, 2·i]` gate/up
         // output is the largest activation (37 MB for 512 rows of the 1.5B), and the peak
         // memory target counts it. Rows are independent, so the result is the same.
@@ -384,19 +389,21 @@ impl Mlp {
         if x.device().is_cpu() && rows > MLP_ROWS {
             let parts = (0..rows)
                 .step_by(MLP_ROWS)
-                .map(|r| self.forward_rows(&x.narrow(0, r, MLP_ROWS.min(rows - r))?, fused_kernels))
+                .map(|r| self.forward_rows(&x.narrow(0, r, MLP_ROWS.min(rows - r))?, fused_kernels, None))
                 .collect::<candle_core::Result<Vec<_>>>()?;
             return Tensor::cat(&parts, 0);
         }
-        self.forward_rows(x, fused_kernels)
+        self.forward_rows(x, fused_kernels, scratch)
     }
 
-    fn forward_rows(&self, x: &Tensor, fused_kernels: bool) -> candle_core::Result<Tensor> {
+    fn forward_rows(&self, x: &Tensor, fused_kernels: bool, scratch: Option<&Scratch>) -> candle_core::Result<Tensor> {
+        let rows = x.dim(0)?;
+        let buf = |f: fn(&Scratch, usize) -> candle_core::Result<Tensor>| scratch.map(|s| f(s, rows)).transpose();
         let h = match &self.gate_up {
             GateUp::Fused(l) => {
-                let y = l.forward(x)?;
+                let y = l.forward_into(x, buf(Scratch::gate_up)?.as_ref())?;
                 if fused_kernels {
-                    super::fused::silu_mul(&y)?
+                    super::fused::silu_mul(&y, scratch)?
                 } else if y.device().is_cpu() && y.dtype() == DType::F32 {
                     silu_mul_cpu(&y, self.intermediate)?
                 } else {
@@ -406,7 +413,7 @@ impl Mlp {
             }
             GateUp::Split { gate, up } => (candle_nn::ops::silu(&gate.forward(x)?)? * up.forward(x)?)?,
         };
-        self.down_proj.forward(&h)
+        self.down_proj.forward_into(&h, buf(Scratch::h)?.as_ref())
     }
 }
 
@@ -476,11 +483,12 @@ impl DecoderLayer {
         rope: &RopeAt<'_>,
         k_pool: &Tensor,
         v_pool: &Tensor,
+        scratch: Option<&Scratch>,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let h = self.self_attn.forward(normed, meta, rope, k_pool, v_pool)?;
-        let (x, n) = self.post_attention_layernorm.add_forward(resid, &h)?;
-        let h = self.mlp.forward(&n, meta.fused.is_some())?;
-        next_norm.add_forward(&x, &h)
+        let h = self.self_attn.forward(normed, meta, rope, k_pool, v_pool, scratch)?;
+        let (x, n) = self.post_attention_layernorm.add_forward(resid, &h, scratch)?;
+        let h = self.mlp.forward(&n, meta.fused.is_some(), scratch)?;
+        next_norm.add_forward(&x, &h, scratch)
     }
 
     /// candle's ops (every mode but the fused one): `x` in, the new residual stream out.
@@ -492,9 +500,9 @@ impl DecoderLayer {
         k_pool: &Tensor,
         v_pool: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, meta, rope, k_pool, v_pool)?;
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, meta, rope, k_pool, v_pool, None)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, false)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?, false, None)?;
         x + h
     }
 }

@@ -22,6 +22,8 @@ pub struct QwenModel {
     device: Device,
     /// Silica's fused CUDA kernels serve this model (see `fused.rs`).
     fused: bool,
+    /// The fused decode steps' activation buffers (present when `fused`).
+    scratch: Option<super::fused::Scratch>,
     /// Decode steps captured as CUDA graphs (fused kernels on CUDA; see `graph.rs`).
     #[cfg(feature = "cuda")]
     pub(super) graphs: Option<super::graph::DecodeGraphs>,
@@ -43,6 +45,20 @@ impl QwenModel {
         if fused {
             tracing::info!("decoder runs Silica's fused CUDA kernels (SILICA_FUSED=0 turns them off)");
         }
+        let scratch = if fused {
+            let dims = super::fused::ScratchDims {
+                rows: super::fused::SCRATCH_ROWS,
+                max_len: cfg.max_position_embeddings.min(super::fused::SCRATCH_MAX_LEN),
+                hidden: cfg.hidden_size,
+                num_heads: cfg.num_heads,
+                num_kv_heads: cfg.num_kv_heads,
+                head_dim: cfg.head_dim,
+                intermediate: cfg.intermediate_size,
+            };
+            Some(super::fused::Scratch::new(dims, dtype, device)?)
+        } else {
+            None
+        };
         Ok(QwenModel {
             cfg,
             embed_tokens,
@@ -53,6 +69,7 @@ impl QwenModel {
             dtype,
             device: device.clone(),
             fused,
+            scratch,
             #[cfg(feature = "cuda")]
             graphs: (fused && super::graph::max_rows() > 0).then(super::graph::DecodeGraphs::default),
         })
@@ -144,6 +161,8 @@ impl QwenModel {
         let logit_rows = |x: Tensor| -> candle_core::Result<Tensor> {
             if meta.num_logit_rows == x.dim(0)? { Ok(x) } else { x.index_select(&meta.logit_rows, 0) }
         };
+        // A step of single-token rows writes its activations into the model's buffers.
+        let scratch = self.scratch.as_ref().filter(|s| meta.decode_only().is_some_and(|(rows, len)| s.fits(rows, len)));
         let x = if self.fused || super::cpu_ops::applies(&x) {
             // Each residual add is fused with the norm that follows it (the next layer's input
             // norm, the final norm after the last layer), so every row leaves normed: Silica's
@@ -151,7 +170,7 @@ impl QwenModel {
             let mut normed = self.layers[0].input_norm().forward(&x)?;
             for (i, layer) in self.layers.iter().enumerate() {
                 let next = self.layers.get(i + 1).map_or(&self.norm, |l| l.input_norm());
-                (x, normed) = layer.forward_fused(&x, &normed, next, meta, &rope, &kv.k[i], &kv.v[i])?;
+                (x, normed) = layer.forward_fused(&x, &normed, next, meta, &rope, &kv.k[i], &kv.v[i], scratch)?;
             }
             logit_rows(normed)?
         } else {

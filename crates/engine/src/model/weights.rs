@@ -42,7 +42,13 @@ enum LinearWeight {
 impl Linear {
     /// `x: [rows, in]` → `[rows, out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.forward_no_bias(x)?;
+        self.forward_into(x, None)
+    }
+
+    /// [`Self::forward`], the product written into `out` (a `fused::Scratch` buffer of
+    /// `[rows, out]`) when Silica's GEMV computes it; elsewhere `out` is not used.
+    pub fn forward_into(&self, x: &Tensor, out: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let y = self.forward_no_bias_into(x, out)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -75,10 +81,11 @@ impl Linear {
         }
     }
 
-    /// `x W^T` without the bias (for kernels that add it themselves).
-    pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x W^T` without the bias (for kernels that add it themselves); into `out` as in
+    /// [`Self::forward_into`].
+    pub fn forward_no_bias_into(&self, x: &Tensor, out: Option<&Tensor>) -> candle_core::Result<Tensor> {
         match &self.weight {
-            LinearWeight::Dense(w) if super::fused::gemv_applies(x, w) => super::fused::gemv(x, w),
+            LinearWeight::Dense(w) if super::fused::gemv_applies(x, w) => super::fused::gemv(x, w, out),
             LinearWeight::Dense(w) => x.matmul(&w.t()?),
             LinearWeight::Quant(q) => q.forward(x),
             LinearWeight::Q8(q) => q.forward(x),

@@ -377,22 +377,23 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
     }
 }
 
-// Residual add and RMSNorm in one pass: out[0] = x + h (rounded to T, the new residual),
-// out[1] = rmsnorm(out[0]) * w. x, h: [rows, hdim]; out: [2, rows, hdim]. One block per row.
+// Residual add and RMSNorm in one pass: s_out = x + h (rounded to T, the new residual),
+// n_out = rmsnorm(s_out) * w. x, h, s_out, n_out: [rows, hdim]; s_out may be x (each element is
+// read before it is written, by the same thread). One block per row.
 // Rows of whole, aligned 16-byte units (every Qwen hidden size) take one unit per thread, all
 // loads in flight at once and the norm weights read before the wait; others go element-wise
 // through shared memory.
 template <typename T>
-__device__ void add_rmsnorm(const T* __restrict__ x, const T* __restrict__ h, const T* __restrict__ w,
-                            T* __restrict__ out, int rows, int hdim, float eps) {
+__device__ void add_rmsnorm(const T* x, const T* __restrict__ h, const T* __restrict__ w,
+                            T* s_out, T* __restrict__ n_out, int rows, int hdim, float eps) {
     extern __shared__ float sm[];  // hdim + 32 floats: the sum as rounded, then the reduction
     float* red = sm + hdim;
     pdl_trigger();
     const int r = blockIdx.x;
     const T* xr = x + (size_t)r * hdim;
     const T* hr = h + (size_t)r * hdim;
-    T* sr = out + (size_t)r * hdim;
-    T* nr = out + ((size_t)rows + r) * hdim;
+    T* sr = s_out + (size_t)r * hdim;
+    T* nr = n_out + (size_t)r * hdim;
     const bool vec = hdim % 8 == 0 && hdim / 8 <= (int)blockDim.x &&
                      (((uintptr_t)xr | (uintptr_t)hr | (uintptr_t)w | (uintptr_t)sr | (uintptr_t)nr) & 15) == 0;
     if (vec) {
@@ -443,8 +444,9 @@ __device__ void add_rmsnorm(const T* __restrict__ x, const T* __restrict__ h, co
 
 #define ADD_RMSNORM(T, SUFFIX)                                                                 \
     extern "C" __global__ void silica_add_rmsnorm_##SUFFIX(const T* x, const T* h, const T* w, \
-                                                           T* out, int rows, int hdim, float eps) { \
-        add_rmsnorm<T>(x, h, w, out, rows, hdim, eps);                                         \
+                                                           T* s_out, T* n_out, int rows, int hdim, \
+                                                           float eps) {                            \
+        add_rmsnorm<T>(x, h, w, s_out, n_out, rows, hdim, eps);                                \
     }
 ADD_RMSNORM(__half, f16)
 ADD_RMSNORM(__nv_bfloat16, bf16)
