@@ -192,6 +192,7 @@ int main(int argc, char** argv) {
         const int splits = (ctx + PD_SPLIT - 1) / PD_SPLIT;
         float *pacc, *pml;
         CK(cudaMalloc(&pacc, (size_t)nh * splits * hd * 4)); CK(cudaMalloc(&pml, (size_t)nh * splits * 2 * 4));
+        unsigned int* cnt; CK(cudaMalloc(&cnt, (size_t)nh * 4)); CK(cudaMemset(cnt, 0, (size_t)nh * 4));
         CK(cudaMalloc(&pos, 4)); CK(cudaMalloc(&slot, 4)); CK(cudaMalloc(&table, 4 * ctx)); CK(cudaMalloc(&lens, 4));
         std::vector<uint32_t> tb(ctx); for (int i = 0; i < ctx; ++i) tb[i] = i;
         uint32_t p0 = ctx - 1, l0 = ctx;
@@ -209,9 +210,8 @@ int main(int argc, char** argv) {
             go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
                (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
                (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l], nh, nkv, hd, eps);
-            go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
-               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
-            go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits);
+            go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), (size_t)splits * 4, (const __half*)q, (const __half*)kp[l],
+               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale, cnt, att);
             gemv1(att, wo[l], h, H, H);
             go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, x_res, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps);
             gemv1(an + H, wgu[l], gu, 2 * I, H);
@@ -262,9 +262,11 @@ int main(int argc, char** argv) {
         small("qkv_rope", [&](int l) { go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
                (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
                (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l], nh, nkv, hd, eps); });
-        small("paged_decode", [&](int l) { go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
-               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
-            go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits); });
+        small("paged_decode", [&](int l) { go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), (size_t)splits * 4, (const __half*)q, (const __half*)kp[l],
+               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale, cnt, att); });
+        small("paged_decode_2k", [&](int l) { go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
+               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale, (unsigned int*)nullptr, (__half*)nullptr);
+            go(silica_paged_combine_f16, dim3(nh, 1), dim3(PD_THREADS), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, hd, splits); });
         small("add_rmsnorm", [&](int l) { go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps); });
         small("silu_mul", [&](int l) { go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I); });
         {  // next-token selection over this model's vocabulary (random logits, sd 2)

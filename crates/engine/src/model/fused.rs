@@ -87,7 +87,7 @@ pub fn paged_decode(
         let (d, max_len) = table.dims2()?;
         match scratch.filter(|s| s.fits(d, max_len)) {
             None => q.contiguous()?.apply_op1_no_bwd(&op),
-            Some(s) => op.write_into(&q.contiguous()?, &s.part_acc, &s.part_ml, &s.attn(d)?),
+            Some(s) => op.write_into(&q.contiguous()?, &s.part_acc, &s.part_ml, &s.counters, &s.attn(d)?),
         }
     }
     #[cfg(not(feature = "cuda"))]
@@ -233,9 +233,12 @@ pub struct Scratch {
     h: Tensor,
     gate_up: Tensor,
     act: Tensor,
-    /// The split decode attention's parts (f32, flat): weighted V sums, then (max, sum) pairs.
+    /// The split decode attention's parts (f32, flat): weighted V sums, then (max, sum) pairs,
+    /// and a counter per (row, head) (u32, zero between steps: the kernel's last block for a
+    /// (row, head) combines its parts and sets it back).
     part_acc: Tensor,
     part_ml: Tensor,
+    counters: Tensor,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -258,6 +261,7 @@ impl Scratch {
             act: buf(d.intermediate)?,
             part_acc: Tensor::zeros(r * nh * parts * hd, DType::F32, device)?,
             part_ml: Tensor::zeros(r * nh * parts * 2, DType::F32, device)?,
+            counters: Tensor::zeros(r * nh, DType::U32, device)?,
             dims: d,
         })
     }
@@ -716,30 +720,33 @@ mod imp {
             let (part_acc, part_ml, out) = unsafe {
                 (dev.alloc::<f32>(d * nh * splits * hd)?, dev.alloc::<f32>(d * nh * splits * 2)?, dev.alloc::<T>(d * nh * hd)?)
             };
-            let bufs = (slice_ptr(&part_acc), slice_ptr(&part_ml), slice_ptr(&out));
+            let bufs = (slice_ptr(&part_acc), slice_ptr(&part_ml), 0, slice_ptr(&out));
             self.launch(dev, s.dtype(), raw_ptr(&input::<T>(s, l)?), (d, nh, hd), bufs)?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((d, nh * hd))))
         }
 
-        /// With the parts in `part_acc`/`part_ml` (f32, flat, large enough) and the output in
+        /// With the parts in `part_acc`/`part_ml` (f32, flat, large enough), combined in the
+        /// same kernel through `counters` (u32, zeros, one per (row, head)), the output in
         /// `out: [d, nh * hd]`.
-        pub(super) fn write_into(&self, q: &Tensor, part_acc: &Tensor, part_ml: &Tensor, out: &Tensor) -> Result<Tensor> {
+        pub(super) fn write_into(&self, q: &Tensor, part_acc: &Tensor, part_ml: &Tensor, counters: &Tensor, out: &Tensor) -> Result<Tensor> {
             let dev = cuda_device(q, "q")?;
             let (d, nh, hd) = q.dims3()?;
             let splits = self.splits()?;
-            if part_acc.elem_count() < d * nh * splits * hd || part_ml.elem_count() < d * nh * splits * 2 {
+            if part_acc.elem_count() < d * nh * splits * hd || part_ml.elem_count() < d * nh * splits * 2 || counters.elem_count() < d * nh {
                 bail!("paged decode: part buffers too small for {d} x {nh} x {splits} parts");
             }
             let bufs = (
                 out_addr(part_acc, DType::F32, part_acc.dims(), "attention parts")?,
                 out_addr(part_ml, DType::F32, part_ml.dims(), "attention part weights")?,
+                out_addr(counters, DType::U32, counters.dims(), "attention part counters")?,
                 out_addr(out, q.dtype(), &[d, nh * hd], "attention output")?,
             );
             self.launch(&dev, q.dtype(), addr(q, "q")?, (d, nh, hd), bufs)?;
             Ok(out.clone())
         }
 
-        fn launch(&self, dev: &CudaDevice, dtype: DType, q: u64, (d, nh, hd): (usize, usize, usize), (part_acc, part_ml, out): (u64, u64, u64)) -> Result<()> {
+        /// `counters` 0: the parts are combined by `silica_paged_combine_*`.
+        fn launch(&self, dev: &CudaDevice, dtype: DType, q: u64, (d, nh, hd): (usize, usize, usize), (part_acc, part_ml, counters, out): (u64, u64, u64, u64)) -> Result<()> {
             let (td, max_len) = self.table.dims2()?;
             if td != d || self.lens.dims1()? != d {
                 bail!("paged decode: {d} queries, table {td} rows, {} lengths", self.lens.dims1()?);
@@ -763,21 +770,29 @@ mod imp {
                 Arg::I32(nkv_i),
                 Arg::I32(len_i),
                 Arg::F32(self.scale),
+                Arg::Ptr(counters),
+                Arg::Ptr(out),
             ];
-            // PD_THREADS in kernels.cu: 4 threads per position of a part.
+            // PD_THREADS in kernels.cu: 4 threads per position of a part (the combine too).
             let threads = 4 * super::Scratch::SPLIT as u32;
-            let cfg = LaunchConfig { grid_dim: (nh as u32, d as u32, splits as u32), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            // The combine's dynamic shared memory: a float per part.
+            let combine_smem = (splits * 4) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (nh as u32, d as u32, splits as u32),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: if counters != 0 { combine_smem } else { 0 },
+            };
             // SAFETY: the arguments match `silica_paged_part_*`; every slot in `table` is
             // inside the pools (the engine reserved them), `lens[i] <= max_len`; the part
-            // buffers hold d * nh * splits parts (checked by the callers).
+            // buffers hold d * nh * splits parts, the counters d * nh zeros (checked by the
+            // callers).
             unsafe { launch(dev, &func, cfg, &args) }?;
+            if counters != 0 {
+                return Ok(());
+            }
             let func = dev.get_or_load_custom_func(&format!("silica_paged_combine_{}", suffix(dtype)?), MODULE, PTX)?;
-            let args = [Arg::Ptr(part_acc), Arg::Ptr(part_ml), Arg::Ptr(out), Arg::I32(nh_i), Arg::I32(splits as i32)];
-            let cfg = LaunchConfig {
-                grid_dim: (nh as u32, d as u32, 1),
-                block_dim: (hd as u32, 1, 1),
-                shared_mem_bytes: (splits * 4) as u32,
-            };
+            let args = [Arg::Ptr(part_acc), Arg::Ptr(part_ml), Arg::Ptr(out), Arg::I32(nh_i), Arg::I32(hd as i32), Arg::I32(splits as i32)];
+            let cfg = LaunchConfig { grid_dim: (nh as u32, d as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: combine_smem };
             // SAFETY: the arguments match `silica_paged_combine_*`; the parts are the ones
             // written above, `splits` per (sequence, head); `out` holds d * nh * hd.
             unsafe { launch(dev, &func, cfg, &args) }

@@ -32,8 +32,10 @@ pub(crate) fn max_rows() -> usize {
 /// Smallest capacity bucket, in positions.
 const MIN_CAPACITY: usize = 256;
 
-/// The persistent inputs and output of one captured shape.
+/// The persistent inputs and output of one captured shape. The inputs are views of one u32
+/// buffer (each part starting on a 16-byte boundary), written with one copy per step.
 pub(crate) struct Buffers {
+    inputs: Tensor,
     pub ids: Tensor,
     pub positions: Tensor,
     pub write_slots: Tensor,
@@ -44,13 +46,26 @@ pub(crate) struct Buffers {
     pub capacity: usize,
 }
 
+/// Where each input sits in [`Buffers::inputs`] / [`StepInputs::words`]: ids, positions, write
+/// slots and lengths (`rows` each, padded to 4 words), then the table.
+struct InputLayout {
+    part: usize,
+    table: usize,
+}
+
+impl InputLayout {
+    fn new(rows: usize, capacity: usize) -> Self {
+        let part = rows.next_multiple_of(4);
+        InputLayout { part, table: rows * capacity }
+    }
+    fn len(&self) -> usize {
+        4 * self.part + self.table
+    }
+}
+
 /// One step's host-side inputs, laid out as the buffers hold them.
 pub(crate) struct StepInputs {
-    ids: Vec<u32>,
-    positions: Vec<u32>,
-    write_slots: Vec<u32>,
-    table: Vec<u32>,
-    lens: Vec<u32>,
+    words: Vec<u32>,
     rows: usize,
     capacity: usize,
 }
@@ -69,27 +84,22 @@ impl StepInputs {
 
     /// The inputs of a step of shape `(rows, capacity)` (from [`shape_of`](Self::shape_of)).
     fn new(batch: &[SeqInput<'_>], kv: &KvCache, (rows, capacity): (usize, usize)) -> Self {
-        let mut x = StepInputs {
-            ids: Vec::with_capacity(rows),
-            positions: Vec::with_capacity(rows),
-            write_slots: Vec::with_capacity(rows),
-            table: Vec::with_capacity(rows * capacity),
-            lens: Vec::with_capacity(rows),
-            rows,
-            capacity,
-        };
-        for s in batch {
+        let at = InputLayout::new(rows, capacity);
+        let mut words = vec![0u32; at.len()];
+        let (small, table) = words.split_at_mut(4 * at.part);
+        for (i, (s, row)) in batch.iter().zip(table.chunks_exact_mut(capacity)).enumerate() {
             let len = s.cache.len + 1;
-            x.ids.push(s.tokens[0]);
-            x.positions.push(s.cache.len as u32);
-            x.write_slots.push(kv.slot(s.cache, s.cache.len) as u32);
-            let first = x.table.len();
-            x.table.extend((0..len).map(|p| kv.slot(s.cache, p) as u32));
-            let pad = x.table[first];
-            x.table.extend(std::iter::repeat_n(pad, capacity - len));
-            x.lens.push(len as u32);
+            small[i] = s.tokens[0];
+            small[at.part + i] = s.cache.len as u32;
+            small[2 * at.part + i] = kv.slot(s.cache, s.cache.len) as u32;
+            small[3 * at.part + i] = len as u32;
+            for (p, t) in row[..len].iter_mut().enumerate() {
+                *t = kv.slot(s.cache, p) as u32;
+            }
+            let pad = row[0];
+            row[len..].fill(pad);
         }
-        x
+        StepInputs { words, rows, capacity }
     }
 
     pub fn shape(&self) -> (usize, usize) {
@@ -172,12 +182,7 @@ impl DecodeGraphs {
 }
 
 fn upload(b: &Buffers, s: &StepInputs) -> candle_core::Result<()> {
-    use super::fused::upload_u32;
-    upload_u32(&b.ids, &s.ids)?;
-    upload_u32(&b.positions, &s.positions)?;
-    upload_u32(&b.write_slots, &s.write_slots)?;
-    upload_u32(&b.table, &s.table)?;
-    upload_u32(&b.lens, &s.lens)
+    super::fused::upload_u32(&b.inputs, &s.words)
 }
 
 /// Sets the device's default memory pool to keep what it has reserved (release threshold: all).
@@ -211,13 +216,16 @@ fn capture(
     use candle_core::cuda_backend::cudarc::driver::sys;
     let candle_core::Device::Cuda(dev) = device else { candle_core::bail!("CUDA graphs need a CUDA device") };
     let (rows, capacity) = step.shape();
-    let u32s = |n: usize| Tensor::zeros(n, DType::U32, device);
+    let at = InputLayout::new(rows, capacity);
+    let inputs = Tensor::zeros(at.len(), DType::U32, device)?;
+    let part = |i: usize| inputs.narrow(0, i * at.part, rows);
     let buffers = Buffers {
-        ids: u32s(rows)?,
-        positions: u32s(rows)?,
-        write_slots: u32s(rows)?,
-        table: u32s(rows * capacity)?,
-        lens: u32s(rows)?,
+        ids: part(0)?,
+        positions: part(1)?,
+        write_slots: part(2)?,
+        lens: part(3)?,
+        table: inputs.narrow(0, 4 * at.part, at.table)?,
+        inputs,
         logits: Tensor::zeros((rows, vocab), DType::F32, device)?,
         capacity,
     };

@@ -5,7 +5,7 @@
 //                          cache write, straight from the fused QKV projection's output
 //   silica_paged_part_*    attention of one new token per sequence over its cached positions
 //   silica_paged_combine_* (slot table + lengths on the device), split over positions, then
-//                          the parts combined
+//                          the parts combined (by the part kernel's last block, or a kernel)
 //   silica_silu_mul_*      SwiGLU's silu(gate) * up from the fused gate/up projection
 //   silica_gemv_*_M        y = x W^T for a few rows (decode), 1-8 warps per output column,
 //                          the weight row streamed once with 16-byte loads for all M rows
@@ -121,9 +121,11 @@ __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias,
     }
 }
 
-// Decode attention over the paged cache in two kernels (split over positions, as in
-// flash-decoding): one block per (query head, sequence, PD_SPLIT positions) writes its part,
-// then one block per (query head, sequence) combines the parts. A part of one head over 200
+// Decode attention over the paged cache, split over positions as in flash-decoding: one block
+// per (query head, sequence, PD_SPLIT positions) writes its part, then the parts of a (query
+// head, sequence) are combined, by the last of its blocks to finish (given a counter per (head,
+// sequence): one kernel, as a decode step with preallocated buffers runs it) or by a second
+// kernel (one block per (query head, sequence)). A part of one head over 200
 // positions in one block was bound by its warps' instruction latency (6.8 µs on the H100 with
 // 28 blocks busy); split, every head's positions spread over the SMs.
 // q: [d, nh, HD]; pools: [num_slots, nkv, HD]; table: [d, max_len] cache slots of each
@@ -143,41 +145,50 @@ template <> struct VecOf<4> { using type = uint32_t; };
 template <> struct VecOf<8> { using type = uint2; };
 template <> struct VecOf<16> { using type = uint4; };
 
+// The `splits` parts of one (sequence, head) at `base` into out[0..hd): every thread of the
+// block (PD_THREADS, with `wsh` holding a float per part) takes part in the weights, threads
+// below hd write one output each. Parts are read past L1 (another block of the same kernel may
+// have written them).
+template <typename T>
+__device__ void combine_parts(const float* part_acc, const float* part_ml, T* __restrict__ out,
+                              size_t base, int splits, int hd, float* wsh, float* red) {
+    const int e = threadIdx.x;
+    float mloc = -INFINITY;
+    for (int s = e; s < splits; s += blockDim.x) mloc = fmaxf(mloc, __ldcg(&part_ml[2 * (base + s)]));
+    const float mx = block_reduce<true>(mloc, red);
+    float lloc = 0.f;
+    for (int s = e; s < splits; s += blockDim.x) {
+        const float m = __ldcg(&part_ml[2 * (base + s)]);
+        const float w = m == -INFINITY ? 0.f : __expf(m - mx);  // an empty part weighs 0
+        wsh[s] = w;
+        lloc += w * __ldcg(&part_ml[2 * (base + s) + 1]);
+    }
+    // The reduction's barriers publish wsh.
+    const float l = block_reduce<false>(lloc, red);
+    if (e < hd) {
+        float a = 0.f;
+#pragma unroll 8
+        for (int s = 0; s < splits; ++s) a += wsh[s] * __ldcg(&part_acc[(base + s) * hd + e]);
+        out[e] = from_f<T>(a / l);
+    }
+}
+
+// One part's scores, softmax and weighted V sum over the block's next min(PD_SPLIT, n_left)
+// positions (`qs`: q scaled, not yet published to the block; `slot`: this thread's position's
+// slot) into acc_out [HD] and ml_out (max, sum).
 template <typename T, int HD>
-__device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool,
-                           const T* __restrict__ v_pool, const uint32_t* __restrict__ table,
-                           const uint32_t* __restrict__ lens, float* __restrict__ part_acc,
-                           float* __restrict__ part_ml, int nh, int nkv, int max_len, float scale) {
+__device__ __forceinline__ void paged_part_body(const float* qs, const T* __restrict__ k_pool, const T* __restrict__ v_pool,
+                                                uint32_t slot, int kvh, int nkv, int n_left, float* acc_out,
+                                                float* ml_out, float* red) {
     constexpr int DPL = HD / 32;            // dims per lane in the V pass
     constexpr int KPL = HD / PD_LPP / 8;    // 16-byte K loads per lane in the score pass
     using Vec = typename VecOf<DPL * sizeof(T)>::type;
-    __shared__ __align__(16) float qs[HD];
     __shared__ float sc[PD_SPLIT];
     __shared__ uint32_t sl[PD_SPLIT];
-    __shared__ float red[32];
     __shared__ float wacc[PD_WARPS][HD];
-    pdl_enter();
-    const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, splits = gridDim.z, tid = threadIdx.x;
-    const int lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int sub = tid % PD_LPP, pslot = tid / PD_LPP;
-    const int kvh = h / (nh / nkv);
-    const int p0 = sp * PD_SPLIT;
-    const size_t part = ((size_t)b * nh + h) * splits + sp;
-    // The length, this thread's slot and q in one memory round trip (the table row has
-    // max_len entries; those past the length are not used).
-    const int len = (int)lens[b];
-    const uint32_t slot = p0 + pslot < max_len ? table[(size_t)b * max_len + p0 + pslot] : 0u;
-    const T* qp = q + ((size_t)b * nh + h) * HD;
-    for (int e = tid; e < HD; e += PD_THREADS) qs[e] = to_f(qp[e]) * scale;
-    if (p0 >= len) {  // past the end: an empty part (zeros, so that the combine needs no branch)
-        for (int e = tid; e < HD; e += PD_THREADS) part_acc[part * HD + e] = 0.f;
-        if (tid == 0) {
-            part_ml[2 * part] = -INFINITY;
-            part_ml[2 * part + 1] = 0.f;
-        }
-        return;
-    }
-    const int n = min(PD_SPLIT, len - p0);
+    const int n = min(PD_SPLIT, n_left);
     __syncthreads();
     const bool on = pslot < n;
     float dot = 0.f;
@@ -235,41 +246,75 @@ __device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < PD_WARPS; ++w) s += wacc[w][e];
-        part_acc[part * HD + e] = s;
+        acc_out[e] = s;
     }
     if (tid == 0) {
-        part_ml[2 * part] = m;
-        part_ml[2 * part + 1] = l;
+        ml_out[0] = m;
+        ml_out[1] = l;
     }
 }
 
-// The parts of paged_part into out: [d, nh, HD]. Grid (nh, d), HD threads, dynamic shared
-// memory of one float per part. The parts' weights are computed once per block; the sum over
-// the parts then has no data-dependent branch, so its loads are all in flight together.
+
+// With `counters` (one zeroed word per (sequence, head)), the block that finishes a (sequence,
+// head) last also combines its parts into out [d, nh, HD] and sets the counter back to zero
+// (dynamic shared memory: a float per part); without, silica_paged_combine does that.
+template <typename T, int HD>
+__device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool,
+                           const T* __restrict__ v_pool, const uint32_t* __restrict__ table,
+                           const uint32_t* __restrict__ lens, float* part_acc,
+                           float* part_ml, int nh, int nkv, int max_len, float scale,
+                           unsigned int* counters, T* __restrict__ out) {
+    __shared__ __align__(16) float qs[HD];
+    __shared__ float red[32];
+    pdl_enter();
+    const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, splits = gridDim.z, tid = threadIdx.x;
+    const int pslot = tid / PD_LPP;
+    const int kvh = h / (nh / nkv);
+    const int p0 = sp * PD_SPLIT;
+    const size_t part = ((size_t)b * nh + h) * splits + sp;
+    // The length, this thread's slot and q in one memory round trip (the table row has
+    // max_len entries; those past the length are not used).
+    const int len = (int)lens[b];
+    const uint32_t slot = p0 + pslot < max_len ? table[(size_t)b * max_len + p0 + pslot] : 0u;
+    const T* qp = q + ((size_t)b * nh + h) * HD;
+    for (int e = tid; e < HD; e += PD_THREADS) qs[e] = to_f(qp[e]) * scale;
+    if (p0 >= len) {  // past the end: an empty part (zeros, so that the combine needs no branch)
+        for (int e = tid; e < HD; e += PD_THREADS) part_acc[part * HD + e] = 0.f;
+        if (tid == 0) {
+            part_ml[2 * part] = -INFINITY;
+            part_ml[2 * part + 1] = 0.f;
+        }
+    } else {
+        paged_part_body<T, HD>(qs, k_pool, v_pool, slot, kvh, nkv, len - p0, part_acc + part * HD, part_ml + 2 * part, red);
+    }
+    if (counters == nullptr) return;
+    // The last of the (sequence, head)'s blocks combines: each publishes its part before it
+    // counts itself (fence, then the atomic), the last fences again before it reads the others'.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    unsigned int* cnt = counters + (size_t)b * nh + h;
+    if (tid == 0) last = atomicAdd(cnt, 1u) == (unsigned int)(splits - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    extern __shared__ float wsh[];
+    combine_parts<T>(part_acc, part_ml, out + ((size_t)b * nh + h) * HD, ((size_t)b * nh + h) * splits, splits, HD, wsh, red);
+    if (tid == 0) *cnt = 0u;
+}
+
+// The parts of paged_part into out: [d, nh, HD]. Grid (nh, d), PD_THREADS threads (as the
+// combine inside paged_part, so that both give the same bits), dynamic shared memory of one
+// float per part. The parts' weights are computed once per block; the sum over the parts then
+// has no data-dependent branch, so its loads are all in flight together.
 template <typename T>
 __device__ void paged_combine(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
-                              T* __restrict__ out, int nh, int splits) {
+                              T* __restrict__ out, int nh, int hd, int splits) {
     extern __shared__ float wsh[];
     __shared__ float red[32];
     pdl_enter();
-    const int h = blockIdx.x, b = blockIdx.y, e = threadIdx.x, hd = blockDim.x;
-    const size_t base = ((size_t)b * nh + h) * splits;
-    float mloc = -INFINITY;
-    for (int s = e; s < splits; s += hd) mloc = fmaxf(mloc, part_ml[2 * (base + s)]);
-    const float mx = block_reduce<true>(mloc, red);
-    float lloc = 0.f;
-    for (int s = e; s < splits; s += hd) {
-        const float m = part_ml[2 * (base + s)];
-        const float w = m == -INFINITY ? 0.f : __expf(m - mx);  // an empty part weighs 0
-        wsh[s] = w;
-        lloc += w * part_ml[2 * (base + s) + 1];
-    }
-    // The reduction's barriers publish wsh.
-    const float l = block_reduce<false>(lloc, red);
-    float a = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s) a += wsh[s] * part_acc[(base + s) * hd + e];
-    out[((size_t)b * nh + h) * hd + e] = from_f<T>(a / l);
+    const int h = blockIdx.x, b = blockIdx.y;
+    combine_parts<T>(part_acc, part_ml, out + ((size_t)b * nh + h) * hd, ((size_t)b * nh + h) * splits, splits, hd, wsh, red);
 }
 
 // gu: [rows, 2 inter] (gate then up); out: [rows, inter] = silu(gate) * up.
@@ -476,14 +521,16 @@ GEMV_ALL(__nv_bfloat16, bf16)
         silica_paged_part_##SUFFIX##_##HD(const T* q, const T* k_pool, const T* v_pool,         \
                                           const uint32_t* table, const uint32_t* lens,          \
                                           float* part_acc, float* part_ml, int nh, int nkv,     \
-                                          int max_len, float scale) {                           \
-        paged_part<T, HD>(q, k_pool, v_pool, table, lens, part_acc, part_ml, nh, nkv, max_len, scale); \
+                                          int max_len, float scale, unsigned int* counters,     \
+                                          T* out) {                                             \
+        paged_part<T, HD>(q, k_pool, v_pool, table, lens, part_acc, part_ml, nh, nkv, max_len, scale, \
+                          counters, out);                                                       \
     }
 #define PAGED_COMBINE(T, SUFFIX)                                                                \
-    extern "C" __global__ void silica_paged_combine_##SUFFIX(const float* part_acc,             \
-                                                             const float* part_ml, T* out,      \
-                                                             int nh, int splits) {              \
-        paged_combine<T>(part_acc, part_ml, out, nh, splits);                                   \
+    extern "C" __global__ void __launch_bounds__(PD_THREADS)                                    \
+        silica_paged_combine_##SUFFIX(const float* part_acc, const float* part_ml, T* out,      \
+                                      int nh, int hd, int splits) {                             \
+        paged_combine<T>(part_acc, part_ml, out, nh, hd, splits);                               \
     }
 
 #define SILU_MUL(T, SUFFIX)                                                                    \
