@@ -71,12 +71,7 @@ pub(crate) fn attend(
         let (si, pos) = row_seq[row];
         // Causal: this query sees positions 0..=pos.
         let slots = &meta.seqs[si].slots[..=pos];
-        #[cfg(target_arch = "x86_64")]
-        if super::q8::simd_available() {
-            // SAFETY: AVX2 was detected at run time.
-            return unsafe { task.run_avx2(row, kvh, slots, scores, o) };
-        }
-        task.run::<false>(row, kvh, slots, scores, o)
+        task.run_best(row, kvh, slots, scores, o)
     });
     drop((ks, vs));
     Tensor::from_vec(out, (rows, nh * hd), &Device::Cpu)
@@ -95,10 +90,23 @@ struct Task<'a> {
 }
 
 impl Task<'_> {
+    /// [`Task::run`] with the SIMD forms where this CPU has them: AVX2 on x86-64 (checked at
+    /// run time), NEON on aarch64 (part of every aarch64 CPU).
+    fn run_best(&self, row: usize, kvh: usize, slots: &[u32], scores: &mut Vec<f32>, o: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::q8::simd_available() {
+            // SAFETY: AVX2 was detected at run time.
+            return unsafe { self.run_avx2(row, kvh, slots, scores, o) };
+        }
+        self.run::<{ cfg!(target_arch = "aarch64") }>(row, kvh, slots, scores, o)
+    }
+
     /// Query heads `kvh · groups ..` of `row` against the positions in `slots`, into `o`
     /// (`groups` heads × `hd`). Per head: scores, softmax, weighted sum of V, in position order.
+    /// `SIMD`: the dot products and the weighted sum in their AVX2 (x86-64, only through
+    /// [`Task::run_avx2`]) or NEON (aarch64) forms, which give the same bits.
     #[inline(always)]
-    fn run<const AVX2: bool>(&self, row: usize, kvh: usize, slots: &[u32], scores: &mut Vec<f32>, o: &mut [f32]) {
+    fn run<const SIMD: bool>(&self, row: usize, kvh: usize, slots: &[u32], scores: &mut Vec<f32>, o: &mut [f32]) {
         let (hd, groups, n) = (self.hd, self.groups, slots.len());
         let qs = &self.q[(row * self.nh + kvh * groups) * hd..][..groups * hd];
         scores.clear();
@@ -112,9 +120,14 @@ impl Task<'_> {
             let kr = &self.k[off..off + hd];
             for (g, qv) in qs.chunks_exact(hd).enumerate() {
                 #[cfg(target_arch = "x86_64")]
-                if AVX2 {
-                    // SAFETY: `AVX2` is only set by `run_avx2`, which needs AVX2.
+                if SIMD {
+                    // SAFETY: on x86-64 `SIMD` is only set by `run_avx2`, which needs AVX2.
                     scores[g * n + j] = unsafe { dot_avx2(qv, kr) } * self.scale;
+                    continue;
+                }
+                #[cfg(target_arch = "aarch64")]
+                if SIMD {
+                    scores[g * n + j] = dot_neon(qv, kr) * self.scale;
                     continue;
                 }
                 scores[g * n + j] = dot(qv, kr) * self.scale;
@@ -133,9 +146,13 @@ impl Task<'_> {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if AVX2 {
-            // SAFETY: `AVX2` is only set by `run_avx2`, which needs AVX2.
+        if SIMD {
+            // SAFETY: on x86-64 `SIMD` is only set by `run_avx2`, which needs AVX2.
             return unsafe { self.weighted_v_avx2(kvh, slots, scores, o) };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if SIMD {
+            return self.weighted_v_neon(kvh, slots, scores, o);
         }
         for (j, &slot) in slots.iter().enumerate() {
             self.prefetch(self.v, slots, j + AHEAD, kvh);
@@ -174,6 +191,44 @@ impl Task<'_> {
                 }
                 for (i, a) in acc.iter().enumerate() {
                     _mm256_storeu_ps(og.as_mut_ptr().add(c + 8 * i), *a);
+                }
+            }
+            // The `hd % 32` last values (no Qwen head size has any).
+            for (j, &slot) in slots.iter().enumerate() {
+                let off = slot as usize * self.slot_stride + kvh * hd;
+                for (o, &x) in og[wide..].iter_mut().zip(&self.v[off + wide..off + hd]) {
+                    *o += w[j] * x;
+                }
+            }
+        }
+    }
+
+    /// The same with NEON, 32 values in eight 128-bit registers: again separate multiplies and
+    /// adds (no fused `fmla`) in position order, so the same bits.
+    #[cfg(target_arch = "aarch64")]
+    fn weighted_v_neon(&self, kvh: usize, slots: &[u32], scores: &[f32], o: &mut [f32]) {
+        use std::arch::aarch64::*;
+        let (hd, n) = (self.hd, slots.len());
+        let wide = hd / 32 * 32;
+        for (g, og) in o.chunks_exact_mut(hd).enumerate() {
+            let w = &scores[g * n..(g + 1) * n];
+            for c in (0..wide).step_by(32) {
+                let oc = &mut og[c..c + 32];
+                // SAFETY: NEON is part of every aarch64 CPU; each load and store is of 4 values
+                // inside `oc` or `vr` (32 values each).
+                unsafe {
+                    let mut acc = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| vld1q_f32(oc.as_ptr().add(4 * i)));
+                    for (&slot, &wj) in slots.iter().zip(w) {
+                        let off = slot as usize * self.slot_stride + kvh * hd + c;
+                        let vr = &self.v[off..off + 32];
+                        let wj = vdupq_n_f32(wj);
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            *a = vaddq_f32(*a, vmulq_f32(wj, vld1q_f32(vr.as_ptr().add(4 * i))));
+                        }
+                    }
+                    for (i, a) in acc.iter().enumerate() {
+                        vst1q_f32(oc.as_mut_ptr().add(4 * i), *a);
+                    }
                 }
             }
             // The `hd % 32` last values (no Qwen head size has any).
@@ -238,24 +293,47 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-// Both tests are of the AVX2 build.
-#[cfg(all(test, target_arch = "x86_64"))]
+/// [`dot`] with NEON: lanes 0..4 of `acc` in one register and 4..8 in another, the same
+/// multiplies and adds in the same order, then the same reduction.
+#[cfg(target_arch = "aarch64")]
+fn dot_neon(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::aarch64::*;
+    let chunks = a.len().min(b.len()) / 8;
+    // SAFETY: NEON is part of every aarch64 CPU; the loads read the first `8 · chunks` values
+    // of each slice.
+    let mut s = unsafe {
+        let (mut lo, mut hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+        for c in 0..chunks {
+            let (x, y) = (a.as_ptr().add(8 * c), b.as_ptr().add(8 * c));
+            lo = vaddq_f32(lo, vmulq_f32(vld1q_f32(x), vld1q_f32(y)));
+            hi = vaddq_f32(hi, vmulq_f32(vld1q_f32(x.add(4)), vld1q_f32(y.add(4))));
+        }
+        // [l0 + l4, l1 + l5, l2 + l6, l3 + l7], then ((l0 + l4) + (l1 + l5)), ((l2 + l6) + (l3 + l7)).
+        let h = vaddq_f32(lo, hi);
+        let p = vpaddq_f32(h, h);
+        vgetq_lane_f32::<0>(p) + vgetq_lane_f32::<1>(p)
+    };
+    for (x, y) in a[8 * chunks..].iter().zip(&b[8 * chunks..]) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
+    /// On x86-64 without AVX2 (and off x86-64 and aarch64) both sides are the portable code.
     #[test]
-    fn the_avx2_build_gives_the_same_bits() {
-        if !super::super::q8::simd_available() {
-            return;
-        }
+    fn the_simd_build_gives_the_same_bits() {
         // As the 1.5B (12 heads of 128, 2 kv heads) and the 0.5B (14 of 64), one position, and
         // head sizes with tails past the 8-lane chunks and the 32-value slices (68, 40).
         for (nh, hd, nkv, positions) in [(12, 68, 2, 37), (12, 128, 2, 203), (14, 64, 2, 1), (4, 40, 4, 9)] {
-            check_avx2_against_portable(nh, hd, nkv, positions);
+            check_simd_against_portable(nh, hd, nkv, positions);
         }
     }
 
-    fn check_avx2_against_portable(nh: usize, hd: usize, nkv: usize, positions: usize) {
+    fn check_simd_against_portable(nh: usize, hd: usize, nkv: usize, positions: usize) {
         let vals = |n: usize, seed: u32| -> Vec<f32> {
             (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0 - 0.5).collect()
         };
@@ -266,8 +344,7 @@ mod tests {
             let groups = nh / nkv;
             let (mut a, mut b) = (vec![0f32; groups * hd], vec![0f32; groups * hd]);
             task.run::<false>(0, kvh, &slots, &mut Vec::new(), &mut a);
-            // SAFETY: AVX2 was detected above.
-            unsafe { task.run_avx2(0, kvh, &slots, &mut Vec::new(), &mut b) };
+            task.run_best(0, kvh, &slots, &mut Vec::new(), &mut b);
             assert_eq!(a, b, "{nh} heads of {hd}, {nkv} kv heads, {positions} positions: kv head {kvh}");
         }
     }
@@ -290,8 +367,7 @@ mod tests {
             for layer in 0..28 {
                 let slots: Vec<u32> = (0..positions as u32).map(|p| (layer * 4096) as u32 + p).collect();
                 let mut o = vec![0f32; 6 * hd];
-                // SAFETY: test machine has AVX2 (checked by the caller's expectations).
-                unsafe { task.run_avx2(0, (layer + round) % 2, &slots, &mut Vec::new(), &mut o) };
+                task.run_best(0, (layer + round) % 2, &slots, &mut Vec::new(), &mut o);
                 std::hint::black_box(&o);
             }
             times.push(t.elapsed().as_secs_f64() * 1e6 / 28.0);

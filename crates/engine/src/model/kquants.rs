@@ -9,7 +9,10 @@
 //! llama.cpp's Q8_K), AVX-512 VNNI does 64 multiply-adds per instruction for 16 columns, each
 //! weight block is decoded once per tile of rows, and the threading is [`super::q8::tiled`].
 //!
-//! Batch invariance and bitwise identity of the AVX-512, AVX2 and portable paths: a block's
+//! On aarch64 NEON kernels (with `sdot` where the CPU has the dot-product extension, widening
+//! multiplies otherwise) take a quarter of a group (4 columns) per 128-bit register.
+//!
+//! Batch invariance and bitwise identity of the AVX-512, AVX2, NEON and portable paths: a block's
 //! dot product is first computed exactly in integers (the sub-block scales are small
 //! integers), then each row's accumulators take one fused multiply-add per block in block
 //! order. The integer sum is the same whatever the path, so the floats are too.
@@ -341,30 +344,43 @@ impl KMatrix {
         let mut c = 0;
         while c < cols && col0 + c < full {
             let g = &self.data[(col0 + c) * row_bytes..(col0 + c + GROUP) * row_bytes];
+            // A SIMD kernel (of module `$m`) for the tile's number of rows.
+            #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+            macro_rules! go {
+                ($m:ident::$f:ident) => {
+                    match r1 - r0 {
+                        1 => $m::$f::<1>(g, kb, rows, r0, k, out, base + col0 + c),
+                        2 => $m::$f::<2>(g, kb, rows, r0, k, out, base + col0 + c),
+                        3 => $m::$f::<3>(g, kb, rows, r0, k, out, base + col0 + c),
+                        4 => $m::$f::<4>(g, kb, rows, r0, k, out, base + col0 + c),
+                        5 => $m::$f::<5>(g, kb, rows, r0, k, out, base + col0 + c),
+                        6 => $m::$f::<6>(g, kb, rows, r0, k, out, base + col0 + c),
+                        7 => $m::$f::<7>(g, kb, rows, r0, k, out, base + col0 + c),
+                        _ => $m::$f::<ROW_TILE_K>(g, kb, rows, r0, k, out, base + col0 + c),
+                    }
+                };
+            }
             match path {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `Path::Avx512` is only chosen when AVX-512 F, BW and VNNI were
                 // detected at run time, `Path::Avx2` when AVX2, FMA and F16C were.
                 Path::Avx512 | Path::Avx2 => unsafe {
-                    macro_rules! go {
-                        ($f:ident) => {
-                            match r1 - r0 {
-                                1 => simd::$f::<1>(g, kb, rows, r0, k, out, base + col0 + c),
-                                2 => simd::$f::<2>(g, kb, rows, r0, k, out, base + col0 + c),
-                                3 => simd::$f::<3>(g, kb, rows, r0, k, out, base + col0 + c),
-                                4 => simd::$f::<4>(g, kb, rows, r0, k, out, base + col0 + c),
-                                5 => simd::$f::<5>(g, kb, rows, r0, k, out, base + col0 + c),
-                                6 => simd::$f::<6>(g, kb, rows, r0, k, out, base + col0 + c),
-                                7 => simd::$f::<7>(g, kb, rows, r0, k, out, base + col0 + c),
-                                _ => simd::$f::<ROW_TILE_K>(g, kb, rows, r0, k, out, base + col0 + c),
-                            }
-                        };
-                    }
                     match (self.format, path) {
-                        (Format::Q4K, Path::Avx512) => go!(q4k_group_avx512),
-                        (Format::Q4K, _) => go!(q4k_group_avx2),
-                        (Format::Q6K, Path::Avx512) => go!(q6k_group_avx512),
-                        (Format::Q6K, _) => go!(q6k_group_avx2),
+                        (Format::Q4K, Path::Avx512) => go!(simd::q4k_group_avx512),
+                        (Format::Q4K, _) => go!(simd::q4k_group_avx2),
+                        (Format::Q6K, Path::Avx512) => go!(simd::q6k_group_avx512),
+                        (Format::Q6K, _) => go!(simd::q6k_group_avx2),
+                    }
+                },
+                #[cfg(target_arch = "aarch64")]
+                // SAFETY: NEON is part of every aarch64 CPU; `Path::NeonDot` is only chosen
+                // when the dot-product extension was detected at run time.
+                Path::Neon | Path::NeonDot => unsafe {
+                    match (self.format, path) {
+                        (Format::Q4K, Path::NeonDot) => go!(neon::q4k_group_dotprod),
+                        (Format::Q4K, _) => go!(neon::q4k_group_neon),
+                        (Format::Q6K, Path::NeonDot) => go!(neon::q6k_group_dotprod),
+                        (Format::Q6K, _) => go!(neon::q6k_group_neon),
                     }
                 },
                 _ => {
@@ -872,6 +888,207 @@ mod simd {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::super::q8::neon::{f16x4, quads};
+    use super::*;
+    use std::arch::aarch64::*;
+
+    /// Rows `r0..r0 + T` against a group of 16 interleaved Q4_K columns ([`Q4KLayout`]) with
+    /// `sdot`: a quarter of the group (4 columns) at a time in 128-bit registers, per 32-value
+    /// sub-block and row 8 `sdot` and one multiply-add by the scales.
+    #[target_feature(enable = "dotprod")]
+    pub(super) unsafe fn q4k_group_dotprod<const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8KRows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        q4k_group::<true, T>(g, kb, rows, r0, k, out, col)
+    }
+
+    /// The same with baseline NEON: widening multiplies, a sub-block's products (≤ 15·127)
+    /// summed exactly in i16 before widening.
+    pub(super) unsafe fn q4k_group_neon<const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8KRows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        q4k_group::<false, T>(g, kb, rows, r0, k, out, col)
+    }
+
+    /// Q6_K with `sdot`: the weights as signed `q − 32`, per 16-value group and row 4 `sdot`
+    /// and one multiply-add by the group's scales.
+    #[target_feature(enable = "dotprod")]
+    pub(super) unsafe fn q6k_group_dotprod<const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8KRows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        q6k_group::<true, T>(g, kb, rows, r0, k, out, col)
+    }
+
+    /// The same with baseline NEON: a group's products (|q − 32|·127 ≤ 32·127) summed exactly
+    /// in i16 before widening.
+    pub(super) unsafe fn q6k_group_neon<const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8KRows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        q6k_group::<false, T>(g, kb, rows, r0, k, out, col)
+    }
+
+    /// The kernel of both Q4_K paths: the same integers and float steps as
+    /// [`portable::q4k_tile`].
+    #[inline(always)]
+    unsafe fn q4k_group<const DOT: bool, const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8KRows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        let mut acc = [[vdupq_n_f32(0.0); 4]; T];
+        let mut accm = [[vdupq_n_f32(0.0); 4]; T];
+        let m4 = vdupq_n_u8(0x0f);
+        let (k1, k2, k3) = (vdupq_n_u32(0x3f3f_3f3f), vdupq_n_u32(0x0f0f_0f0f), vdupq_n_u32(0x0303_0303));
+        // Byte `s % 4` of a lane (a column) of `v`: the scale or min of sub-block `s`.
+        let byte = |v: uint32x4_t, s: usize| vreinterpretq_s32_u32(vandq_u32(vshlq_u32(v, vdupq_n_s32(-8 * (s % 4) as i32)), vdupq_n_u32(0xff)));
+        for b in 0..kb {
+            let blk = g.as_ptr().add(b * GROUP * 144);
+            for q in 0..4 {
+                // Columns 4q..4q + 4: their scales and mins unpacked as in `q4k_scales_mins`.
+                let d = f16x4(blk.add(8 * q));
+                let dmin = f16x4(blk.add(32 + 8 * q));
+                let [u0, u1, u2] = [0, 1, 2].map(|w| vreinterpretq_u32_u8(vld1q_u8(blk.add(64 + 64 * w + 16 * q))));
+                let sc = [vandq_u32(u0, k1), vorrq_u32(vandq_u32(u2, k2), vshlq_n_u32::<4>(vandq_u32(vshrq_n_u32::<6>(u0), k3)))];
+                let mn = [
+                    vandq_u32(u1, k1),
+                    vorrq_u32(vandq_u32(vshrq_n_u32::<4>(u2), k2), vshlq_n_u32::<4>(vandq_u32(vshrq_n_u32::<6>(u1), k3))),
+                ];
+                let mut isum = [vdupq_n_s32(0); T];
+                for sb in 0..8 {
+                    let scv = byte(sc[sb / 4], sb);
+                    let mut w = [vdupq_n_s8(0); 8];
+                    for p in 0..4 {
+                        let v = vld1q_u8(blk.add(256 + 256 * sb + 64 * p + 16 * q));
+                        w[p] = vreinterpretq_s8_u8(vandq_u8(v, m4));
+                        w[p + 4] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
+                    }
+                    for (i, is) in isum.iter_mut().enumerate() {
+                        let x = rows.quants.as_ptr().add((r0 + i) * k + b * QK_K + 32 * sb);
+                        *is = vmlaq_s32(*is, quads::<DOT, 8>(vdupq_n_s32(0), &w, x), scv);
+                    }
+                }
+                let mins = [0, 1, 2, 3, 4, 5, 6, 7].map(|s| byte(mn[s / 4], s));
+                for i in 0..T {
+                    let r = r0 + i;
+                    let bs = rows.sums32.as_ptr().add((r * kb + b) * 8);
+                    let mut summ = vdupq_n_s32(0);
+                    for (s, m) in mins.iter().enumerate() {
+                        summ = vmlaq_n_s32(summ, *m, *bs.add(s) as i32);
+                    }
+                    let yd = vdupq_n_f32(*rows.scales.get_unchecked(r * kb + b));
+                    acc[i][q] = vfmaq_f32(acc[i][q], vmulq_f32(d, yd), vcvtq_f32_s32(isum[i]));
+                    accm[i][q] = vfmaq_f32(accm[i][q], vmulq_f32(dmin, yd), vcvtq_f32_s32(summ));
+                }
+            }
+        }
+        let mut res = [[0f32; GROUP]; T];
+        for (r, (a, m)) in res.iter_mut().zip(acc.iter().zip(&accm)) {
+            for (q, (a, m)) in a.iter().zip(m).enumerate() {
+                vst1q_f32(r.as_mut_ptr().add(4 * q), vsubq_f32(*a, *m));
+            }
+        }
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
+    }
+
+    /// The kernel of both Q6_K paths: the same integers and float steps as
+    /// [`portable::q6k_tile`].
+    #[inline(always)]
+    unsafe fn q6k_group<const DOT: bool, const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8KRows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        let mut acc = [[vdupq_n_f32(0.0); 4]; T];
+        let m4 = vdupq_n_u8(0x0f);
+        let m30 = vdupq_n_u8(0x30);
+        let m3f = vdupq_n_u8(0x3f);
+        let m32 = vdupq_n_s8(32);
+        for b in 0..kb {
+            let blk = g.as_ptr().add(b * GROUP * 210);
+            for q in 0..4 {
+                // Columns 4q..4q + 4.
+                let d = f16x4(blk.add(8 * q));
+                let mut isum = [vdupq_n_s32(0); T];
+                for sb in 0..8 {
+                    let at = blk.add(288 + 384 * sb + 16 * q);
+                    let r = [0, 1, 2, 3].map(|p| vld1q_u8(at.add(64 * p)));
+                    let nib = [vld1q_u8(at.add(256)), vld1q_u8(at.add(320))];
+                    let nibs = [vandq_u8(nib[0], m4), vshrq_n_u8::<4>(nib[0]), vandq_u8(nib[1], m4), vshrq_n_u8::<4>(nib[1])];
+                    let mut w = [vdupq_n_s8(0); 8];
+                    for p in 0..4 {
+                        // `A(p, ·)` and `B(p, ·)` of the layout.
+                        let va = vandq_u8(r[p], m3f);
+                        let vb = vorrq_u8(nibs[p], vandq_u8(vshrq_n_u8::<2>(r[p]), m30));
+                        w[p] = vsubq_s8(vreinterpretq_s8_u8(va), m32);
+                        w[p + 4] = vsubq_s8(vreinterpretq_s8_u8(vb), m32);
+                    }
+                    // The signed scales of the sub-block's two 16-value groups, as i32.
+                    let scv = [0, 1].map(|half| {
+                        let s = std::ptr::read_unaligned(blk.add(32 + 16 * (2 * sb + half) + 4 * q) as *const u32);
+                        vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_u32(vdup_n_u32(s)))))
+                    });
+                    for (i, is) in isum.iter_mut().enumerate() {
+                        let x = rows.quants.as_ptr().add((r0 + i) * k + b * QK_K + 32 * sb);
+                        for (half, sc) in scv.iter().enumerate() {
+                            let dot = quads::<DOT, 4>(vdupq_n_s32(0), &w[4 * half..4 * half + 4], x.add(16 * half));
+                            *is = vmlaq_s32(*is, dot, *sc);
+                        }
+                    }
+                }
+                for (i, (a, is)) in acc.iter_mut().zip(isum).enumerate() {
+                    let yd = vdupq_n_f32(*rows.scales.get_unchecked((r0 + i) * kb + b));
+                    a[q] = vfmaq_f32(a[q], vmulq_f32(d, yd), vcvtq_f32_s32(is));
+                }
+            }
+        }
+        let mut res = [[0f32; GROUP]; T];
+        for (r, a) in res.iter_mut().zip(acc) {
+            for (q, aq) in a.iter().enumerate() {
+                vst1q_f32(r.as_mut_ptr().add(4 * q), *aq);
+            }
+        }
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -894,6 +1111,12 @@ mod tests {
             }
             if super::super::q8::avx512_available() {
                 assert_eq!(a, q.matmul(&xs, 9, Path::Avx512), "{dt:?} AVX-512");
+            }
+            if cfg!(target_arch = "aarch64") {
+                assert_eq!(a, q.matmul(&xs, 9, Path::Neon), "{dt:?} NEON");
+            }
+            if super::super::q8::dotprod_available() {
+                assert_eq!(a, q.matmul(&xs, 9, Path::NeonDot), "{dt:?} NEON sdot");
             }
         }
     }

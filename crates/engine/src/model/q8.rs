@@ -14,8 +14,10 @@
 //! Each output element is computed by the same operations whatever the number of rows or the
 //! path: per block, the exact integer dot product `isum` of the 32 weights and activations,
 //! then `acc = (isum · x_scale) · w_scale + acc` (one rounding for the product, one for the
-//! fused multiply-add), blocks in order. So results are batch-invariant, and the AVX-512, AVX2
-//! and portable paths are bitwise identical (tested).
+//! fused multiply-add), blocks in order. So results are batch-invariant, and the AVX-512, AVX2,
+//! NEON (aarch64; with `sdot` where the CPU has the dot-product extension) and portable paths
+//! are bitwise identical (tested). On NEON a 128-bit register holds four consecutive weights
+//! of 4 of the 16 columns, and `sdot` by element does 16 multiply-adds for 4 columns.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -165,6 +167,10 @@ pub(super) enum Path {
     Portable,
     Avx2,
     Avx512,
+    /// aarch64's baseline NEON (widening multiplies).
+    Neon,
+    /// NEON with the dot-product extension (`sdot`).
+    NeonDot,
 }
 
 impl Path {
@@ -174,6 +180,10 @@ impl Path {
             Path::Avx512
         } else if simd_available() {
             Path::Avx2
+        } else if dotprod_available() {
+            Path::NeonDot
+        } else if cfg!(target_arch = "aarch64") {
+            Path::Neon
         } else {
             Path::Portable
         }
@@ -230,31 +240,45 @@ impl Q8Matrix {
             let mut c = 0;
             while c < cols && col0 + c < full {
                 let g = &self.data[(col0 + c) * row_bytes..(col0 + c + GROUP) * row_bytes];
+                // A SIMD kernel for the tile's number of rows.
+                #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+                macro_rules! go {
+                    ($f:ident, $q5:literal) => {
+                        match r1 - r0 {
+                            1 => $f::<$q5, 1>(g, kb, &rows, r0, k, out, col0 + c),
+                            2 => $f::<$q5, 2>(g, kb, &rows, r0, k, out, col0 + c),
+                            3 => $f::<$q5, 3>(g, kb, &rows, r0, k, out, col0 + c),
+                            4 => $f::<$q5, 4>(g, kb, &rows, r0, k, out, col0 + c),
+                            5 => $f::<$q5, 5>(g, kb, &rows, r0, k, out, col0 + c),
+                            6 => $f::<$q5, 6>(g, kb, &rows, r0, k, out, col0 + c),
+                            7 => $f::<$q5, 7>(g, kb, &rows, r0, k, out, col0 + c),
+                            _ => $f::<$q5, ROW_TILE_32>(g, kb, &rows, r0, k, out, col0 + c),
+                        }
+                    };
+                }
                 match path {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `Path::Avx512` is only chosen when AVX-512 F, BW and VNNI were
                     // detected at run time, `Path::Avx2` when AVX2, FMA and F16C were.
                     Path::Avx512 | Path::Avx2 => unsafe {
-                        macro_rules! go {
-                            ($f:ident, $q5:literal) => {
-                                match r1 - r0 {
-                                    1 => $f::<$q5, 1>(g, kb, &rows, r0, k, out, col0 + c),
-                                    2 => $f::<$q5, 2>(g, kb, &rows, r0, k, out, col0 + c),
-                                    3 => $f::<$q5, 3>(g, kb, &rows, r0, k, out, col0 + c),
-                                    4 => $f::<$q5, 4>(g, kb, &rows, r0, k, out, col0 + c),
-                                    5 => $f::<$q5, 5>(g, kb, &rows, r0, k, out, col0 + c),
-                                    6 => $f::<$q5, 6>(g, kb, &rows, r0, k, out, col0 + c),
-                                    7 => $f::<$q5, 7>(g, kb, &rows, r0, k, out, col0 + c),
-                                    _ => $f::<$q5, ROW_TILE_32>(g, kb, &rows, r0, k, out, col0 + c),
-                                }
-                            };
-                        }
                         use simd::{group_avx2, group_avx512};
                         match (self.format, path) {
                             (Format::Q8_0, Path::Avx512) => go!(group_avx512, false),
                             (Format::Q5_0, Path::Avx512) => go!(group_avx512, true),
                             (Format::Q8_0, _) => go!(group_avx2, false),
                             (Format::Q5_0, _) => go!(group_avx2, true),
+                        }
+                    },
+                    #[cfg(target_arch = "aarch64")]
+                    // SAFETY: NEON is part of every aarch64 CPU; `Path::NeonDot` is only chosen
+                    // when the dot-product extension was detected at run time.
+                    Path::Neon | Path::NeonDot => unsafe {
+                        use neon::{group_dotprod, group_neon};
+                        match (self.format, path) {
+                            (Format::Q8_0, Path::NeonDot) => go!(group_dotprod, false),
+                            (Format::Q5_0, Path::NeonDot) => go!(group_dotprod, true),
+                            (Format::Q8_0, _) => go!(group_neon, false),
+                            (Format::Q5_0, _) => go!(group_neon, true),
                         }
                     },
                     _ => portable::group(self.format, g, kb, &rows, r0, r1, k, out, col0 + c),
@@ -512,6 +536,21 @@ pub fn simd_available() -> bool {
     }
 }
 
+/// Whether the NEON paths may use the dot-product extension (`sdot`, Armv8.4 and some
+/// Armv8.2 cores); checked once. Always false off aarch64.
+pub fn dotprod_available() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_aarch64_feature_detected!("dotprod"))
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        false
+    }
+}
+
 /// The little-endian u32 at byte `at`.
 #[inline]
 pub(super) fn word(b: &[u8], at: usize) -> u32 {
@@ -724,6 +763,176 @@ pub(super) mod simd {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+pub(super) mod neon {
+    use super::*;
+    use std::arch::aarch64::*;
+
+    /// Per lane `l` (a column): `acc[l] + Σ_i w[4l + i]·x[4·LANE + i]`, one `sdot` (by element).
+    #[target_feature(enable = "dotprod")]
+    #[inline]
+    unsafe fn sdot<const LANE: i32>(mut acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+        // `vdotq_laneq_s32` is not stable in Rust yet; this is the instruction it stands for.
+        std::arch::asm!(
+            "sdot {acc:v}.4s, {w:v}.16b, {x:v}.4b[{lane}]",
+            acc = inout(vreg) acc,
+            w = in(vreg) w,
+            x = in(vreg) x,
+            lane = const LANE,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        acc
+    }
+
+    /// The four f16 at `p` as f32 (`fcvtl`, baseline Armv8; exact, as `half`'s conversion).
+    #[inline(always)]
+    pub(in super::super) unsafe fn f16x4(p: *const u8) -> float32x4_t {
+        let h = vreinterpret_u16_u8(vld1_u8(p));
+        let f: float32x4_t;
+        // `vcvt_f32_f16` was stabilized after this crate's rust-version (1.85); `half` also
+        // writes this instruction by hand.
+        std::arch::asm!("fcvtl {f:v}.4s, {h:v}.4h", f = lateout(vreg) f, h = in(vreg) h, options(pure, nomem, nostack, preserves_flags));
+        f
+    }
+
+    /// Per column `c` of 4: `s[c] + Σ_j Σ_i w[j][4c + i]·x[4j + i]` over the quads `w` (each
+    /// register: 4 values of each of 4 columns) and the activations at `x` (4 per quad); exact.
+    /// With `DOT`, one `sdot` per quad. Without, widening multiplies: the products of `RUN`
+    /// quads are summed in i16 lanes, then pairs of lanes, before widening to i32, so the
+    /// caller makes sure that `2 · RUN · max |w·x| ≤ 32767`.
+    #[inline(always)]
+    pub(in super::super) unsafe fn quads<const DOT: bool, const RUN: usize>(mut s: int32x4_t, w: &[int8x16_t], x: *const i8) -> int32x4_t {
+        if DOT {
+            let mut xv = vdupq_n_s8(0);
+            for (j, wj) in w.iter().enumerate() {
+                if j % 4 == 0 {
+                    xv = vld1q_s8(x.add(4 * j));
+                }
+                s = match j % 4 {
+                    0 => sdot::<0>(s, *wj, xv),
+                    1 => sdot::<1>(s, *wj, xv),
+                    2 => sdot::<2>(s, *wj, xv),
+                    _ => sdot::<3>(s, *wj, xv),
+                };
+            }
+            return s;
+        }
+        let quad = |j: usize| vreinterpretq_s8_s32(vdupq_n_s32(std::ptr::read_unaligned(x.add(4 * j) as *const i32)));
+        for (c, run) in w.chunks(RUN).enumerate() {
+            let (mut lo, mut hi) = (vdupq_n_s16(0), vdupq_n_s16(0));
+            for (j, wj) in run.iter().enumerate() {
+                let xv = quad(RUN * c + j);
+                lo = vmlal_s8(lo, vget_low_s8(*wj), vget_low_s8(xv));
+                hi = vmlal_high_s8(hi, *wj, xv);
+            }
+            // Lanes 4l..4l + 4 of `lo` (columns 0, 1) and `hi` (2, 3) to lane l of `s`.
+            s = vpadalq_s16(s, vpaddq_s16(lo, hi));
+        }
+        s
+    }
+
+    /// Rows `r0..r0 + T` against a group of 16 interleaved columns (`kb` blocks) with `sdot`:
+    /// per block, a quarter of the group (4 columns) at a time in 128-bit registers, 8 `sdot`
+    /// per row and quarter.
+    #[target_feature(enable = "dotprod")]
+    pub(super) unsafe fn group_dotprod<const Q5: bool, const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8Rows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        group::<true, Q5, T>(g, kb, rows, r0, k, out, col)
+    }
+
+    /// The same with baseline NEON (no `sdot`): widening multiplies. Q5_0's unsigned values
+    /// (≤ 31, products ≤ 31·127) are summed four quads at a time in i16, Q8_0's signed ones
+    /// (products ≤ 128·127) one quad at a time.
+    pub(super) unsafe fn group_neon<const Q5: bool, const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8Rows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        group::<false, Q5, T>(g, kb, rows, r0, k, out, col)
+    }
+
+    /// The kernel of both: Q8_0's weights are used signed (`u ^ 0x80`) with no offset, Q5_0's
+    /// unsigned with the block's `−16 · Σ x`; the integer sums are exact either way, and the
+    /// float steps are [`portable::group`]'s.
+    #[inline(always)]
+    unsafe fn group<const DOT: bool, const Q5: bool, const T: usize>(
+        g: &[u8],
+        kb: usize,
+        rows: &Q8Rows,
+        r0: usize,
+        k: usize,
+        out: &TaskOut,
+        col: usize,
+    ) {
+        let gb = if Q5 { 22 * GROUP } else { 34 * GROUP };
+        let mut acc = [[vdupq_n_f32(0.0); 4]; T];
+        let xq = rows.quants.as_ptr().add(r0 * k);
+        let xs = rows.scales.as_ptr().add(r0 * kb);
+        let xb = rows.bias.as_ptr().add(r0 * kb);
+        let m4 = vdupq_n_u8(0x0f);
+        // Byte `i` of a register of fifth bits tests bit `i % 8` of its source byte.
+        let bit = vld1q_u8([1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128].as_ptr());
+        for b in 0..kb {
+            let blk = g.as_ptr().add(b * gb);
+            for q in 0..4 {
+                // Columns 4q..4q + 4.
+                let wd = f16x4(blk.add(8 * q));
+                let mut w = [vdupq_n_s8(0); 8];
+                if Q5 {
+                    // Quad j's u64 of fifth bits has the quarter's 16 bits in bytes 2q, 2q + 1;
+                    // a table lookup spreads each byte over 8 lanes (quads j, j + 1 share a load).
+                    let even = vcombine_u8(vdup_n_u8(2 * q as u8), vdup_n_u8(2 * q as u8 + 1));
+                    let odd = vaddq_u8(even, vdupq_n_u8(8));
+                    for p in 0..4 {
+                        let v = vld1q_u8(blk.add(96 + 64 * p + 16 * q));
+                        for (j, nib) in [(p, vandq_u8(v, m4)), (p + 4, vshrq_n_u8::<4>(v))] {
+                            let bits = vld1q_u8(blk.add(32 + 16 * (j / 2)));
+                            let spread = vqtbl1q_u8(bits, if j % 2 == 0 { even } else { odd });
+                            let fifth = vandq_u8(vtstq_u8(spread, bit), vdupq_n_u8(16));
+                            w[j] = vreinterpretq_s8_u8(vorrq_u8(nib, fifth));
+                        }
+                    }
+                } else {
+                    for (j, wj) in w.iter_mut().enumerate() {
+                        let u = vld1q_u8(blk.add(32 + 64 * j + 16 * q));
+                        *wj = vreinterpretq_s8_u8(veorq_u8(u, vdupq_n_u8(0x80)));
+                    }
+                }
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let x = xq.add(i * k + b * QK);
+                    let s = if Q5 {
+                        quads::<DOT, 4>(vdupq_n_s32(*xb.add(i * kb + b)), &w, x)
+                    } else {
+                        quads::<DOT, 1>(vdupq_n_s32(0), &w, x)
+                    };
+                    let t = vmulq_f32(vcvtq_f32_s32(s), vdupq_n_f32(*xs.add(i * kb + b)));
+                    a[q] = vfmaq_f32(a[q], t, wd);
+                }
+            }
+        }
+        let mut res = [[0f32; GROUP]; T];
+        for (r, a) in res.iter_mut().zip(acc) {
+            for (q, aq) in a.iter().enumerate() {
+                vst1q_f32(r.as_mut_ptr().add(4 * q), *aq);
+            }
+        }
+        for (i, r) in res.iter().enumerate() {
+            out.put(r0 + i, col, r);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -747,6 +956,12 @@ mod tests {
             }
             if avx512_available() {
                 assert_eq!(a, q.matmul(&xs, 19, Path::Avx512), "{dt:?} AVX-512");
+            }
+            if cfg!(target_arch = "aarch64") {
+                assert_eq!(a, q.matmul(&xs, 19, Path::Neon), "{dt:?} NEON");
+            }
+            if dotprod_available() {
+                assert_eq!(a, q.matmul(&xs, 19, Path::NeonDot), "{dt:?} NEON sdot");
             }
         }
     }
