@@ -110,6 +110,17 @@ static void gemv1(const __half* x, const __half* w, __half* y, int n, int k) {
     go(silica_gemv_f16_1, dim3((n + (8 >> wr) - 1) / (8 >> wr)), dim3(256), 0, x, w, y, n, k, wr);
 }
 
+// The gate/up product with SwiGLU in its epilogue (interleaved weight; at most 4 warps per
+// column, so that a block holds whole pairs: fused.rs's rule); y gets n / 2 values.
+static void gemv1_swiglu(const __half* x, const __half* w, __half* y, int n, int k) {
+    int wr = wr_for(n, k);
+    if (wr > 2) wr = 2;
+    go(silica_gemv_swiglu_f16_1, dim3((n + (8 >> wr) - 1) / (8 >> wr)), dim3(256), 0, x, w, y, n, k, wr);
+}
+
+// Step variant: the gate/up product with SwiGLU fused instead of a separate silu_mul.
+static bool g_swiglu = false;
+
 struct Cfg { const char* name; int hidden, inter, layers, nh, nkv, vocab; };
 
 template <typename F>
@@ -192,7 +203,6 @@ int main(int argc, char** argv) {
         const int splits = (ctx + PD_SPLIT - 1) / PD_SPLIT;
         float *pacc, *pml;
         CK(cudaMalloc(&pacc, (size_t)nh * splits * hd * 4)); CK(cudaMalloc(&pml, (size_t)nh * splits * 2 * 4));
-        unsigned int* cnt; CK(cudaMalloc(&cnt, (size_t)nh * 4)); CK(cudaMemset(cnt, 0, (size_t)nh * 4));
         CK(cudaMalloc(&pos, 4)); CK(cudaMalloc(&slot, 4)); CK(cudaMalloc(&table, 4 * ctx)); CK(cudaMalloc(&lens, 4));
         std::vector<uint32_t> tb(ctx); for (int i = 0; i < ctx; ++i) tb[i] = i;
         uint32_t p0 = ctx - 1, l0 = ctx;
@@ -210,12 +220,17 @@ int main(int argc, char** argv) {
             go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
                (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
                (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l], nh, nkv, hd, eps);
-            go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), (size_t)splits * 4, (const __half*)q, (const __half*)kp[l],
-               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale, cnt, att);
+            go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
+               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
+            go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits);
             gemv1(att, wo[l], h, H, H);
             go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, x_res, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps);
-            gemv1(an + H, wgu[l], gu, 2 * I, H);
-            go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I);
+            if (g_swiglu) {
+                gemv1_swiglu(an + H, wgu[l], act, 2 * I, H);
+            } else {
+                gemv1(an + H, wgu[l], gu, 2 * I, H);
+                go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I, 0);
+            }
             gemv1(act, wd[l], h, H, I);
             go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, (const __half*)an, (const __half*)h, (const __half*)n2[l], resid, normed, 1, H, eps);
         };
@@ -234,6 +249,13 @@ int main(int argc, char** argv) {
             float ms = time_graph(step, 50);
             printf("step (graph, pdl %d): %.3f ms = %.1f tok/s, %.0f GB/s\n", pdl, ms, 1000 / ms, bytes / ms / 1e6);
         }
+        g_pdl = 1;
+        for (int v = 0; v < 4; ++v) {
+            g_swiglu = v & 1;
+            float ms = time_graph(step, 50);
+            printf("step (graph, pdl 1, swiglu %s): %.3f ms = %.1f tok/s\n", g_swiglu ? "in the gate/up gemv" : "separate", ms, 1000 / ms);
+        }
+        g_swiglu = false;
         for (int pdl : {0, 1}) {
             g_pdl = pdl;
             g_alloc = true;
@@ -249,6 +271,10 @@ int main(int argc, char** argv) {
             double b = 2.0 * s.rows * s.k;
             printf("gemv %-8s [%6d x %6d] wr %d: %7.2f us  %6.0f GB/s\n", s.n, s.rows, s.k, wr_for(s.rows, s.k), ms * 1000 / L, b / (ms / L) / 1e6);
         }
+        {
+            float ms = time_graph([&]() { for (int l = 0; l < L; ++l) gemv1_swiglu(normed, wgu[l], act, 2 * I, H); }, 20);
+            printf("gemv gate/up+swiglu [%6d x %6d]: %7.2f us  %6.0f GB/s\n", 2 * I, H, ms * 1000 / L, 4.0 * I * H / (ms / L) / 1e6);
+        }
         for (int wr = 0; wr <= 3; ++wr) {
             const int cols = 8 >> wr;
             float ms = time_graph([&]() { for (int i = 0; i < 4; ++i)
@@ -262,13 +288,11 @@ int main(int argc, char** argv) {
         small("qkv_rope", [&](int l) { go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
                (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
                (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l], nh, nkv, hd, eps); });
-        small("paged_decode", [&](int l) { go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), (size_t)splits * 4, (const __half*)q, (const __half*)kp[l],
-               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale, cnt, att); });
-        small("paged_decode_2k", [&](int l) { go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
-               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale, (unsigned int*)nullptr, (__half*)nullptr);
-            go(silica_paged_combine_f16, dim3(nh, 1), dim3(PD_THREADS), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, hd, splits); });
+        small("paged_decode", [&](int l) { go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
+               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
+            go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits); });
         small("add_rmsnorm", [&](int l) { go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps); });
-        small("silu_mul", [&](int l) { go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I); });
+        small("silu_mul", [&](int l) { go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I, 0); });
         {  // next-token selection over this model's vocabulary (random logits, sd 2)
             float* lg; CK(cudaMalloc(&lg, (size_t)c.vocab * 4));
             std::vector<float> hl(c.vocab);

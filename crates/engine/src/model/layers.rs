@@ -353,6 +353,8 @@ impl Attention {
 #[derive(Debug, Clone)]
 pub struct Mlp {
     gate_up: GateUp,
+    /// The stacked gate/up rows are interleaved (Silica's CUDA kernels; see `Mlp::load`).
+    interleaved: bool,
     down_proj: Linear,
     intermediate: usize,
 }
@@ -372,11 +374,22 @@ impl Mlp {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let gate = w.linear(&format!("{p}.gate_proj"), h, i, false)?;
         let up = w.linear(&format!("{p}.up_proj"), h, i, false)?;
-        let gate_up = match stacked(w, p, &[&gate, &up])? {
-            Some(fused) => GateUp::Fused(fused),
-            None => GateUp::Split { gate, up },
+        // For Silica's CUDA kernels the stacked weight's gate and up rows are interleaved, so
+        // that the decode GEMV applies SwiGLU to each (gate, up) pair of its outputs.
+        let (gate_up, interleaved) = match stacked(w, p, &[&gate, &up])? {
+            Some(fused) => match fused.dense_weight() {
+                Some(t) if super::fused::applies(t.device(), t.dtype(), cfg.head_dim, cfg.hidden_size) => {
+                    let err = |e| crate::error::EngineError::load(w.location(), format!("{p}: {e}"));
+                    match fused.interleave_halves().map_err(err)? {
+                        Some(l) => (GateUp::Fused(l), true),
+                        None => (GateUp::Fused(fused), false),
+                    }
+                }
+                _ => (GateUp::Fused(fused), false),
+            },
+            None => (GateUp::Split { gate, up }, false),
         };
-        Ok(Mlp { gate_up, down_proj: w.linear(&format!("{p}.down_proj"), i, h, false)?, intermediate: i })
+        Ok(Mlp { gate_up, interleaved, down_proj: w.linear(&format!("{p}.down_proj"), i, h, false)?, intermediate: i })
     }
 
     /// `fused_kernels`: SwiGLU's activation by Silica's CUDA kernel; `scratch`: the step's
@@ -400,10 +413,15 @@ impl Mlp {
         let rows = x.dim(0)?;
         let buf = |f: fn(&Scratch, usize) -> candle_core::Result<Tensor>| scratch.map(|s| f(s, rows)).transpose();
         let h = match &self.gate_up {
+            GateUp::Fused(l) if self.interleaved => match l.dense_weight() {
+                // Decode rows: the product and SwiGLU in one kernel.
+                Some(w) if super::fused::gemv_applies(x, w) => super::fused::gemv_swiglu(x, w, scratch)?,
+                _ => super::fused::silu_mul(&l.forward(x)?, true, scratch)?,
+            },
             GateUp::Fused(l) => {
                 let y = l.forward_into(x, buf(Scratch::gate_up)?.as_ref())?;
                 if fused_kernels {
-                    super::fused::silu_mul(&y, scratch)?
+                    super::fused::silu_mul(&y, false, scratch)?
                 } else if y.device().is_cpu() && y.dtype() == DType::F32 {
                     silu_mul_cpu(&y, self.intermediate)?
                 } else {

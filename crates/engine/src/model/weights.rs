@@ -98,6 +98,27 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// The weight `[out, in]` when it is a dense tensor.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// A dense `[2 n, in]` weight without bias (two stacked layers, e.g. gate and up) with its
+    /// rows interleaved: row `2 j` is the first half's row `j`, row `2 j + 1` the second's.
+    /// `None` for other weights.
+    pub fn interleave_halves(&self) -> candle_core::Result<Option<Linear>> {
+        let (Some(w), None) = (self.dense_weight(), &self.bias) else { return Ok(None) };
+        let (n2, k) = w.dims2()?;
+        if n2 % 2 != 0 {
+            return Ok(None);
+        }
+        let w = w.reshape((2, n2 / 2, k))?.transpose(0, 1)?.contiguous()?.reshape((n2, k))?;
+        Ok(Some(Linear { weight: LinearWeight::Dense(w), bias: None }))
+    }
+
     /// A quantized weight: on the CPU, Silica's own kernels for the types it has (each row's
     /// result independent of the batch); candle's `QMatMul` otherwise.
     ///

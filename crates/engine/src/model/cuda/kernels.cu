@@ -5,10 +5,12 @@
 //                          cache write, straight from the fused QKV projection's output
 //   silica_paged_part_*    attention of one new token per sequence over its cached positions
 //   silica_paged_combine_* (slot table + lengths on the device), split over positions, then
-//                          the parts combined (by the part kernel's last block, or a kernel)
+//                          the parts combined
 //   silica_silu_mul_*      SwiGLU's silu(gate) * up from the fused gate/up projection
 //   silica_gemv_*_M        y = x W^T for a few rows (decode), 1-8 warps per output column,
 //                          the weight row streamed once with 16-byte loads for all M rows
+//   silica_gemv_swiglu_*_M the same over the interleaved gate/up weight, SwiGLU applied to
+//                          each (gate, up) pair of outputs
 //   silica_add_rmsnorm_*   residual add + RMSNorm (the new residual and the normed input)
 //   silica_copy_blocks     copy-on-write of KV cache blocks in every layer's pools at once
 //   silica_select_*        next-token selection per row of logits (select.cu, included last),
@@ -121,11 +123,9 @@ __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias,
     }
 }
 
-// Decode attention over the paged cache, split over positions as in flash-decoding: one block
-// per (query head, sequence, PD_SPLIT positions) writes its part, then the parts of a (query
-// head, sequence) are combined, by the last of its blocks to finish (given a counter per (head,
-// sequence): one kernel, as a decode step with preallocated buffers runs it) or by a second
-// kernel (one block per (query head, sequence)). A part of one head over 200
+// Decode attention over the paged cache in two kernels (split over positions, as in
+// flash-decoding): one block per (query head, sequence, PD_SPLIT positions) writes its part,
+// then one block per (query head, sequence) combines the parts. A part of one head over 200
 // positions in one block was bound by its warps' instruction latency (6.8 µs on the H100 with
 // 28 blocks busy); split, every head's positions spread over the SMs.
 // q: [d, nh, HD]; pools: [num_slots, nkv, HD]; table: [d, max_len] cache slots of each
@@ -145,59 +145,62 @@ template <> struct VecOf<4> { using type = uint32_t; };
 template <> struct VecOf<8> { using type = uint2; };
 template <> struct VecOf<16> { using type = uint4; };
 
-// The `splits` parts of one (sequence, head) at `base` into out[0..hd): every thread of the
-// block (PD_THREADS, with `wsh` holding a float per part) takes part in the weights, threads
-// below hd write one output each. Parts are read past L1 (another block of the same kernel may
-// have written them).
-template <typename T>
-__device__ void combine_parts(const float* part_acc, const float* part_ml, T* __restrict__ out,
-                              size_t base, int splits, int hd, float* wsh, float* red) {
-    const int e = threadIdx.x;
-    float mloc = -INFINITY;
-    for (int s = e; s < splits; s += blockDim.x) mloc = fmaxf(mloc, __ldcg(&part_ml[2 * (base + s)]));
-    const float mx = block_reduce<true>(mloc, red);
-    float lloc = 0.f;
-    for (int s = e; s < splits; s += blockDim.x) {
-        const float m = __ldcg(&part_ml[2 * (base + s)]);
-        const float w = m == -INFINITY ? 0.f : __expf(m - mx);  // an empty part weighs 0
-        wsh[s] = w;
-        lloc += w * __ldcg(&part_ml[2 * (base + s) + 1]);
-    }
-    // The reduction's barriers publish wsh.
-    const float l = block_reduce<false>(lloc, red);
-    if (e < hd) {
-        float a = 0.f;
-#pragma unroll 8
-        for (int s = 0; s < splits; ++s) a += wsh[s] * __ldcg(&part_acc[(base + s) * hd + e]);
-        out[e] = from_f<T>(a / l);
-    }
-}
-
-// One part's scores, softmax and weighted V sum over the block's next min(PD_SPLIT, n_left)
-// positions (`qs`: q scaled, not yet published to the block; `slot`: this thread's position's
-// slot) into acc_out [HD] and ml_out (max, sum).
 template <typename T, int HD>
-__device__ __forceinline__ void paged_part_body(const float* qs, const T* __restrict__ k_pool, const T* __restrict__ v_pool,
-                                                uint32_t slot, int kvh, int nkv, int n_left, float* acc_out,
-                                                float* ml_out, float* red) {
+__device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool,
+                           const T* __restrict__ v_pool, const uint32_t* __restrict__ table,
+                           const uint32_t* __restrict__ lens, float* __restrict__ part_acc,
+                           float* __restrict__ part_ml, int nh, int nkv, int max_len, float scale) {
     constexpr int DPL = HD / 32;            // dims per lane in the V pass
     constexpr int KPL = HD / PD_LPP / 8;    // 16-byte K loads per lane in the score pass
+    constexpr int VPW = PD_SPLIT / PD_WARPS;  // V rows per warp
     using Vec = typename VecOf<DPL * sizeof(T)>::type;
+    __shared__ __align__(16) float qs[HD];
     __shared__ float sc[PD_SPLIT];
     __shared__ uint32_t sl[PD_SPLIT];
+    __shared__ float red[32];
     __shared__ float wacc[PD_WARPS][HD];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    pdl_trigger();
+    const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, splits = gridDim.z, tid = threadIdx.x;
+    const int lane = tid & 31, warp = tid >> 5;
     const int sub = tid % PD_LPP, pslot = tid / PD_LPP;
-    const int n = min(PD_SPLIT, n_left);
-    __syncthreads();
+    const int kvh = h / (nh / nkv);
+    const int p0 = sp * PD_SPLIT;
+    const size_t part = ((size_t)b * nh + h) * splits + sp;
+    // The length and the slots are the step's inputs, which no kernel writes: read before the
+    // wait, while the previous kernel (the K/V write of the new position) still runs.
+    const int n = min(PD_SPLIT, (int)lens[b] - p0);
+    const uint32_t slot = pslot < n ? table[(size_t)b * max_len + p0 + pslot] : 0u;
+    if (sub == 0) sl[pslot] = slot;
+    pdl_wait();
+    if (n <= 0) {  // past the end: an empty part (zeros, so that the combine needs no branch)
+        for (int e = tid; e < HD; e += PD_THREADS) part_acc[part * HD + e] = 0.f;
+        if (tid == 0) {
+            part_ml[2 * part] = -INFINITY;
+            part_ml[2 * part + 1] = 0.f;
+        }
+        return;
+    }
+    __syncthreads();  // publishes sl
+    // q, this thread's quarter K row and its warp's V rows: every load in flight at once.
     const bool on = pslot < n;
-    float dot = 0.f;
+    uint4 kw[KPL];
     if (on) {
         const uint4* kp = reinterpret_cast<const uint4*>(k_pool + ((size_t)slot * nkv + kvh) * HD) + sub * KPL;
-        const float4* q4 = reinterpret_cast<const float4*>(qs) + sub * KPL * 2;
-        uint4 kw[KPL];
 #pragma unroll
         for (int e = 0; e < KPL; ++e) kw[e] = kp[e];
+    }
+    Vec v[VPW];
+#pragma unroll
+    for (int u = 0; u < VPW; ++u) {
+        const int j = warp + u * PD_WARPS;
+        if (j < n) v[u] = *reinterpret_cast<const Vec*>(v_pool + ((size_t)sl[j] * nkv + kvh) * HD + lane * DPL);
+    }
+    const T* qp = q + ((size_t)b * nh + h) * HD;
+    for (int e = tid; e < HD; e += PD_THREADS) qs[e] = to_f(qp[e]) * scale;
+    __syncthreads();  // publishes qs
+    float dot = 0.f;
+    if (on) {
+        const float4* q4 = reinterpret_cast<const float4*>(qs) + sub * KPL * 2;
 #pragma unroll
         for (int e = 0; e < KPL; ++e) {
             const T* wv = reinterpret_cast<const T*>(&kw[e]);
@@ -208,11 +211,8 @@ __device__ __forceinline__ void paged_part_body(const float* qs, const T* __rest
     }
 #pragma unroll
     for (int o = 1; o < PD_LPP; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    if (on && sub == 0) {
-        sc[pslot] = dot;
-        sl[pslot] = slot;
-    }
-    // The reductions' barriers publish sc and sl to the whole block.
+    if (on && sub == 0) sc[pslot] = dot;
+    // The reductions' barriers publish sc to the whole block.
     const float m = block_reduce<true>(on ? dot : -INFINITY, red);
     float p = 0.f;
     if (tid < n) {
@@ -223,14 +223,8 @@ __device__ __forceinline__ void paged_part_body(const float* qs, const T* __rest
     float acc[DPL];
 #pragma unroll
     for (int d = 0; d < DPL; ++d) acc[d] = 0.f;
-    Vec v[PD_SPLIT / PD_WARPS];
 #pragma unroll
-    for (int u = 0; u < PD_SPLIT / PD_WARPS; ++u) {
-        const int j = warp + u * PD_WARPS;
-        if (j < n) v[u] = *reinterpret_cast<const Vec*>(v_pool + ((size_t)sl[j] * nkv + kvh) * HD + lane * DPL);
-    }
-#pragma unroll
-    for (int u = 0; u < PD_SPLIT / PD_WARPS; ++u) {
+    for (int u = 0; u < VPW; ++u) {
         const int j = warp + u * PD_WARPS;
         if (j < n) {
             const float w = sc[j];
@@ -246,86 +240,54 @@ __device__ __forceinline__ void paged_part_body(const float* qs, const T* __rest
         float s = 0.f;
 #pragma unroll
         for (int w = 0; w < PD_WARPS; ++w) s += wacc[w][e];
-        acc_out[e] = s;
+        part_acc[part * HD + e] = s;
     }
     if (tid == 0) {
-        ml_out[0] = m;
-        ml_out[1] = l;
+        part_ml[2 * part] = m;
+        part_ml[2 * part + 1] = l;
     }
 }
 
-
-// With `counters` (one zeroed word per (sequence, head)), the block that finishes a (sequence,
-// head) last also combines its parts into out [d, nh, HD] and sets the counter back to zero
-// (dynamic shared memory: a float per part); without, silica_paged_combine does that.
-template <typename T, int HD>
-__device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool,
-                           const T* __restrict__ v_pool, const uint32_t* __restrict__ table,
-                           const uint32_t* __restrict__ lens, float* part_acc,
-                           float* part_ml, int nh, int nkv, int max_len, float scale,
-                           unsigned int* counters, T* __restrict__ out) {
-    __shared__ __align__(16) float qs[HD];
-    __shared__ float red[32];
-    pdl_enter();
-    const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, splits = gridDim.z, tid = threadIdx.x;
-    const int pslot = tid / PD_LPP;
-    const int kvh = h / (nh / nkv);
-    const int p0 = sp * PD_SPLIT;
-    const size_t part = ((size_t)b * nh + h) * splits + sp;
-    // The length, this thread's slot and q in one memory round trip (the table row has
-    // max_len entries; those past the length are not used).
-    const int len = (int)lens[b];
-    const uint32_t slot = p0 + pslot < max_len ? table[(size_t)b * max_len + p0 + pslot] : 0u;
-    const T* qp = q + ((size_t)b * nh + h) * HD;
-    for (int e = tid; e < HD; e += PD_THREADS) qs[e] = to_f(qp[e]) * scale;
-    if (p0 >= len) {  // past the end: an empty part (zeros, so that the combine needs no branch)
-        for (int e = tid; e < HD; e += PD_THREADS) part_acc[part * HD + e] = 0.f;
-        if (tid == 0) {
-            part_ml[2 * part] = -INFINITY;
-            part_ml[2 * part + 1] = 0.f;
-        }
-    } else {
-        paged_part_body<T, HD>(qs, k_pool, v_pool, slot, kvh, nkv, len - p0, part_acc + part * HD, part_ml + 2 * part, red);
-    }
-    if (counters == nullptr) return;
-    // The last of the (sequence, head)'s blocks combines: each publishes its part before it
-    // counts itself (fence, then the atomic), the last fences again before it reads the others'.
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    unsigned int* cnt = counters + (size_t)b * nh + h;
-    if (tid == 0) last = atomicAdd(cnt, 1u) == (unsigned int)(splits - 1);
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    extern __shared__ float wsh[];
-    combine_parts<T>(part_acc, part_ml, out + ((size_t)b * nh + h) * HD, ((size_t)b * nh + h) * splits, splits, HD, wsh, red);
-    if (tid == 0) *cnt = 0u;
-}
-
-// The parts of paged_part into out: [d, nh, HD]. Grid (nh, d), PD_THREADS threads (as the
-// combine inside paged_part, so that both give the same bits), dynamic shared memory of one
-// float per part. The parts' weights are computed once per block; the sum over the parts then
-// has no data-dependent branch, so its loads are all in flight together.
+// The parts of paged_part into out: [d, nh, HD]. Grid (nh, d), HD threads, dynamic shared
+// memory of one float per part. The parts' weights are computed once per block; the sum over
+// the parts then has no data-dependent branch, so its loads are all in flight together.
 template <typename T>
 __device__ void paged_combine(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
-                              T* __restrict__ out, int nh, int hd, int splits) {
+                              T* __restrict__ out, int nh, int splits) {
     extern __shared__ float wsh[];
     __shared__ float red[32];
     pdl_enter();
-    const int h = blockIdx.x, b = blockIdx.y;
-    combine_parts<T>(part_acc, part_ml, out + ((size_t)b * nh + h) * hd, ((size_t)b * nh + h) * splits, splits, hd, wsh, red);
+    const int h = blockIdx.x, b = blockIdx.y, e = threadIdx.x, hd = blockDim.x;
+    const size_t base = ((size_t)b * nh + h) * splits;
+    float mloc = -INFINITY;
+    for (int s = e; s < splits; s += hd) mloc = fmaxf(mloc, part_ml[2 * (base + s)]);
+    const float mx = block_reduce<true>(mloc, red);
+    float lloc = 0.f;
+    for (int s = e; s < splits; s += hd) {
+        const float m = part_ml[2 * (base + s)];
+        const float w = m == -INFINITY ? 0.f : __expf(m - mx);  // an empty part weighs 0
+        wsh[s] = w;
+        lloc += w * part_ml[2 * (base + s) + 1];
+    }
+    // The reduction's barriers publish wsh.
+    const float l = block_reduce<false>(lloc, red);
+    float a = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) a += wsh[s] * part_acc[(base + s) * hd + e];
+    out[((size_t)b * nh + h) * hd + e] = from_f<T>(a / l);
 }
 
-// gu: [rows, 2 inter] (gate then up); out: [rows, inter] = silu(gate) * up.
+// gu: [rows, 2 inter] (gate then up, or with `interleaved` gate j and up j side by side);
+// out: [rows, inter] = silu(gate) * up.
 template <typename T>
-__device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, size_t n, int inter) {
+__device__ void silu_mul(const T* __restrict__ gu, T* __restrict__ out, size_t n, int inter, int interleaved) {
     pdl_enter();
     for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
          idx += (size_t)gridDim.x * blockDim.x) {
         const size_t r = idx / inter, i = idx % inter;
-        const float g = to_f(gu[r * 2 * inter + i]);
-        const float u = to_f(gu[r * 2 * inter + inter + i]);
+        const size_t gi = r * 2 * inter + (interleaved ? 2 * i : i);
+        const float g = to_f(gu[gi]);
+        const float u = to_f(gu[interleaved ? gi + 1 : gi + inter]);
         out[idx] = from_f<T>(g / (1.f + __expf(-g)) * u);
     }
 }
@@ -362,9 +324,14 @@ __device__ __forceinline__ void gemv_acc(const uint4 wv, const T* __restrict__ x
 // WR warps share one output column (split K) when the matrix alone would not give the GPU
 // enough warps in flight; their partial sums meet in shared memory. The first GEMV_LOADS weight
 // loads of each lane are issued before the wait for the kernel that wrote x.
-template <typename T, int M>
+//
+// SWIGLU: w is the gate and up projections with their rows interleaved (gate j at row 2j, up j
+// at 2j + 1), a block's columns come in such pairs (8 >> wr_log2 >= 2), and y [M, n_out / 2]
+// gets silu(gate) * up, each product rounded to T first as the separate kernels do.
+template <typename T, int M, bool SWIGLU>
 __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n_out, int k, int wr_log2) {
     __shared__ float part[8][M];
+    __shared__ float fin[SWIGLU ? 8 : 1][M];
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wr = 1 << wr_log2;
@@ -403,6 +370,37 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
     }
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+    if (SWIGLU) {
+        const int c = warp >> wr_log2, cpb = 8 >> wr_log2;
+        if (wr == 1) {
+            if (lane == 0) {
+#pragma unroll
+                for (int m = 0; m < M; ++m) fin[c][m] = acc[m];
+            }
+        } else {
+            if (lane == 0) {
+#pragma unroll
+                for (int m = 0; m < M; ++m) part[warp][m] = acc[m];
+            }
+            __syncthreads();
+            if (seg == 0 && lane < M) {
+                float s = 0.f;
+                for (int g = 0; g < wr; ++g) s += part[warp + g][lane];
+                fin[c][lane] = s;
+            }
+        }
+        __syncthreads();
+        const int t = threadIdx.x;
+        if (t < (cpb / 2) * M) {
+            const int p = t / M, m = t % M;
+            const int j = blockIdx.x * (cpb / 2) + p;
+            if (2 * j < n_out) {
+                const float g = to_f(from_f<T>(fin[2 * p][m])), u = to_f(from_f<T>(fin[2 * p + 1][m]));
+                y[(size_t)m * (n_out / 2) + j] = from_f<T>(g / (1.f + __expf(-g)) * u);
+            }
+        }
+        return;
+    }
     if (wr == 1) {
         if (lane == 0 && n < n_out) {
 #pragma unroll
@@ -499,7 +497,12 @@ ADD_RMSNORM(__nv_bfloat16, bf16)
 #define GEMV(T, SUFFIX, M)                                                                      \
     extern "C" __global__ void __launch_bounds__(256)                                           \
         silica_gemv_##SUFFIX##_##M(const T* x, const T* w, T* y, int n_out, int k, int wr_log2) { \
-        gemv<T, M>(x, w, y, n_out, k, wr_log2);                                                 \
+        gemv<T, M, false>(x, w, y, n_out, k, wr_log2);                                          \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        silica_gemv_swiglu_##SUFFIX##_##M(const T* x, const T* w, T* y, int n_out, int k,       \
+                                          int wr_log2) {                                        \
+        gemv<T, M, true>(x, w, y, n_out, k, wr_log2);                                           \
     }
 #define GEMV_ALL(T, SUFFIX) \
     GEMV(T, SUFFIX, 1) GEMV(T, SUFFIX, 2) GEMV(T, SUFFIX, 3) GEMV(T, SUFFIX, 4) \
@@ -521,22 +524,20 @@ GEMV_ALL(__nv_bfloat16, bf16)
         silica_paged_part_##SUFFIX##_##HD(const T* q, const T* k_pool, const T* v_pool,         \
                                           const uint32_t* table, const uint32_t* lens,          \
                                           float* part_acc, float* part_ml, int nh, int nkv,     \
-                                          int max_len, float scale, unsigned int* counters,     \
-                                          T* out) {                                             \
-        paged_part<T, HD>(q, k_pool, v_pool, table, lens, part_acc, part_ml, nh, nkv, max_len, scale, \
-                          counters, out);                                                       \
+                                          int max_len, float scale) {                           \
+        paged_part<T, HD>(q, k_pool, v_pool, table, lens, part_acc, part_ml, nh, nkv, max_len, scale); \
     }
 #define PAGED_COMBINE(T, SUFFIX)                                                                \
-    extern "C" __global__ void __launch_bounds__(PD_THREADS)                                    \
-        silica_paged_combine_##SUFFIX(const float* part_acc, const float* part_ml, T* out,      \
-                                      int nh, int hd, int splits) {                             \
-        paged_combine<T>(part_acc, part_ml, out, nh, hd, splits);                               \
+    extern "C" __global__ void silica_paged_combine_##SUFFIX(const float* part_acc,             \
+                                                             const float* part_ml, T* out,      \
+                                                             int nh, int splits) {              \
+        paged_combine<T>(part_acc, part_ml, out, nh, splits);                                   \
     }
 
 #define SILU_MUL(T, SUFFIX)                                                                    \
     extern "C" __global__ void silica_silu_mul_##SUFFIX(const T* gu, T* out, size_t n,         \
-                                                        int inter) {                           \
-        silu_mul<T>(gu, out, n, inter);                                                        \
+                                                        int inter, int interleaved) {          \
+        silu_mul<T>(gu, out, n, inter, interleaved);                                           \
     }
 
 QKV_ROPE(__half, f16)
