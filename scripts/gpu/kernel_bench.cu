@@ -4,6 +4,7 @@
 // per layer, captured in one CUDA graph) with and without programmatic dependent launch.
 // Build and run there:  nvcc -O3 -arch=sm_90a -o /tmp/kb scripts/gpu/kernel_bench.cu && /tmp/kb
 #include "../../crates/engine/src/model/cuda/kernels.cu"
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -215,6 +216,7 @@ int main(int argc, char** argv) {
         CK(cudaMalloc(&logits, (size_t)c.vocab * 2));
         CK(cudaDeviceSynchronize());
         const float scale = 1.f / sqrtf((float)hd), eps = 1e-6f;
+        const int norm_threads = std::min(1024, ((H + 7) / 8 + 31) / 32 * 32);  // fused.rs AddNormOp
         auto layer = [&](int l, const __half* x_res, const __half* x_norm) {
             gemv1(x_norm, wqkv[l], qkv, qkvw, H);
             go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
@@ -224,7 +226,7 @@ int main(int argc, char** argv) {
                (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
             go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits);
             gemv1(att, wo[l], h, H, H);
-            go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, x_res, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps);
+            go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, x_res, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps);
             if (g_swiglu) {
                 gemv1_swiglu(an + H, wgu[l], act, 2 * I, H);
             } else {
@@ -232,7 +234,7 @@ int main(int argc, char** argv) {
                 go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I, 0);
             }
             gemv1(act, wd[l], h, H, I);
-            go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, (const __half*)an, (const __half*)h, (const __half*)n2[l], resid, normed, 1, H, eps);
+            go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, (const __half*)an, (const __half*)h, (const __half*)n2[l], resid, normed, 1, H, eps);
         };
         auto step = [&]() {
             for (int l = 0; l < L; ++l) layer(l, resid, normed);
@@ -291,7 +293,7 @@ int main(int argc, char** argv) {
         small("paged_decode", [&](int l) { go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
                (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
             go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits); });
-        small("add_rmsnorm", [&](int l) { go(silica_add_rmsnorm_f16, dim3(1), dim3(1024), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps); });
+        small("add_rmsnorm", [&](int l) { go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps); });
         small("silu_mul", [&](int l) { go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I, 0); });
         {  // next-token selection over this model's vocabulary (random logits, sd 2)
             float* lg; CK(cudaMalloc(&lg, (size_t)c.vocab * 4));

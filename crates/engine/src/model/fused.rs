@@ -970,9 +970,12 @@ mod imp {
                 Arg::I32(hdim as i32),
                 Arg::F32(self.eps),
             ];
+            // One thread per 16-byte unit of a row (the kernel's vector path; fewer warps in the
+            // reduction than a full block), whole warps, at most 1024.
+            let threads = hdim.div_ceil(8).next_multiple_of(32).min(1024) as u32;
             let cfg = LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),
-                block_dim: (1024, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: ((hdim + 32) * 4) as u32,
             };
             // SAFETY: the arguments match `silica_add_rmsnorm_*`; every buffer holds rows * hdim.

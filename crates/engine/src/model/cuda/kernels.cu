@@ -85,37 +85,38 @@ __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias,
                          const uint32_t* __restrict__ pos, const uint32_t* __restrict__ slots,
                          T* __restrict__ q_out, T* __restrict__ k_pool, T* __restrict__ v_pool,
                          int nh, int nkv, int hd, float eps) {
-    pdl_enter();
+    pdl_trigger();
     extern __shared__ float sm[];
     float* xs = sm;
     float* red = sm + hd;
     const int head = blockIdx.x, row = blockIdx.y, i = threadIdx.x;
     const int width = (nh + 2 * nkv) * hd;
     const int col = head * hd + i;
-    float x = to_f(qkv[(size_t)row * width + col]);
-    if (bias) x += to_f(bias[col]);
+    const bool is_q = head < nh, is_v = head >= nh + nkv;
+    const T* nw = is_q ? qn : kn;
+    const int half = hd / 2, j = i < half ? i : i - half;
+    // Weights, tables and the step's inputs (no kernel writes them) before the wait, the
+    // projection after it.
+    const float bv = bias ? to_f(bias[col]) : 0.f;
     const size_t slot = slots[row];
-    if (head >= nh + nkv) {
+    const size_t p = pos[row];
+    const float c = is_v ? 0.f : to_f(cos_t[p * half + j]);
+    const float sn = is_v ? 0.f : to_f(sin_t[p * half + j]);
+    const float nwi = (!is_v && nw) ? to_f(nw[i]) : 1.f;
+    pdl_wait();
+    float x = to_f(qkv[(size_t)row * width + col]);
+    if (bias) x += bv;
+    if (is_v) {
         v_pool[(slot * nkv + (head - nh - nkv)) * hd + i] = from_f<T>(x);
         return;
     }
-    const bool is_q = head < nh;
-    const T* nw = is_q ? qn : kn;
     if (nw) {
         const float ss = block_reduce<false>(x * x, red);
-        x = x * rsqrtf(ss / hd + eps) * to_f(nw[i]);
+        x = x * rsqrtf(ss / hd + eps) * nwi;
     }
     xs[i] = x;
     __syncthreads();
-    const int half = hd / 2;
-    const size_t p = pos[row];
-    float y;
-    if (i < half) {
-        y = x * to_f(cos_t[p * half + i]) - xs[i + half] * to_f(sin_t[p * half + i]);
-    } else {
-        const int j = i - half;
-        y = x * to_f(cos_t[p * half + j]) + xs[j] * to_f(sin_t[p * half + j]);
-    }
+    const float y = i < half ? x * c - xs[i + half] * sn : x * c + xs[j] * sn;
     if (is_q) {
         q_out[((size_t)row * nh + head) * hd + i] = from_f<T>(y);
     } else {
