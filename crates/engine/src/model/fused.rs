@@ -100,14 +100,38 @@ pub fn paged_decode(
 /// Most rows Silica's GEMV kernel can take (it is compiled for 1..=8).
 pub const GEMV_MAX_ROWS: usize = 8;
 
-/// Most rows it is used for: `SILICA_GEMV_ROWS` (default 2). Each weight is converted once
-/// but multiplied by every row with CUDA-core FMAs, so by 4–8 rows the kernel is bound by
-/// instructions, and cuBLAS (tensor cores) is faster.
+/// Most rows it is used for: `SILICA_GEMV_ROWS` (default 8; 2 where the PTX predates sm_80,
+/// which has no tensor-core kernel); cuBLAS above.
 pub(crate) fn gemv_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
-        std::env::var("SILICA_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(2).min(GEMV_MAX_ROWS)
+        let default = if tc_ptx() { GEMV_MAX_ROWS } else { 2 };
+        std::env::var("SILICA_GEMV_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(default).min(GEMV_MAX_ROWS)
     })
+}
+
+/// Whether the PTX has the tensor-core GEMV (built for sm_80 or later).
+fn tc_ptx() -> bool {
+    option_env!("SILICA_KERNELS_CAP").and_then(|c| c.parse::<u32>().ok()).is_some_and(|c| c >= 80)
+}
+
+/// From how many rows the GEMV runs on the tensor cores (`silica_gemv_tc_*`):
+/// `SILICA_GEMV_TC_ROWS` (default 3). The CUDA-core kernel converts and multiplies every weight
+/// once per row, so by 4 rows it is bound by instructions (measured slower than cuBLAS).
+pub(crate) fn gemv_tc_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        if !tc_ptx() {
+            return usize::MAX;
+        }
+        std::env::var("SILICA_GEMV_TC_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
+    })
+}
+
+/// Whether [`gemv_swiglu`] takes `x` (rows below the tensor-core GEMV's, which has no SwiGLU
+/// epilogue).
+pub fn gemv_swiglu_applies(x: &Tensor) -> bool {
+    x.dim(0).is_ok_and(|rows| rows < gemv_tc_rows())
 }
 
 /// Whether `x W^T` goes to Silica's GEMV kernel: on CUDA in f16/bf16, 1 to
@@ -890,6 +914,18 @@ mod imp {
             if wk != k || rows == 0 || rows > super::GEMV_MAX_ROWS || k % 8 != 0 || (self.swiglu && n % 2 != 0) {
                 bail!("silica-gemv: x [{rows}, {k}], w [{n}, {wk}]");
             }
+            if rows >= super::gemv_tc_rows() {
+                if self.swiglu {
+                    bail!("silica-gemv: SwiGLU for {rows} rows (the tensor-core GEMV has none)");
+                }
+                let func = dev.get_or_load_custom_func(&format!("silica_gemv_tc_{}_{rows}", suffix(dtype)?), MODULE, PTX)?;
+                let args = [Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(out), Arg::I32(n as i32), Arg::I32(k as i32)];
+                // A block of 8 warps per 8 output columns (kernels.cu, gemv_tc).
+                let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: the arguments match `silica_gemv_tc_*`; alignment as below; `out`
+                // holds rows * n.
+                return unsafe { launch(dev, &func, cfg, &args) };
+            }
             let kind = if self.swiglu { "gemv_swiglu" } else { "gemv" };
             let func = dev.get_or_load_custom_func(&format!("silica_{kind}_{}_{rows}", suffix(dtype)?), MODULE, PTX)?;
             // Warps per output column (split K): as many as leave each lane at least 1.75
@@ -1447,6 +1483,40 @@ mod cuda_tests {
                         assert_eq!(c, b, "k {k} rows {rows} output {i} (interleaved silu)");
                     } else {
                         assert!((a - b).abs() <= 1e-3 + 1e-2 * b.abs(), "k {k} rows {rows} output {i}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The GEMV for 1–8 rows (CUDA cores below `gemv_tc_rows`, tensor cores from there) against
+    /// a host computation, with column counts that are not multiples of a block's 8 and k of
+    /// the 3B/7B shapes; f16 and bf16.
+    #[test]
+    fn gemv_matches_the_host_for_every_row_count() {
+        use super::gemv;
+        use candle_core::DType;
+        let dev = Device::new_cuda(0).expect("a CUDA device");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        for dtype in [DType::F16, DType::BF16] {
+            for (n, k) in [(100usize, 2048usize), (37, 3584), (24, 11008)] {
+                for rows in 1..=8usize {
+                    let mut uni = |c: usize, sc: f32| -> Vec<f32> { (0..c).map(|_| (rng.random::<f32>() - 0.5) * sc).collect() };
+                    let t = |v: &[f32], shape: (usize, usize)| Tensor::from_vec(v.to_vec(), shape, &dev).unwrap().to_dtype(dtype).unwrap();
+                    let (xv, wv) = (uni(rows * k, 2.0), uni(n * k, 0.1));
+                    let (x, w) = (t(&xv, (rows, k)), t(&wv, (n, k)));
+                    // The host computes with the rounded inputs.
+                    let back = |t: &Tensor| -> Vec<f32> { t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+                    let (xr, wr) = (back(&x), back(&w));
+                    let got = back(&gemv(&x, &w, None).unwrap());
+                    assert_eq!(got.len(), rows * n);
+                    for r in 0..rows {
+                        for c in 0..n {
+                            let want: f64 = (0..k).map(|i| xr[r * k + i] as f64 * wr[c * k + i] as f64).sum();
+                            let have = got[r * n + c] as f64;
+                            let tol = if dtype == DType::BF16 { 1e-2 } else { 2e-3 };
+                            assert!((have - want).abs() <= tol * (1.0 + want.abs()), "{dtype:?} n {n} k {k} rows {rows} [{r}, {c}]: {have} vs {want}");
+                        }
                     }
                 }
             }

@@ -415,8 +415,10 @@ impl Mlp {
         let h = match &self.gate_up {
             GateUp::Fused(l) if self.interleaved => match l.dense_weight() {
                 // Decode rows: the product and SwiGLU in one kernel.
-                Some(w) if super::fused::gemv_applies(x, w) => super::fused::gemv_swiglu(x, w, scratch)?,
-                _ => super::fused::silu_mul(&l.forward(x)?, true, scratch)?,
+                Some(w) if super::fused::gemv_applies(x, w) && super::fused::gemv_swiglu_applies(x) => {
+                    super::fused::gemv_swiglu(x, w, scratch)?
+                }
+                _ => super::fused::silu_mul(&l.forward_into(x, buf(Scratch::gate_up)?.as_ref())?, true, scratch)?,
             },
             GateUp::Fused(l) => {
                 let y = l.forward_into(x, buf(Scratch::gate_up)?.as_ref())?;

@@ -11,6 +11,7 @@
 //                          the weight row streamed once with 16-byte loads for all M rows
 //   silica_gemv_swiglu_*_M the same over the interleaved gate/up weight, SwiGLU applied to
 //                          each (gate, up) pair of outputs
+//   silica_gemv_tc_*_M     y = x W^T for 3-8 rows on the tensor cores
 //   silica_add_rmsnorm_*   residual add + RMSNorm (the new residual and the normed input)
 //   silica_copy_blocks     copy-on-write of KV cache blocks in every layer's pools at once
 //   silica_select_*        next-token selection per row of logits (select.cu, included last),
@@ -421,6 +422,92 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
     }
 }
 
+// y = x W^T for 3-8 rows on the tensor cores (mma m16n8k16, f32 accumulate): the CUDA-core
+// GEMV converts and multiplies every weight once per row, so by 4 rows it is bound by
+// instructions. x: [M, k], w: [n_out, k] (k % 8 == 0, 16-byte aligned), y: [M, n_out]. A block
+// of 8 warps takes 8 output columns, its warps splitting k (sums met in shared memory, in a
+// fixed order). The mma's A is x (rows M..15 zero), B is W^T: lane (g, t) holds column n0 + g's
+// and x row g's 16-byte unit i (8 consecutive k) and feeds halves 0-3 to one mma and 4-7 to the
+// next; since A and B take the same k positions, the order of k inside the mma does not matter.
+// D's lane (g, t) then holds y[g][n0 + 2t], y[g][n0 + 2t + 1]. Loops are uniform across a warp
+// (mma.sync needs every lane); loads past the row's end are zeros.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+#else
+    __trap();  // fused.rs launches the tensor-core GEMV only for PTX built for sm_80+
+#endif
+}
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+template <typename T, int M>
+__device__ void gemv_tc(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n_out, int k) {
+    __shared__ float part[8][32][2];
+    pdl_trigger();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int n0 = blockIdx.x * 8, n = n0 + g;
+    const int kv = k / 8, kv_n = n < n_out ? kv : 0, kv_x = g < M ? kv : 0;
+    const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)(n < n_out ? n : 0) * k);
+    const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)(g < M ? g : 0) * k);
+    constexpr int STRIDE = 32;  // units per warp-iteration of the block: 8 warps x 4 lanes
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    uint4 v[GEMV_LOADS];
+    int wb = warp * 4;
+#pragma unroll
+    for (int u = 0; u < GEMV_LOADS; ++u) {
+        const int i = wb + u * STRIDE + t;
+        v[u] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0);
+    }
+    pdl_wait();
+    for (; wb < kv; wb += STRIDE * GEMV_LOADS) {
+        uint4 xv[GEMV_LOADS];
+#pragma unroll
+        for (int u = 0; u < GEMV_LOADS; ++u) {
+            const int i = wb + u * STRIDE + t;
+            xv[u] = i < kv_x ? xr[i] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_LOADS; ++u) {
+            mma_16816<T>(d, xv[u].x, xv[u].y, v[u].x, v[u].y);
+            mma_16816<T>(d, xv[u].z, xv[u].w, v[u].z, v[u].w);
+        }
+        const int nb = wb + STRIDE * GEMV_LOADS;
+#pragma unroll
+        for (int u = 0; u < GEMV_LOADS; ++u) {
+            const int i = nb + u * STRIDE + t;
+            v[u] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0);
+        }
+    }
+    part[warp][lane][0] = d[0];
+    part[warp][lane][1] = d[1];
+    __syncthreads();
+    if (warp == 0 && g < M) {
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+            s0 += part[q][lane][0];
+            s1 += part[q][lane][1];
+        }
+        const int c = n0 + 2 * t;
+        if (c < n_out) y[(size_t)g * n_out + c] = from_f<T>(s0);
+        if (c + 1 < n_out) y[(size_t)g * n_out + c + 1] = from_f<T>(s1);
+    }
+}
+
 // Residual add and RMSNorm in one pass: s_out = x + h (rounded to T, the new residual),
 // n_out = rmsnorm(s_out) * w. x, h, s_out, n_out: [rows, hdim]; s_out may be x (each element is
 // read before it is written, by the same thread). One block per row.
@@ -505,6 +592,16 @@ ADD_RMSNORM(__nv_bfloat16, bf16)
                                           int wr_log2) {                                        \
         gemv<T, M, true>(x, w, y, n_out, k, wr_log2);                                           \
     }
+#define GEMV_TC(T, SUFFIX, M)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        silica_gemv_tc_##SUFFIX##_##M(const T* x, const T* w, T* y, int n_out, int k) {         \
+        gemv_tc<T, M>(x, w, y, n_out, k);                                                       \
+    }
+GEMV_TC(__half, f16, 1) GEMV_TC(__half, f16, 2) GEMV_TC(__half, f16, 3) GEMV_TC(__half, f16, 4)
+GEMV_TC(__half, f16, 5) GEMV_TC(__half, f16, 6) GEMV_TC(__half, f16, 7) GEMV_TC(__half, f16, 8)
+GEMV_TC(__nv_bfloat16, bf16, 1) GEMV_TC(__nv_bfloat16, bf16, 2) GEMV_TC(__nv_bfloat16, bf16, 3)
+GEMV_TC(__nv_bfloat16, bf16, 4) GEMV_TC(__nv_bfloat16, bf16, 5) GEMV_TC(__nv_bfloat16, bf16, 6)
+GEMV_TC(__nv_bfloat16, bf16, 7) GEMV_TC(__nv_bfloat16, bf16, 8)
 #define GEMV_ALL(T, SUFFIX) \
     GEMV(T, SUFFIX, 1) GEMV(T, SUFFIX, 2) GEMV(T, SUFFIX, 3) GEMV(T, SUFFIX, 4) \
     GEMV(T, SUFFIX, 5) GEMV(T, SUFFIX, 6) GEMV(T, SUFFIX, 7) GEMV(T, SUFFIX, 8)
