@@ -426,12 +426,39 @@ impl KMatrix {
     }
 }
 
+/// Activation blocks per parallel task of [`quantize_rows`]: a decode step's 1536-wide input (6
+/// blocks) stays on its thread, the 8960-wide `down_proj` input (35) and a prefill's rows are
+/// shared by the pool.
+const QUANT_BLOCKS_PER_TASK: usize = 8;
+
+/// The activations `xs: [m, k]` as Q8_K blocks (with the block sums the kernels read), in
+/// parallel tasks of whole blocks; each block is quantized by the same code wherever it lies.
 fn quantize_rows(xs: &[f32], m: usize, k: usize) -> Q8KRows {
-    let mut quants = vec![0i8; m * k];
-    let mut scales = vec![0f32; m * k / QK_K];
-    let mut sums32 = vec![0i16; m * k / 32];
+    use rayon::prelude::*;
+    let blocks = m * k / QK_K;
+    let mut rows = Q8KRows {
+        quants: vec![0i8; m * k],
+        scales: vec![0f32; blocks],
+        sums32: vec![0i16; blocks * 8],
+        #[cfg(target_arch = "x86_64")]
+        bias16: vec![0i32; blocks * 16],
+    };
+    let t = QUANT_BLOCKS_PER_TASK;
+    let tasks = xs
+        .par_chunks(t * QK_K)
+        .zip(rows.quants.par_chunks_mut(t * QK_K))
+        .zip(rows.scales.par_chunks_mut(t))
+        .zip(rows.sums32.par_chunks_mut(t * 8));
     #[cfg(target_arch = "x86_64")]
-    let mut bias16 = vec![0i32; m * k / 16];
+    tasks.zip(rows.bias16.par_chunks_mut(t * 16)).for_each(|((((x, q), d), s), b)| quantize_blocks(x, q, d, s, b));
+    #[cfg(not(target_arch = "x86_64"))]
+    tasks.for_each(|(((x, q), d), s)| quantize_blocks(x, q, d, s, &mut []));
+    rows
+}
+
+/// Consecutive Q8_K blocks: `xs` → `quants`, one scale, eight 32-value sums and (where
+/// `bias16` is not empty) sixteen Q6_K offset terms per block.
+fn quantize_blocks(xs: &[f32], quants: &mut [i8], scales: &mut [f32], sums32: &mut [i16], bias16: &mut [i32]) {
     for (bi, (xb, qb)) in xs.chunks_exact(QK_K).zip(quants.chunks_exact_mut(QK_K)).enumerate() {
         let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -443,17 +470,11 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> Q8KRows {
         for (s, q) in sums32[bi * 8..bi * 8 + 8].iter_mut().zip(qb.chunks_exact(32)) {
             *s = q.iter().map(|&v| v as i16).sum();
         }
-        #[cfg(target_arch = "x86_64")]
-        for (s, q) in bias16[bi * 16..bi * 16 + 16].iter_mut().zip(qb.chunks_exact(16)) {
-            *s = -32 * q.iter().map(|&v| v as i32).sum::<i32>();
+        if let Some(b) = bias16.get_mut(bi * 16..bi * 16 + 16) {
+            for (s, q) in b.iter_mut().zip(qb.chunks_exact(16)) {
+                *s = -32 * q.iter().map(|&v| v as i32).sum::<i32>();
+            }
         }
-    }
-    Q8KRows {
-        quants,
-        scales,
-        sums32,
-        #[cfg(target_arch = "x86_64")]
-        bias16,
     }
 }
 
@@ -1158,6 +1179,22 @@ mod tests {
         }
     }
 
+
+    #[test]
+    fn parallel_quantization_equals_one_pass_over_the_blocks() {
+        // 3 rows of 8960 (the 1.5B's `down_proj` input): 105 blocks, 14 tasks, the last partial.
+        let (m, k) = (3, 8960);
+        let xs: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0).collect();
+        let got = quantize_rows(&xs, m, k);
+        let blocks = m * k / QK_K;
+        let (mut q, mut d, mut s) = (vec![0i8; m * k], vec![0f32; blocks], vec![0i16; blocks * 8]);
+        let mut b = vec![0i32; blocks * 16];
+        quantize_blocks(&xs, &mut q, &mut d, &mut s, &mut b);
+        assert_eq!((got.quants, got.scales, got.sums32), (q, d, s));
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(got.bias16, b);
+        assert!(b.iter().any(|&v| v != 0), "the offset terms were computed");
+    }
     #[test]
     fn a_stacked_product_equals_its_parts_bit_for_bit() {
         // q/k/v as in the 1.5B's layers with a Q6_K v_proj, and a last part of 40 columns

@@ -64,13 +64,41 @@ impl Rope {
 }
 
 /// RoPE for one forward pass: the full tables (the fused kernel indexes them by position) and,
-/// for candle's ops, the rows gathered for the batch's positions.
+/// for candle's ops, the rows gathered for the batch's positions; for the CPU F32 pass also
+/// those rows and each row's cache slot as host slices, the same for every layer.
 pub(crate) struct RopeAt<'a> {
     pub table: &'a Rope,
     pub rows: Option<(Tensor, Tensor)>,
+    pub host: Option<HostRope>,
 }
 
-impl RopeAt<'_> {
+/// The pass's RoPE rows and cache slots on the host ([`super::cpu_ops::rope_write`]'s inputs).
+pub(crate) struct HostRope {
+    /// `[rows, head_dim / 2]` each, copied once from [`RopeAt::rows`].
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Each row's cache slot: position `start + i` of its sequence.
+    slots: Vec<u32>,
+}
+
+impl<'a> RopeAt<'a> {
+    /// `gather`: candle's ops need the rows (every mode but the fused one); `host`: the CPU F32
+    /// pass also reads them, and the rows' slots, from host slices.
+    pub fn new(table: &'a Rope, meta: &BatchMeta, gather: bool, host: bool) -> candle_core::Result<Self> {
+        let rows = if gather { Some(table.tables(&meta.positions)?) } else { None };
+        let host = match (&rows, host) {
+            (Some((cos, sin)), true) => {
+                let mut slots = vec![0u32; cos.dim(0)?];
+                for s in &meta.seqs {
+                    slots[s.row..s.row + s.n].copy_from_slice(&s.slots[s.start..s.start + s.n]);
+                }
+                Some(HostRope { cos: cos.flatten_all()?.to_vec1()?, sin: sin.flatten_all()?.to_vec1()?, slots })
+            }
+            _ => None,
+        };
+        Ok(RopeAt { table, rows, host })
+    }
+
     fn rows(&self) -> candle_core::Result<(&Tensor, &Tensor)> {
         match &self.rows {
             Some((c, s)) => Ok((c, s)),
@@ -167,7 +195,7 @@ impl Attention {
         };
         // 2–4 on the CPU (Qwen2: no q/k norms): RoPE and the cache write in one pass.
         if self.q_norm.is_none() && super::attention_cpu::applies(&q, k_pool) && super::attention_cpu::applies(&q, v_pool) {
-            return self.rope_write_cpu(&q, &k, &v, meta, rope, k_pool, v_pool);
+            return self.rope_write_cpu(&q, &k, &v, rope, k_pool, v_pool);
         }
         let mut q = q.reshape((rows, nh, hd))?;
         let mut k = k.reshape((rows, nkv, hd))?;
@@ -193,33 +221,23 @@ impl Attention {
 
     /// Steps 2–4 of [`Attention::qkv_ops`] on the CPU ([`super::cpu_ops::rope_write`]): q, k
     /// and v `[rows, width]` (column ranges of the stacked output, or separate products).
-    #[allow(clippy::too_many_arguments)]
     fn rope_write_cpu(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        meta: &BatchMeta,
         rope: &RopeAt<'_>,
         k_pool: &Tensor,
         v_pool: &Tensor,
     ) -> candle_core::Result<Tensor> {
         use super::cpu_ops::{with_rows, RopeWrite};
-        let rows = q.dim(0)?;
-        // Each row's cache slot: position `start + i` of its sequence.
-        let mut slots = vec![0u32; rows];
-        for s in &meta.seqs {
-            for i in 0..s.n {
-                slots[s.row + i] = s.slots[s.start + i];
-            }
-        }
-        let (cos, sin) = rope.rows()?;
-        // (`rows × head_dim / 2` values each: copied.)
-        let (cos, sin) = (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
+        let Some(host) = &rope.host else {
+            candle_core::bail!("RoPE rows were not copied to the host for this pass (engine bug)");
+        };
         let p = RopeWrite {
-            cos: &cos,
-            sin: &sin,
-            slots: &slots,
+            cos: &host.cos,
+            sin: &host.sin,
+            slots: &host.slots,
             num_heads: self.num_heads,
             num_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,

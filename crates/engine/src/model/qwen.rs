@@ -153,9 +153,10 @@ impl QwenModel {
     fn run(&self, meta: &BatchMeta, kv: &KvCache) -> candle_core::Result<Tensor> {
         // 1. Embed: [rows, hidden].
         let mut x = self.embed_tokens.forward(&meta.ids, self.dtype)?;
-        // 2. RoPE: the fused kernel indexes the tables itself; candle's ops take each row's.
-        let rows = if self.fused { None } else { Some(self.rope.tables(&meta.positions)?) };
-        let rope = RopeAt { table: &self.rope, rows };
+        // 2. RoPE: the fused kernel indexes the tables itself; candle's ops take each row's,
+        //    the CPU F32 pass each row's as host slices (copied once, not in every layer).
+        let cpu_f32 = self.device.is_cpu() && self.dtype == DType::F32;
+        let rope = RopeAt::new(&self.rope, meta, !self.fused, cpu_f32)?;
         // 3. The decoder blocks and the final norm; 4. the head, only on the rows whose logits
         //    are wanted (the norm is per row).
         let logit_rows = |x: Tensor| -> candle_core::Result<Tensor> {
