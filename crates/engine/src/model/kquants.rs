@@ -911,7 +911,7 @@ mod simd {
 
 #[cfg(target_arch = "aarch64")]
 mod neon {
-    use super::super::q8::neon::{f16x4, quads};
+    use super::super::q8::neon::{f16x4, put_rows, quads};
     use super::*;
     use std::arch::aarch64::*;
 
@@ -1032,15 +1032,12 @@ mod neon {
                 }
             }
         }
-        let mut res = [[0f32; GROUP]; T];
-        for (r, (a, m)) in res.iter_mut().zip(acc.iter().zip(&accm)) {
-            for (q, (a, m)) in a.iter().zip(m).enumerate() {
-                vst1q_f32(r.as_mut_ptr().add(4 * q), vsubq_f32(*a, *m));
+        for (a, m) in acc.iter_mut().zip(&accm) {
+            for (a, m) in a.iter_mut().zip(m) {
+                *a = vsubq_f32(*a, *m);
             }
         }
-        for (i, r) in res.iter().enumerate() {
-            out.put(r0 + i, col, r);
-        }
+        put_rows(&acc, out, r0, col);
     }
 
     /// The kernel of both Q6_K paths: the same integers and float steps as
@@ -1098,15 +1095,7 @@ mod neon {
                 }
             }
         }
-        let mut res = [[0f32; GROUP]; T];
-        for (r, a) in res.iter_mut().zip(acc) {
-            for (q, aq) in a.iter().enumerate() {
-                vst1q_f32(r.as_mut_ptr().add(4 * q), *aq);
-            }
-        }
-        for (i, r) in res.iter().enumerate() {
-            out.put(r0 + i, col, r);
-        }
+        put_rows(&acc, out, r0, col);
     }
 }
 

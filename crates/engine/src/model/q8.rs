@@ -921,14 +921,18 @@ pub(super) mod neon {
                 }
             }
         }
-        let mut res = [[0f32; GROUP]; T];
-        for (r, a) in res.iter_mut().zip(acc) {
+        put_rows(&acc, out, r0, col);
+    }
+
+    /// Rows `r0..r0 + T` of a group's 16 columns (4 registers a row) into `out` at `col`.
+    #[inline(always)]
+    pub(in super::super) unsafe fn put_rows<const T: usize>(acc: &[[float32x4_t; 4]; T], out: &TaskOut, r0: usize, col: usize) {
+        for (i, a) in acc.iter().enumerate() {
+            let mut r = [0f32; GROUP];
             for (q, aq) in a.iter().enumerate() {
                 vst1q_f32(r.as_mut_ptr().add(4 * q), *aq);
             }
-        }
-        for (i, r) in res.iter().enumerate() {
-            out.put(r0 + i, col, r);
+            out.put(r0 + i, col, &r);
         }
     }
 }

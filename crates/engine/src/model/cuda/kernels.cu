@@ -433,26 +433,24 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
 // (mma.sync needs every lane); loads past the row's end are zeros.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
+// One specialisation per type: the asm names the operand type (f16 / bf16).
 #if __CUDA_ARCH__ >= 800
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+#define MMA_16816(T, PTX_T)                                                                        \
+    template <>                                                                                    \
+    __device__ __forceinline__ void mma_16816<T>(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) { \
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." PTX_T "." PTX_T ".f32 {%0,%1,%2,%3}, "  \
+                     "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                     \
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                              \
+                     : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));                      \
+    }
 #else
-    __trap();  // fused.rs launches the tensor-core GEMV only for PTX built for sm_80+
+// fused.rs launches the tensor-core GEMV only for PTX built for sm_80+.
+#define MMA_16816(T, PTX_T)                                                                        \
+    template <>                                                                                    \
+    __device__ __forceinline__ void mma_16816<T>(float (&)[4], uint32_t, uint32_t, uint32_t, uint32_t) { __trap(); }
 #endif
-}
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-#else
-    __trap();
-#endif
-}
+MMA_16816(__half, "f16")
+MMA_16816(__nv_bfloat16, "bf16")
 
 template <typename T, int M>
 __device__ void gemv_tc(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n_out, int k) {
