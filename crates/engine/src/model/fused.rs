@@ -240,8 +240,8 @@ pub fn silu_mul(gate_up: &Tensor, interleaved: bool, scratch: Option<&Scratch>) 
     }
 }
 
-/// Most rows a [`Scratch`] serves: the rows of a captured decode step (`graph::max_rows`'s
-/// default; a 4-beam search).
+/// Fewest rows a [`Scratch`] serves (more when `SILICA_CUDA_GRAPH` captures larger steps): the
+/// rows of a captured decode step by default, a 4-beam search.
 pub const SCRATCH_ROWS: usize = 4;
 
 /// Most positions a [`Scratch`] serves (its attention parts: 4 rows × 28 heads × 512 parts ×
@@ -317,6 +317,12 @@ impl Scratch {
 
     fn first(t: &Tensor, rows: usize) -> Result<Tensor> {
         t.narrow(0, 0, rows)
+    }
+
+    /// The first `rows` rows of one of `scratch`'s buffers (`buf`, e.g. `Scratch::qkv`), if
+    /// there is a scratch.
+    pub fn rows_of(scratch: Option<&Scratch>, buf: fn(&Scratch, usize) -> Result<Tensor>, rows: usize) -> Result<Option<Tensor>> {
+        scratch.map(|s| buf(s, rows)).transpose()
     }
     pub fn resid(&self, rows: usize) -> Result<Tensor> {
         Self::first(&self.resid, rows)

@@ -278,8 +278,8 @@ impl Attention {
                     head_dim: hd,
                     eps: self.eps,
                 };
-                let qkv = l.forward_no_bias_into(x, scratch.map(|s| s.qkv(rows)).transpose()?.as_ref())?;
-                super::fused::qkv_rope_write(&qkv, &p, k_pool, v_pool, scratch.map(|s| s.q(rows)).transpose()?.as_ref())?
+                let qkv = l.forward_no_bias_into(x, Scratch::rows_of(scratch, Scratch::qkv, rows)?.as_ref())?;
+                super::fused::qkv_rope_write(&qkv, &p, k_pool, v_pool, Scratch::rows_of(scratch, Scratch::q, rows)?.as_ref())?
             }
             _ => self.qkv_ops(x, meta, rope, k_pool, v_pool)?,
         };
@@ -332,7 +332,7 @@ impl Attention {
         };
         if let (Some(o), Some(g)) = (&decoded, &meta.decode) {
             if g.seq_idx.len() == meta.seqs.len() && g.rows.is_none() {
-                return self.o_proj.forward_into(o, scratch.map(|s| s.h(rows)).transpose()?.as_ref());
+                return self.o_proj.forward_into(o, Scratch::rows_of(scratch, Scratch::h, rows)?.as_ref());
             }
         }
         // 5b. Prefill sequences one by one; outputs assembled in row order.
@@ -429,7 +429,7 @@ impl Mlp {
 
     fn forward_rows(&self, x: &Tensor, fused_kernels: bool, scratch: Option<&Scratch>) -> candle_core::Result<Tensor> {
         let rows = x.dim(0)?;
-        let buf = |f: fn(&Scratch, usize) -> candle_core::Result<Tensor>| scratch.map(|s| f(s, rows)).transpose();
+        let buf = |f: fn(&Scratch, usize) -> candle_core::Result<Tensor>| Scratch::rows_of(scratch, f, rows);
         let h = match &self.gate_up {
             GateUp::Fused(l) if self.interleaved => match l.dense_weight() {
                 // Decode rows: the product and SwiGLU in one kernel.

@@ -47,6 +47,10 @@ impl QwenModel {
         }
         let scratch = if fused {
             let dims = super::fused::ScratchDims {
+                // Every captured step's rows (graph.rs), at least the default's.
+                #[cfg(feature = "cuda")]
+                rows: super::graph::max_rows().max(super::fused::SCRATCH_ROWS),
+                #[cfg(not(feature = "cuda"))]
                 rows: super::fused::SCRATCH_ROWS,
                 max_len: cfg.max_position_embeddings.min(super::fused::SCRATCH_MAX_LEN),
                 hidden: cfg.hidden_size,
