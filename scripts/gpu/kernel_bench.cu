@@ -300,6 +300,19 @@ int main(int argc, char** argv) {
             std::vector<float> hl(c.vocab);
             uint32_t st = 12345;
             for (auto& v : hl) { st = st * 1664525u + 1013904223u; v = ((st >> 8) / 16777216.f - 0.5f) * 7.f; }
+            // KB_LOGITS: rows of f32 logits of this vocabulary (a real model's), row KB_ROW (default 0).
+            if (const char* path = getenv("KB_LOGITS")) {
+                if (FILE* f = fopen(path, "rb")) {
+                    fseek(f, 0, SEEK_END);
+                    const long size = ftell(f);
+                    const int row = getenv("KB_ROW") ? atoi(getenv("KB_ROW")) : 0;
+                    if (size % ((long)c.vocab * 4) == 0 && (long)(row + 1) * c.vocab * 4 <= size) {
+                        fseek(f, (long)row * c.vocab * 4, SEEK_SET);
+                        if (fread(hl.data(), 4, c.vocab, f) == (size_t)c.vocab) printf("selection on %s row %d\n", path, row);
+                    }
+                    fclose(f);
+                }
+            }
             CK(cudaMemcpy(lg, hl.data(), (size_t)c.vocab * 4, cudaMemcpyHostToDevice));
             SelParam ps[3] = {};
             ps[0].inv_temp = 1.f; ps[0].top_p = 1.f; ps[0].mode = 0; ps[0].n = 1;                       // greedy
@@ -322,6 +335,22 @@ int main(int argc, char** argv) {
                        (const SelStats*)sp, (const unsigned long long*)cuts, pm);
                     go(silica_select_draw, dim3(1), dim3(SEL_THREADS), 0, (const float*)lg, c.vocab, (const SelParam*)(dp + i),
                        (const SelStats*)sp, 64, (const unsigned long long*)cuts, (const unsigned long long*)pm, so, 1); });
+            {  // the same rows in one cooperative kernel (fused.rs SampleOp), its counters zeroed first
+                unsigned long long* lists; uint32_t* sync;
+                CK(cudaMalloc(&lists, (size_t)SEL_ROUNDS * SEL_CAP * 8)); CK(cudaMalloc(&sync, 16));
+                const char* one[3] = {"", "select top-k 50 (one kernel)", "select top-p 0.9 (one kernel)"};
+                for (int i = 1; i < 3; ++i)
+                    small(one[i], [&](int) {
+                        CK(cudaMemsetAsync(sync, 0, 16, g_s));
+                        cudaLaunchConfig_t lc = {};
+                        lc.gridDim = dim3(64, 1); lc.blockDim = dim3(SEL_THREADS); lc.stream = g_s;
+                        cudaLaunchAttribute at[1];
+                        at[0].id = cudaLaunchAttributeCooperative; at[0].val.cooperative = 1;
+                        lc.attrs = at; lc.numAttrs = 1;
+                        CK(cudaLaunchKernelEx(&lc, silica_select_sample, (const float*)lg, c.vocab, (const SelParam*)(dp + i), so, 1,
+                                              sp, gc, gm, lists, sync, pm)); });
+                CK(cudaFree(lists)); CK(cudaFree(sync));
+            }
             CK(cudaFree(sp)); CK(cudaFree(gc)); CK(cudaFree(gm)); CK(cudaFree(cuts)); CK(cudaFree(pm));
             ArgPart* ap; CK(cudaMalloc(&ap, 64 * sizeof(ArgPart)));
             small("argmax (64 parts)", [&](int) {

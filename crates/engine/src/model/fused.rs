@@ -404,6 +404,10 @@ pub fn select(logits: &Tensor, rows: &[crate::sampling::Selection]) -> Result<Ve
         // parameters to upload.
         let out = if rows.iter().all(|r| matches!(r, Selection::Greedy)) {
             logits.apply_op1_no_bwd(&imp::ArgmaxOp)?
+        } else if rows.iter().all(|r| matches!(r, Selection::Sample { .. })) {
+            // Every row sampled: one kernel (nout is then 1).
+            let params = Tensor::from_vec(params(rows), (rows.len(), 8), logits.device())?;
+            logits.apply_op2_no_bwd(&params, &imp::SampleOp)?
         } else {
             let params = Tensor::from_vec(params(rows), (rows.len(), 8), logits.device())?;
             logits.apply_op2_no_bwd(&params, &imp::SelectOp { nout })?
@@ -569,6 +573,14 @@ mod imp {
     /// `args` match the kernel's parameters in number, order and size, and every address and
     /// size in them keeps the kernel inside its buffers.
     unsafe fn launch(dev: &CudaDevice, func: &CudaFunction, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        // SAFETY: passed on from the caller.
+        unsafe { launch_with(dev, func, cfg, args, false) }
+    }
+
+    /// [`launch`], or with `cooperative` a cooperative launch: every block of the grid is
+    /// resident at once (the driver refuses a grid too large for that), so blocks may wait for
+    /// each other; no programmatic dependent launch then.
+    unsafe fn launch_with(dev: &CudaDevice, func: &CudaFunction, cfg: LaunchConfig, args: &[Arg], cooperative: bool) -> Result<()> {
         let stream = dev.cuda_stream();
         stream.context().bind_to_thread().w()?;
         // On the stack: no allocation per launch (the most any Silica kernel takes is 15).
@@ -586,9 +598,14 @@ mod imp {
         }
         // SAFETY: a plain C struct for which all zeroes is a valid value.
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let pdl = pdl_on(dev);
+        if cooperative {
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attr.value.cooperative = 1;
+        } else {
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+        }
+        let pdl = cooperative || pdl_on(dev);
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -1131,6 +1148,83 @@ mod imp {
     /// Parts per row of silica_select_stats / silica_select_hist (select.cu), and its bins.
     const SELECT_PARTS: usize = 64;
     const SEL_BINS: usize = 1024;
+    /// Longest candidate list of a cut (SEL_CAP) and gathers per row (SEL_ROUNDS), select.cu.
+    const SEL_CAP: usize = 4096;
+    const SEL_ROUNDS: usize = 2;
+    /// Threads per block of silica_select_sample (SEL_THREADS).
+    const SEL_THREADS: u32 = 1024;
+    /// Fewest parts per row worth the one-kernel path; below, the five kernels.
+    const SAMPLE_MIN_PARTS: usize = 8;
+
+    /// `silica_select_sample`: every row sampled (nout 1), in one cooperative kernel of up to
+    /// SELECT_PARTS blocks per row; the same output as [`SelectOp`], which takes the rows when
+    /// the device cannot hold SAMPLE_MIN_PARTS blocks of every row at once.
+    pub(super) struct SampleOp;
+
+    impl CustomOp2 for SampleOp {
+        fn name(&self) -> &'static str {
+            "silica-select-sample"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            cpu_unsupported("silica-select-sample")
+        }
+        fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout, ps: &CudaStorage, pl: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = ls.device();
+            let (rows, vocab) = ll.shape().dims2()?;
+            if pl.shape().dims2()? != (rows, 8) || ls.dtype() != DType::F32 || ps.dtype() != DType::U32 {
+                bail!("silica-select-sample: logits {:?} {:?}, params {:?} {:?}", ll.shape(), ls.dtype(), pl.shape(), ps.dtype());
+            }
+            let func = dev.get_or_load_custom_func("silica_select_sample", MODULE, PTX)?;
+            // How many blocks of this kernel the device holds at once (one per SM at 64
+            // registers a thread): the parts of every row must fit.
+            let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(SEL_THREADS, 0, None).w()? as usize;
+            let sms = dev.cuda_stream().context().attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()? as usize;
+            let nparts = SELECT_PARTS.min(per_sm * sms / rows.max(1)).min(vocab);
+            if nparts < SAMPLE_MIN_PARTS {
+                return SelectOp { nout: 1 }.cuda_fwd(ls, ll, ps, pl);
+            }
+            let logits = input::<f32>(ls, ll)?;
+            let params = input::<u32>(ps, pl)?;
+            if raw_ptr(&params) % 8 != 0 {
+                bail!("silica-select-sample: parameters not 8-byte aligned");
+            }
+            // SAFETY: the kernel writes both words of every row's output, every part's stats
+            // (16 bytes: SelStats in select.cu) and kept mass before any block reads them (a
+            // barrier of the row's blocks in between), and zeroes the histograms before adding
+            // to them; a list's entries are written before its length is read, up to that length.
+            let (out, parts, g_cnt, g_mass, lists, pmass) = unsafe {
+                (
+                    dev.alloc::<u32>(rows * 2)?,
+                    dev.alloc::<u32>(rows * nparts * 4)?,
+                    dev.alloc::<u32>(rows * SEL_BINS)?,
+                    dev.alloc::<u64>(rows * SEL_BINS)?,
+                    dev.alloc::<u64>(rows * SEL_ROUNDS * SEL_CAP)?,
+                    dev.alloc::<u64>(rows * nparts)?,
+                )
+            };
+            // The barriers' arrival counters and the lists' lengths start at zero.
+            let sync = dev.alloc_zeros::<u32>(rows * 4)?;
+            let args = [
+                Arg::Ptr(raw_ptr(&logits)),
+                Arg::I32(vocab as i32),
+                Arg::Ptr(raw_ptr(&params)),
+                Arg::Ptr(slice_ptr(&out)),
+                Arg::I32(1),
+                Arg::Ptr(slice_ptr(&parts)),
+                Arg::Ptr(slice_ptr(&g_cnt)),
+                Arg::Ptr(slice_ptr(&g_mass)),
+                Arg::Ptr(slice_ptr(&lists)),
+                Arg::Ptr(slice_ptr(&sync)),
+                Arg::Ptr(slice_ptr(&pmass)),
+            ];
+            let cfg = LaunchConfig { grid_dim: (nparts as u32, rows as u32, 1), block_dim: (SEL_THREADS, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the arguments match `silica_select_sample`; the grid fits the device at
+            // once (checked above; the cooperative launch fails rather than start it otherwise),
+            // which the kernel's barriers between a row's blocks need.
+            unsafe { launch_with(dev, &func, cfg, &args, true) }?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, 2))))
+        }
+    }
 
     /// `silica_argmax_part` + `silica_argmax_combine`: logits `[rows, vocab]` f32 → `[rows, 2]`
     /// u32, as `silica_select` writes for greedy rows.
@@ -1323,6 +1417,12 @@ mod cuda_tests {
                                     .map(|&u| Selection::Sample { u, temperature, top_k, top_p, min_p })
                                     .collect();
                                 let got = select(&logits, &sel).unwrap();
+                                // With a greedy row among them the sampled rows go through
+                                // the five-kernel path instead of the one kernel: the same tokens.
+                                let mut mixed = sel.clone();
+                                mixed[0] = Selection::Greedy;
+                                let five = select(&logits, &mixed).unwrap();
+                                assert_eq!(&five[1..], &got[1..], "vocab {vocab} {params:?} u {us:?}");
                                 for (r, x) in rows.iter().enumerate() {
                                     let want = draw_with_uniform(&params, x, us[r]);
                                     cases += 1;
@@ -1353,6 +1453,11 @@ mod cuda_tests {
         assert_eq!(&got[1..], &[Selected::NonFinite, Selected::NonFinite, Selected::NonFinite]);
         // Greedy rows alone take the split argmax.
         let got = select(&on_device(&rows), &vec![Selection::Greedy; 4]).unwrap();
+        assert!(matches!(got[0], Selected::Token(_)));
+        assert_eq!(&got[1..], &[Selected::NonFinite, Selected::NonFinite, Selected::NonFinite]);
+        // Sampled rows alone take the one-kernel path.
+        let sample = Selection::Sample { u: 0.5, temperature: 0.8, top_k: None, top_p: 0.9, min_p: 0.0 };
+        let got = select(&on_device(&rows), &vec![sample; 4]).unwrap();
         assert!(matches!(got[0], Selected::Token(_)));
         assert_eq!(&got[1..], &[Selected::NonFinite, Selected::NonFinite, Selected::NonFinite]);
     }

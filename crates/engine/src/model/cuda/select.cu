@@ -52,13 +52,13 @@ struct SelParam {
 };
 
 #define SEL_BINS 1024
-#define SEL_CAP 2048
+#define SEL_CAP 4096
 
 struct SelShared {
     uint32_t cnt[SEL_BINS];
     unsigned long long mass[SEL_BINS];
-    // Gathered elements of one bin as (key << 32 | ~id): larger logit, then lower id, first.
-    unsigned long long cand[SEL_CAP];
+    // Gathered elements of one bin as (key << 32 | ~id), sorted: larger logit, then lower id,
+    // first.
     unsigned long long sorted[SEL_CAP];
     float redf[32];
     unsigned long long redu[SEL_WARPS];
@@ -206,6 +206,11 @@ __device__ __forceinline__ void sel_each(const float* __restrict__ x, int vocab,
     }
 }
 
+// An element's place in the order "larger logit first, then lower id" (larger: earlier).
+__device__ __forceinline__ unsigned long long sel_composite(uint32_t key, uint32_t id) {
+    return ((unsigned long long)key << 32) | (uint32_t)~id;
+}
+
 // Bin of a logit (-1 for -inf): monotone in the value.
 __device__ __forceinline__ int sel_bin(float v, float lo, float scale) {
     return v == -INFINITY ? -1 : min(SEL_BINS - 1, (int)((v - lo) * scale));
@@ -301,7 +306,33 @@ __device__ void sel_find_bin(int lowest, unsigned long long acc0, unsigned long 
     __syncthreads();
 }
 
-// Gathers bin `bin`'s elements and sorts them (larger logit, then lower id, first) into
+// Sorts sh.sorted[0 .. n) (n <= SEL_CAP): larger logit, then lower id, first. Bitonic, over the
+// next power of two padded with 0 (below every element: a finite logit's key is not 0):
+// log2(size) (log2(size) + 1) / 2 passes of one compare-exchange per pair (66 for 2048).
+__device__ void sel_sort(uint32_t n, SelShared& sh) {
+    uint32_t size = 1;
+    while (size < n) size <<= 1;
+    for (uint32_t a = n + threadIdx.x; a < size; a += blockDim.x) sh.sorted[a] = 0;
+    __syncthreads();
+    for (uint32_t k = 2; k <= size; k <<= 1) {
+        for (uint32_t j = k >> 1; j > 0; j >>= 1) {
+            for (uint32_t a = threadIdx.x; a < size; a += blockDim.x) {
+                const uint32_t b = a ^ j;
+                if (b > a) {
+                    const unsigned long long u = sh.sorted[a], w = sh.sorted[b];
+                    // Descending runs where bit k of the index is clear, ascending where set.
+                    if (((a & k) == 0) == (u < w)) {
+                        sh.sorted[a] = w;
+                        sh.sorted[b] = u;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// Gathers bin `bin`'s elements of the whole row (one block) and sorts them into
 // sh.sorted[0 .. n). Returns n, or 0 when the bin holds more than SEL_CAP.
 __device__ uint32_t sel_gather(const float* __restrict__ x, int vocab, int range, float lo, float scale, int bin,
                                SelShared& sh) {
@@ -310,20 +341,13 @@ __device__ uint32_t sel_gather(const float* __restrict__ x, int vocab, int range
     sel_each(x, vocab, range, [&](float v, int i) {
         if (sel_bin(v, lo, scale) == bin) {
             const uint32_t slot = atomicAdd(&sh.ncand, 1u);
-            if (slot < SEL_CAP) sh.cand[slot] = ((unsigned long long)sel_key(v) << 32) | (uint32_t)~(uint32_t)i;
+            if (slot < SEL_CAP) sh.sorted[slot] = sel_composite(sel_key(v), (uint32_t)i);
         }
     });
     __syncthreads();
     const uint32_t n = sh.ncand;
     if (n > SEL_CAP) return 0;
-    // Rank by counting (the composite keys are distinct), then place.
-    for (uint32_t a = threadIdx.x; a < n; a += blockDim.x) {
-        const unsigned long long c = sh.cand[a];
-        uint32_t rank = 0;
-        for (uint32_t b = 0; b < n; ++b) rank += sh.cand[b] > c;
-        sh.sorted[rank] = c;
-    }
-    __syncthreads();
+    sel_sort(n, sh);
     return n;
 }
 
@@ -358,10 +382,6 @@ __device__ unsigned long long sel_walk_sorted(uint32_t n, unsigned long long acc
     return sh.cut;
 }
 
-__device__ __forceinline__ unsigned long long sel_composite(uint32_t key, uint32_t id) {
-    return ((unsigned long long)key << 32) | (uint32_t)~id;
-}
-
 // The passes that need the whole row but no cut, split over many blocks per row (one block
 // streams a 152k row in ~15 µs a pass, bound by one SM): silica_select_stats finds each part's
 // largest and smallest finite logit, whether it holds a NaN or +inf, and how many finite
@@ -378,30 +398,81 @@ struct SelStats {
     uint32_t finite;  // logits other than -inf
 };
 
-// The row's stats from its parts (every thread gets them). blockDim.x is a multiple of 32.
-__device__ SelStats sel_row_stats(const SelStats* __restrict__ parts, int nparts, float* redf, unsigned long long* redu) {
-    float m = -INFINITY, lo = INFINITY;
-    uint32_t bad = 0, finite = 0;
-    for (int t = threadIdx.x; t < nparts; t += blockDim.x) {
-        const SelStats a = parts[t];
-        m = fmaxf(m, a.m);
-        lo = fminf(lo, a.lo);
-        bad |= a.bad;
-        finite += a.finite;
-    }
-    SelStats r;
-    r.m = block_reduce<true>(m, redf);
-    r.lo = -block_reduce<true>(-lo, redf);
-    r.bad = __syncthreads_or(bad);
+// A block-wide sum (every thread gets it); redu holds 32 words. Starts with a barrier.
+__device__ unsigned long long sel_block_sum(unsigned long long v, unsigned long long* redu) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const unsigned long long f = warp_sum_u64(finite);
+    v = warp_sum_u64(v);
     __syncthreads();
-    if (lane == 0) redu[warp] = f;
+    if (lane == 0) redu[warp] = v;
     __syncthreads();
     unsigned long long t = 0;
     for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += redu[w];
-    r.finite = (uint32_t)t;
+    return t;
+}
+
+// Every thread's stats combined (every thread gets them). blockDim.x is a multiple of 32.
+__device__ SelStats sel_reduce_stats(SelStats a, float* redf, unsigned long long* redu) {
+    SelStats r;
+    r.m = block_reduce<true>(a.m, redf);
+    r.lo = -block_reduce<true>(-a.lo, redf);
+    r.bad = __syncthreads_or(a.bad);
+    r.finite = (uint32_t)sel_block_sum(a.finite, redu);
     return r;
+}
+
+// The row's stats from its parts (read past L1: other blocks may have just written them).
+__device__ SelStats sel_row_stats(const SelStats* __restrict__ parts, int nparts, float* redf, unsigned long long* redu) {
+    SelStats a{-INFINITY, INFINITY, 0, 0};
+    for (int t = threadIdx.x; t < nparts; t += blockDim.x) {
+        const float4 w = __ldcg(reinterpret_cast<const float4*>(parts + t));
+        a.m = fmaxf(a.m, w.x);
+        a.lo = fminf(a.lo, w.y);
+        a.bad |= __float_as_uint(w.z);
+        a.finite += __float_as_uint(w.w);
+    }
+    return sel_reduce_stats(a, redf, redu);
+}
+
+// The stats of x[i0, i1).
+__device__ SelStats sel_part_stats(const float* __restrict__ x, int i0, int i1, float* redf, unsigned long long* redu) {
+    SelStats a{-INFINITY, INFINITY, 0, 0};
+#pragma unroll 4
+    for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+        const float v = x[i];
+        a.bad |= isnan(v) || v == INFINITY;
+        a.m = fmaxf(a.m, v);
+        if (v != -INFINITY) {
+            a.lo = fminf(a.lo, v);
+            ++a.finite;
+        }
+    }
+    return sel_reduce_stats(a, redf, redu);
+}
+
+// Adds x[i0, i1)'s counts (and with `has_p` fixed-point masses) to the row's histogram
+// g_cnt / g_mass, through the block's own (cnt, mass: SEL_BINS each, in shared memory).
+__device__ void sel_part_hist(const float* __restrict__ x, int i0, int i1, float lo, float scale, float m, float inv_t,
+                              bool has_p, uint32_t* cnt, unsigned long long* mass, uint32_t* __restrict__ g_cnt,
+                              unsigned long long* __restrict__ g_mass) {
+    for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) {
+        cnt[b] = 0;
+        mass[b] = 0;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+        const float v = x[i];
+        const int b = sel_bin(v, lo, scale);
+        if (b >= 0) {
+            atomicAdd(&cnt[b], 1u);
+            if (has_p) atomicAdd(&mass[b], (unsigned long long)sel_fix(sel_weight(v, m, inv_t)));
+        }
+    }
+    __syncthreads();
+    for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) {
+        if (cnt[b]) atomicAdd(&g_cnt[b], cnt[b]);
+        if (mass[b]) atomicAdd(&g_mass[b], mass[b]);
+    }
 }
 
 // The bin scale of a row: SEL_BINS equal bins from lo to m.
@@ -431,23 +502,7 @@ extern "C" __global__ void __launch_bounds__(SEL_PART_THREADS)
     }
     const int per = (vocab + nparts - 1) / nparts;
     const int i0 = blockIdx.x * per, i1 = min(vocab, i0 + per);
-    const float* x = logits + (size_t)row * vocab;
-    SelStats a{-INFINITY, INFINITY, 0, 0};
-#pragma unroll 4
-    for (int i = i0 + threadIdx.x; i < i1; i += SEL_PART_THREADS) {
-        const float v = x[i];
-        a.bad |= isnan(v) || v == INFINITY;
-        a.m = fmaxf(a.m, v);
-        if (v != -INFINITY) {
-            a.lo = fminf(a.lo, v);
-            ++a.finite;
-        }
-    }
-    // One part's own stats: the row reduction over a single "part" per thread.
-    __shared__ SelStats mine[SEL_PART_THREADS];
-    mine[threadIdx.x] = a;
-    __syncthreads();
-    const SelStats r = sel_row_stats(mine, SEL_PART_THREADS, redf, redu);
+    const SelStats r = sel_part_stats(logits + (size_t)row * vocab, i0, i1, redf, redu);
     if (threadIdx.x == 0) parts[(size_t)row * nparts + blockIdx.x] = r;
 }
 
@@ -466,30 +521,113 @@ extern "C" __global__ void __launch_bounds__(SEL_PART_THREADS)
     const SelStats st = sel_row_stats(parts + (size_t)row * nparts, nparts, redf, redu);
     bool has_p;
     if (st.bad || st.m == -INFINITY || !sel_cuts(p, st.finite, &has_p)) return;
-    const float scale = sel_scale(st.m, st.lo), inv_t = p.inv_temp;
-    for (int b = threadIdx.x; b < SEL_BINS; b += SEL_PART_THREADS) {
-        cnt[b] = 0;
-        mass[b] = 0;
-    }
-    __syncthreads();
     const int per = (vocab + nparts - 1) / nparts;
     const int i0 = blockIdx.x * per, i1 = min(vocab, i0 + per);
-    const float* x = logits + (size_t)row * vocab;
-#pragma unroll 4
-    for (int i = i0 + threadIdx.x; i < i1; i += SEL_PART_THREADS) {
-        const float v = x[i];
-        const int b = sel_bin(v, st.lo, scale);
-        if (b >= 0) {
-            atomicAdd(&cnt[b], 1u);
-            if (has_p) atomicAdd(&mass[b], (unsigned long long)sel_fix(sel_weight(v, st.m, inv_t)));
+    sel_part_hist(logits + (size_t)row * vocab, i0, i1, st.lo, sel_scale(st.m, st.lo), st.m, p.inv_temp, has_p, cnt,
+                  mass, g_cnt + (size_t)row * SEL_BINS, g_mass + (size_t)row * SEL_BINS);
+}
+
+// The cut of a sampled row (SEL_SAMPLE: the kept tokens are those at or above it in composite
+// order, with a weight of at least min_p), from its stats `st` and, when it cuts by top-k or
+// top-p, its histogram in sh.cnt / sh.mass. `gather(bin)` puts the bin's elements of the whole
+// row into sh.sorted, sorted, and returns how many (0: more than SEL_CAP); the radix fallback
+// reads the row itself (one block, SEL_THREADS threads: `range` ids per warp).
+template <typename G>
+__device__ unsigned long long sel_sample_cut(const float* __restrict__ x, int vocab, int range, const SelParam& p,
+                                             const SelStats& st, SelShared& sh, G gather) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float m = st.m, lo = st.lo, scale = sel_scale(m, lo), inv_t = p.inv_temp;
+    const uint32_t finite = st.finite;
+    const bool has_k = p.top_k > 0 && p.top_k < finite;
+    const bool has_p = p.top_p < 1.f;
+    unsigned long long cut = 0;  // below every finite logit: all kept
+    bool fast = true;
+    if (has_k || has_p) {
+        int top_bin = -1;                       // the top-k cut's bin
+        unsigned long long kept_mass = 0;       // mass of the top-k set (has_k && has_p)
+        uint32_t jk = 0;                        // the top-k cut's index in the top-k bin's list
+        if (has_k) {
+            sel_find_bin<false>(0, 0, p.top_k, sh);
+            const int bin = sh.bin;
+            const unsigned long long above = sh.above;
+            if (gather(bin) == 0) {
+                fast = false;
+            } else {
+                jk = p.top_k - above - 1;
+                cut = sh.sorted[jk];
+                top_bin = bin;
+                if (has_p) {
+                    unsigned long long s = 0;
+                    for (int b = bin + 1 + threadIdx.x; b < SEL_BINS; b += blockDim.x) s += sh.mass[b];
+                    for (uint32_t a = threadIdx.x; a <= jk; a += blockDim.x)
+                        s += sel_fix(sel_weight(sel_unkey((uint32_t)(sh.sorted[a] >> 32)), m, inv_t));
+                    unsigned long long before;
+                    sel_warp_scan(s, sh.redu, &before, &kept_mass);
+                }
+            }
+        }
+        if (fast && has_p) {
+            unsigned long long total = kept_mass;
+            if (!has_k) {
+                unsigned long long s = 0, before;
+                for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) s += sh.mass[b];
+                sel_warp_scan(s, sh.redu, &before, &total);
+            }
+            const unsigned long long target = sel_top_p_target(p.top_p, total);
+            // Bins strictly above the top-k bin first; then inside the top-k bin's sorted list.
+            const int lowest = has_k ? top_bin + 1 : 0;
+            int bin = -1;
+            unsigned long long above = 0;
+            if (lowest < SEL_BINS) {
+                sel_find_bin<true>(lowest, 0, target, sh);
+                bin = sh.bin;
+                above = sh.above;
+            }
+            if (bin >= 0) {
+                const uint32_t np = gather(bin);
+                if (np == 0)
+                    fast = false;
+                else
+                    cut = sel_walk_sorted(np, above, target, m, inv_t, sh);
+            } else {
+                // Every bin above the top-k bin is kept; the cut is inside its list.
+                unsigned long long s = 0, before, mass_above;
+                for (int b = top_bin + 1 + threadIdx.x; b < SEL_BINS; b += blockDim.x) s += sh.mass[b];
+                sel_warp_scan(s, sh.redu, &before, &mass_above);
+                cut = sel_walk_sorted(jk + 1, mass_above, target, m, inv_t, sh);
+            }
         }
     }
-    __syncthreads();
-    for (int b = threadIdx.x; b < SEL_BINS; b += SEL_PART_THREADS) {
-        if (cnt[b]) atomicAdd(&g_cnt[(size_t)row * SEL_BINS + b], cnt[b]);
-        if (mass[b]) atomicAdd(&g_mass[(size_t)row * SEL_BINS + b], mass[b]);
+    if (!fast) {
+        // A bin too full to gather (thousands of equal logits): radix selection.
+        uint32_t tau = 0;
+        unsigned long long ties = ~0ull;
+        if (has_k) tau = sel_radix<false>(x, vocab, range, 0, m, 1.f, p.top_k, &ties, sh);
+        if (has_p) {
+            unsigned long long above = 0;
+            for (int j = 0; j < range; j += 32) {
+                const int i = warp * range + j + lane;
+                if (i < vocab && sel_key(x[i]) > tau) above += sel_fix(sel_weight(x[i], m, inv_t));
+            }
+            unsigned long long before, m_gt;
+            sel_warp_scan(above, sh.redu, &before, &m_gt);
+            const unsigned long long w_tau = has_k ? sel_fix(sel_weight(sel_unkey(tau), m, inv_t)) : 0;
+            const unsigned long long total = m_gt + (has_k ? ties * w_tau : 0);
+            const unsigned long long target = sel_top_p_target(p.top_p, total);
+            if (m_gt >= target) {
+                unsigned long long rem;
+                tau = sel_radix<true>(x, vocab, range, tau, m, inv_t, target, &rem, sh);
+                const unsigned long long w = sel_fix(sel_weight(sel_unkey(tau), m, inv_t));
+                ties = (rem + w - 1) / w;
+            } else {
+                ties = min(ties, (target - m_gt + w_tau - 1) / w_tau);
+            }
+        }
+        cut = ties == ~0ull ? 0 : sel_composite(tau, sel_tie_id(x, vocab, range, tau, ties - 1, sh));
     }
+    return cut;
 }
+
 
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     silica_select(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
@@ -569,15 +707,9 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         return;
     }
 
-    // SEL_SAMPLE: the kept tokens are those at or above the cut (composite order), with a
-    // weight of at least min_p.
-    const float inv_t = p.inv_temp;
-    const bool has_k = p.top_k > 0 && p.top_k < finite;
-    const bool has_p = p.top_p < 1.f;
-    unsigned long long cut = 0;  // below every finite logit: all kept
-    bool fast = true;
-    if (has_k || has_p) {
-        // The histogram silica_select_hist built (masses only with top-p).
+    // SEL_SAMPLE: the histogram silica_select_hist built (masses only with top-p), then the cut.
+    bool has_p;
+    if (sel_cuts(p, finite, &has_p)) {
         const uint32_t* gc = g_cnt + (size_t)blockIdx.x * SEL_BINS;
         const unsigned long long* gm = g_mass + (size_t)blockIdx.x * SEL_BINS;
         for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) {
@@ -585,88 +717,10 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
             sh.mass[b] = has_p ? gm[b] : 0;
         }
         __syncthreads();
-        int top_bin = -1;                       // the top-k cut's bin
-        unsigned long long kept_mass = 0;       // mass of the top-k set (has_k && has_p)
-        uint32_t jk = 0;                        // the top-k cut's index in the top-k bin's list
-        if (has_k) {
-            sel_find_bin<false>(0, 0, p.top_k, sh);
-            const int bin = sh.bin;
-            const unsigned long long above = sh.above;
-            if (sel_gather(x, vocab, range, lo, scale, bin, sh) == 0) {
-                fast = false;
-            } else {
-                jk = p.top_k - above - 1;
-                cut = sh.sorted[jk];
-                top_bin = bin;
-                if (has_p) {
-                    unsigned long long s = 0;
-                    for (int b = bin + 1 + threadIdx.x; b < SEL_BINS; b += blockDim.x) s += sh.mass[b];
-                    for (uint32_t a = threadIdx.x; a <= jk; a += blockDim.x)
-                        s += sel_fix(sel_weight(sel_unkey((uint32_t)(sh.sorted[a] >> 32)), m, inv_t));
-                    unsigned long long before;
-                    sel_warp_scan(s, sh.redu, &before, &kept_mass);
-                }
-            }
-        }
-        if (fast && has_p) {
-            unsigned long long total = kept_mass;
-            if (!has_k) {
-                unsigned long long s = 0, before;
-                for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) s += sh.mass[b];
-                sel_warp_scan(s, sh.redu, &before, &total);
-            }
-            const unsigned long long target = sel_top_p_target(p.top_p, total);
-            // Bins strictly above the top-k bin first; then inside the top-k bin's sorted list.
-            const int lowest = has_k ? top_bin + 1 : 0;
-            int bin = -1;
-            unsigned long long above = 0;
-            if (lowest < SEL_BINS) {
-                sel_find_bin<true>(lowest, 0, target, sh);
-                bin = sh.bin;
-                above = sh.above;
-            }
-            if (bin >= 0) {
-                const uint32_t np = sel_gather(x, vocab, range, lo, scale, bin, sh);
-                if (np == 0)
-                    fast = false;
-                else
-                    cut = sel_walk_sorted(np, above, target, m, inv_t, sh);
-            } else {
-                // Every bin above the top-k bin is kept; the cut is inside its list.
-                unsigned long long s = 0, before, mass_above;
-                for (int b = top_bin + 1 + threadIdx.x; b < SEL_BINS; b += blockDim.x) s += sh.mass[b];
-                sel_warp_scan(s, sh.redu, &before, &mass_above);
-                cut = sel_walk_sorted(jk + 1, mass_above, target, m, inv_t, sh);
-            }
-        }
     }
-    if (!fast) {
-        // A bin too full to gather (thousands of equal logits): radix selection.
-        uint32_t tau = 0;
-        unsigned long long ties = ~0ull;
-        if (has_k) tau = sel_radix<false>(x, vocab, range, 0, m, 1.f, p.top_k, &ties, sh);
-        if (has_p) {
-            unsigned long long above = 0;
-            for (int j = 0; j < range; j += 32) {
-                const int i = warp * range + j + lane;
-                if (i < vocab && sel_key(x[i]) > tau) above += sel_fix(sel_weight(x[i], m, inv_t));
-            }
-            unsigned long long before, m_gt;
-            sel_warp_scan(above, sh.redu, &before, &m_gt);
-            const unsigned long long w_tau = has_k ? sel_fix(sel_weight(sel_unkey(tau), m, inv_t)) : 0;
-            const unsigned long long total = m_gt + (has_k ? ties * w_tau : 0);
-            const unsigned long long target = sel_top_p_target(p.top_p, total);
-            if (m_gt >= target) {
-                unsigned long long rem;
-                tau = sel_radix<true>(x, vocab, range, tau, m, inv_t, target, &rem, sh);
-                const unsigned long long w = sel_fix(sel_weight(sel_unkey(tau), m, inv_t));
-                ties = (rem + w - 1) / w;
-            } else {
-                ties = min(ties, (target - m_gt + w_tau - 1) / w_tau);
-            }
-        }
-        cut = ties == ~0ull ? 0 : sel_composite(tau, sel_tie_id(x, vocab, range, tau, ties - 1, sh));
-    }
+    const unsigned long long cut = sel_sample_cut(x, vocab, range, p, st, sh, [&](int bin) {
+        return sel_gather(x, vocab, range, lo, scale, bin, sh);
+    });
     // The draw over the kept tokens: silica_select_mass and silica_select_draw.
     if (threadIdx.x == 0) cuts[blockIdx.x] = cut;
 }
@@ -679,74 +733,53 @@ __device__ __forceinline__ uint32_t sel_amount(float v, int i, float m, float in
     return v != -INFINITY && sel_composite(sel_key(v), i) >= cut && w >= min_p ? sel_fix(w) : 0;
 }
 
-// The kept mass of each part of a sampled row (grid (parts, rows), SEL_PART_THREADS threads;
-// after silica_select): pmass: [rows, parts].
-extern "C" __global__ void __launch_bounds__(SEL_PART_THREADS)
-    silica_select_mass(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
-                       const SelStats* __restrict__ parts, const unsigned long long* __restrict__ cuts,
-                       unsigned long long* __restrict__ pmass) {
-    __shared__ float redf[32];
-    __shared__ unsigned long long redu[32];
-    pdl_enter();
-    const int row = blockIdx.y, nparts = gridDim.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const unsigned long long cut = cuts[row];
-    if (cut == SEL_DECIDED) return;
-    const SelParam p = params[row];
-    const float m = sel_row_stats(parts + (size_t)row * nparts, nparts, redf, redu).m;
-    const int per = (vocab + nparts - 1) / nparts;
-    const int i0 = blockIdx.x * per, i1 = min(vocab, i0 + per);
-    const float* x = logits + (size_t)row * vocab;
+// The kept mass of x[i0, i1) (every thread gets it).
+__device__ unsigned long long sel_part_mass(const float* __restrict__ x, int i0, int i1, float m, const SelParam& p,
+                                            unsigned long long cut, unsigned long long* redu) {
     unsigned long long mine = 0;
 #pragma unroll 4
-    for (int i = i0 + threadIdx.x; i < i1; i += SEL_PART_THREADS) mine += sel_amount(x[i], i, m, p.inv_temp, cut, p.min_p);
-    mine = warp_sum_u64(mine);
-    if (lane == 0) redu[warp] = mine;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned long long t = 0;
-        for (int w = 0; w < SEL_PART_THREADS / 32; ++w) t += redu[w];
-        pmass[(size_t)row * nparts + blockIdx.x] = t;
-    }
+    for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) mine += sel_amount(x[i], i, m, p.inv_temp, cut, p.min_p);
+    return sel_block_sum(mine, redu);
 }
 
-// The draw of a sampled row (grid (rows), SEL_THREADS threads; after silica_select_mass): the
-// first token, in id order, whose running kept mass exceeds u * total. The part that holds it
-// is found from the parts' masses; the whole block then walks that part: each thread sums a run
-// of consecutive ids, a scan over the threads finds the run where the mass passes the target,
-// and that thread walks its run.
-extern "C" __global__ void __launch_bounds__(SEL_THREADS)
-    silica_select_draw(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
-                       const SelStats* __restrict__ parts, int nparts, const unsigned long long* __restrict__ cuts,
-                       const unsigned long long* __restrict__ pmass, uint32_t* __restrict__ out, int nout) {
-    __shared__ float redf[32];
-    __shared__ unsigned long long redu[32];
-    __shared__ int part_at;
-    __shared__ unsigned long long t_part;
-    pdl_enter();
-    const int row = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const unsigned long long cut = cuts[row];
-    if (cut == SEL_DECIDED) return;
-    const SelParam p = params[row];
-    const float m = sel_row_stats(parts + (size_t)row * nparts, nparts, redf, redu).m;
-    const unsigned long long* pm = pmass + (size_t)row * nparts;
-    if (threadIdx.x == 0) {
-        unsigned long long total = 0;
-        for (int b = 0; b < nparts; ++b) total += pm[b];
+// The part (of `nparts`, kept masses pm, read past L1) that holds the draw u * total, and the
+// draw's target inside it, into *part_at / *t_part (shared; every thread sees them after the
+// closing barrier). Warp 0: each lane sums a run of parts, a scan finds the run that passes the
+// target, its lane walks it.
+__device__ void sel_draw_at(const unsigned long long* __restrict__ pm, int nparts, double u, int* part_at,
+                            unsigned long long* t_part) {
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        const int per = (nparts + 31) / 32, a0 = min(nparts, lane * per), a1 = min(nparts, a0 + per);
+        unsigned long long own = 0;
+        for (int b = a0; b < a1; ++b) own += __ldcg(pm + b);
+        unsigned long long incl = own;
+        for (int o = 1; o < 32; o <<= 1) {
+            const unsigned long long t = __shfl_up_sync(SEL_FULL, incl, o);
+            if (lane >= o) incl += t;
+        }
+        const unsigned long long total = __shfl_sync(SEL_FULL, incl, 31);
         // total >= 2^26: the most likely token has weight 1 and survives every filter.
-        unsigned long long target = (unsigned long long)(p.u * (double)total);
+        unsigned long long target = (unsigned long long)(u * (double)total);
         if (target >= total) target = total - 1;
-        unsigned long long before = 0;
-        int b = 0;
-        while (b + 1 < nparts && before + pm[b] <= target) before += pm[b++];
-        part_at = b;
-        t_part = target - before;
+        unsigned long long before = incl - own;
+        if (before <= target && target < incl) {
+            int b = a0;
+            while (before + __ldcg(pm + b) <= target) before += __ldcg(pm + b++);
+            *part_at = b;
+            *t_part = target - before;
+        }
     }
     __syncthreads();
-    const int per_part = (vocab + nparts - 1) / nparts;
-    const int start = part_at * per_part, end = min(vocab, start + per_part);
-    const unsigned long long t_in = t_part;
-    const float* x = logits + (size_t)row * vocab;
-    const int per = (end - start + SEL_THREADS - 1) / SEL_THREADS;
+}
+
+// The draw inside x[start, end): the first id whose running kept mass exceeds t_in, written to
+// o[0..2] by the thread that finds it. Each thread sums a run of consecutive ids, a scan over
+// the threads finds the run where the mass passes the target, and that thread walks its run.
+__device__ void sel_draw_in(const float* __restrict__ x, int start, int end, unsigned long long t_in, float m,
+                            const SelParam& p, unsigned long long cut, unsigned long long* redu, uint32_t* o) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int per = (end - start + (int)blockDim.x - 1) / (int)blockDim.x;
     const int i0 = start + threadIdx.x * per, i1 = min(end, i0 + per);
     auto kept = [&](int i) -> uint32_t { return sel_amount(x[i], i, m, p.inv_temp, cut, p.min_p); };
     unsigned long long run_sum = 0;
@@ -766,12 +799,180 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         for (int i = i0; i < i1; ++i) {
             run += kept(i);
             if (run > t_in) {
-                out[(size_t)row * nout * 2] = (uint32_t)i;
-                out[(size_t)row * nout * 2 + 1] = 0;
+                o[0] = (uint32_t)i;
+                o[1] = 0;
                 break;
             }
         }
     }
+}
+
+// The kept mass of each part of a sampled row (grid (parts, rows), SEL_PART_THREADS threads;
+// after silica_select): pmass: [rows, parts].
+extern "C" __global__ void __launch_bounds__(SEL_PART_THREADS)
+    silica_select_mass(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
+                       const SelStats* __restrict__ parts, const unsigned long long* __restrict__ cuts,
+                       unsigned long long* __restrict__ pmass) {
+    __shared__ float redf[32];
+    __shared__ unsigned long long redu[32];
+    pdl_enter();
+    const int row = blockIdx.y, nparts = gridDim.x;
+    const unsigned long long cut = cuts[row];
+    if (cut == SEL_DECIDED) return;
+    const SelParam p = params[row];
+    const float m = sel_row_stats(parts + (size_t)row * nparts, nparts, redf, redu).m;
+    const int per = (vocab + nparts - 1) / nparts;
+    const int i0 = blockIdx.x * per, i1 = min(vocab, i0 + per);
+    const unsigned long long t = sel_part_mass(logits + (size_t)row * vocab, i0, i1, m, p, cut, redu);
+    if (threadIdx.x == 0) pmass[(size_t)row * nparts + blockIdx.x] = t;
+}
+
+// The draw of a sampled row (grid (rows), SEL_THREADS threads; after silica_select_mass): the
+// first token, in id order, whose running kept mass exceeds u * total, found in the part that
+// holds it.
+extern "C" __global__ void __launch_bounds__(SEL_THREADS)
+    silica_select_draw(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
+                       const SelStats* __restrict__ parts, int nparts, const unsigned long long* __restrict__ cuts,
+                       const unsigned long long* __restrict__ pmass, uint32_t* __restrict__ out, int nout) {
+    __shared__ float redf[32];
+    __shared__ unsigned long long redu[32];
+    __shared__ int part_at;
+    __shared__ unsigned long long t_part;
+    pdl_enter();
+    const int row = blockIdx.x;
+    const unsigned long long cut = cuts[row];
+    if (cut == SEL_DECIDED) return;
+    const SelParam p = params[row];
+    const float m = sel_row_stats(parts + (size_t)row * nparts, nparts, redf, redu).m;
+    sel_draw_at(pmass + (size_t)row * nparts, nparts, p.u, &part_at, &t_part);
+    const int per_part = (vocab + nparts - 1) / nparts;
+    const int start = part_at * per_part, end = min(vocab, start + per_part);
+    sel_draw_in(logits + (size_t)row * vocab, start, end, t_part, m, p, cut, redu, out + (size_t)row * nout * 2);
+}
+
+// ---- Sampled rows in one kernel --------------------------------------------------------------
+// A step whose rows all sample (SEL_SAMPLE) takes silica_select_sample instead of the five
+// kernels above: grid (parts, rows), SEL_THREADS threads, launched cooperatively so that every
+// block is resident at once; the passes over a row are separated by a barrier of its blocks.
+// Each block works on its part and, after a barrier, reads what the others wrote (past L1).
+// What needs the whole row (the bins of the cuts, the sorted candidates, the cut, the part that
+// holds the draw) every block works out alike from the same data, so no block waits for
+// another's decision. The same integer arithmetic and helpers as the five kernels: the same
+// tokens. Five kernels took ~50 µs on a 3B's random-weight logits, mostly the one-block passes
+// over the row and the launches between them.
+#define SEL_ROUNDS 2  // gathers per row at most: the top-k cut's bin, then the top-p cut's
+
+// The barrier of one row's blocks: `arrive` (zero at launch) counts arrivals; the n-th barrier
+// of the row waits for n * gridDim.x of them.
+__device__ void sel_row_barrier(uint32_t* arrive, uint32_t target) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(arrive, 1u);
+        uint32_t seen;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(arrive) : "memory");
+        } while (seen < target);
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// Appends x[i0, i1)'s elements of bin `bin` to `list` (its length in *n, which the row's blocks
+// share; entries past SEL_CAP are counted, not stored), one atomic per warp and load.
+__device__ void sel_part_gather(const float* __restrict__ x, int i0, int i1, float lo, float scale, int bin,
+                                unsigned long long* __restrict__ list, uint32_t* n) {
+    const int lane = threadIdx.x & 31;
+    for (int j = i0 + (int)threadIdx.x - lane; j < i1; j += blockDim.x) {
+        const int i = j + lane;
+        float v = 0.f;
+        bool in = false;
+        if (i < i1) {
+            v = x[i];
+            in = sel_bin(v, lo, scale) == bin;
+        }
+        const uint32_t mask = __ballot_sync(SEL_FULL, in);
+        if (mask) {
+            uint32_t base = 0;
+            if (lane == 0) base = atomicAdd(n, (uint32_t)__popc(mask));
+            base = __shfl_sync(SEL_FULL, base, 0);
+            const uint32_t slot = base + __popc(mask & ((1u << lane) - 1));
+            if (in && slot < SEL_CAP) list[slot] = sel_composite(sel_key(v), (uint32_t)i);
+        }
+    }
+}
+
+// Grid (parts, rows), SEL_THREADS threads, cooperative; every row SEL_SAMPLE. out: [rows, nout,
+// 2]; parts: [rows, parts]; g_cnt / g_mass: [rows, SEL_BINS]; lists: [rows, SEL_ROUNDS,
+// SEL_CAP]; sync: [rows, 4] u32, zero at launch (the arrivals, then each round's list length);
+// pmass: [rows, parts].
+extern "C" __global__ void __launch_bounds__(SEL_THREADS)
+    silica_select_sample(const float* __restrict__ logits, int vocab, const SelParam* __restrict__ params,
+                         uint32_t* __restrict__ out, int nout, SelStats* __restrict__ parts, uint32_t* __restrict__ g_cnt,
+                         unsigned long long* __restrict__ g_mass, unsigned long long* __restrict__ lists,
+                         uint32_t* __restrict__ sync, unsigned long long* __restrict__ pmass) {
+    __shared__ SelShared sh;
+    const int row = blockIdx.y, nparts = gridDim.x, part = blockIdx.x;
+    const float* x = logits + (size_t)row * vocab;
+    const SelParam p = params[row];
+    uint32_t* o = out + (size_t)row * nout * 2;
+    uint32_t* row_sync = sync + (size_t)row * 4;
+    uint32_t barriers = 0;
+    auto barrier = [&]() { sel_row_barrier(row_sync, ++barriers * nparts); };
+    const int per = (vocab + nparts - 1) / nparts;
+    const int i0 = part * per, i1 = min(vocab, i0 + per);
+    uint32_t* gc = g_cnt + (size_t)row * SEL_BINS;
+    unsigned long long* gm = g_mass + (size_t)row * SEL_BINS;
+
+    // 1. The part's stats; the row's histogram zeroed.
+    const SelStats mine = sel_part_stats(x, i0, i1, sh.redf, sh.redu);
+    if (threadIdx.x == 0) parts[(size_t)row * nparts + part] = mine;
+    for (int b = part * blockDim.x + threadIdx.x; b < SEL_BINS; b += nparts * blockDim.x) {
+        gc[b] = 0;
+        gm[b] = 0;
+    }
+    barrier();
+    const SelStats st = sel_row_stats(parts + (size_t)row * nparts, nparts, sh.redf, sh.redu);
+    if (st.bad || st.m == -INFINITY) {
+        if (part == 0 && threadIdx.x == 0) {
+            o[0] = 0xffffffffu;
+            o[1] = 0;
+        }
+        return;
+    }
+    const float scale = sel_scale(st.m, st.lo);
+    // 2. The part's histogram into the row's, which every block then reads whole.
+    bool has_p;
+    if (sel_cuts(p, st.finite, &has_p)) {
+        sel_part_hist(x, i0, i1, st.lo, scale, st.m, p.inv_temp, has_p, sh.cnt, sh.mass, gc, gm);
+        barrier();
+        for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) {
+            sh.cnt[b] = __ldcg(gc + b);
+            sh.mass[b] = has_p ? __ldcg(gm + b) : 0;
+        }
+        __syncthreads();
+    }
+    // 3. The cut; each gather collects a bin's elements by parts into the round's list.
+    int round = 0;
+    const int range = (vocab + SEL_THREADS - 1) / SEL_THREADS * 32;
+    const unsigned long long cut = sel_sample_cut(x, vocab, range, p, st, sh, [&](int bin) -> uint32_t {
+        unsigned long long* list = lists + ((size_t)row * SEL_ROUNDS + round) * SEL_CAP;
+        uint32_t* n = row_sync + 1 + round;
+        ++round;
+        sel_part_gather(x, i0, i1, st.lo, scale, bin, list, n);
+        barrier();
+        const uint32_t count = __ldcg(n);
+        if (count > SEL_CAP) return 0;
+        for (uint32_t a = threadIdx.x; a < count; a += blockDim.x) sh.sorted[a] = __ldcg(list + a);
+        sel_sort(count, sh);
+        return count;
+    });
+    // 4. The part's kept mass; then the block whose part holds the draw walks it.
+    const unsigned long long kept = sel_part_mass(x, i0, i1, st.m, p, cut, sh.redu);
+    if (threadIdx.x == 0) pmass[(size_t)row * nparts + part] = kept;
+    barrier();
+    sel_draw_at(pmass + (size_t)row * nparts, nparts, p.u, &sh.bin, &sh.rem);
+    if (sh.bin == part) sel_draw_in(x, i0, i1, sh.rem, st.m, p, cut, sh.redu, o);
 }
 
 // Greedy rows alone (every row of the step greedy): the argmax split over ARGMAX_PARTS blocks
