@@ -121,6 +121,9 @@ static void gemv1_swiglu(const __half* x, const __half* w, __half* y, int n, int
 
 // Step variant: the gate/up product with SwiGLU fused instead of a separate silu_mul.
 static bool g_swiglu = false;
+// Step variants that leave kernels out (wrong results; upper bounds of what fusing them away
+// could save): the two add+RMSNorm kernels of a layer, its qkv_rope.
+static bool g_no_norm = false, g_no_rope = false;
 
 struct Cfg { const char* name; int hidden, inter, layers, nh, nkv, vocab; };
 
@@ -219,6 +222,7 @@ int main(int argc, char** argv) {
         const int norm_threads = std::min(1024, ((H + 7) / 8 + 31) / 32 * 32);  // fused.rs AddNormOp
         auto layer = [&](int l, const __half* x_res, const __half* x_norm) {
             gemv1(x_norm, wqkv[l], qkv, qkvw, H);
+            if (!g_no_rope)
             go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
                (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
                (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l], nh, nkv, hd, eps);
@@ -226,6 +230,7 @@ int main(int argc, char** argv) {
                (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
             go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits);
             gemv1(att, wo[l], h, H, H);
+            if (!g_no_norm)
             go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, x_res, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps);
             if (g_swiglu) {
                 gemv1_swiglu(an + H, wgu[l], act, 2 * I, H);
@@ -234,6 +239,7 @@ int main(int argc, char** argv) {
                 go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I, 0);
             }
             gemv1(act, wd[l], h, H, I);
+            if (!g_no_norm)
             go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, (const __half*)an, (const __half*)h, (const __half*)n2[l], resid, normed, 1, H, eps);
         };
         auto step = [&]() {
@@ -258,6 +264,12 @@ int main(int argc, char** argv) {
             printf("step (graph, pdl 1, swiglu %s): %.3f ms = %.1f tok/s\n", g_swiglu ? "in the gate/up gemv" : "separate", ms, 1000 / ms);
         }
         g_swiglu = false;
+        for (int v = 0; v < 6; ++v) {
+            g_no_norm = v % 3 == 1; g_no_rope = v % 3 == 2;
+            float ms = time_graph(step, 50);
+            printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", g_no_norm ? "without the norms" : g_no_rope ? "without qkv_rope" : "all kernels", ms, 1000 / ms);
+        }
+        g_no_norm = g_no_rope = false;
         for (int pdl : {0, 1}) {
             g_pdl = pdl;
             g_alloc = true;
