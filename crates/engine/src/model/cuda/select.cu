@@ -5,7 +5,8 @@
 // block of SEL_THREADS per row of f32 logits) decides greedy and top-n rows and finds a sampled
 // row's cut; silica_select_mass (64 blocks per row) sums the kept mass of each part and
 // silica_select_draw (one block per row) draws inside the part that holds the draw. A step
-// whose rows are all greedy takes silica_argmax_part + silica_argmax_combine instead.
+// whose rows are all greedy takes silica_argmax_part + silica_argmax_combine instead; one whose
+// rows all sample takes silica_select_sample, the same passes in one cooperative kernel.
 //
 // Modes (SelParam::mode):
 //   SEL_GREEDY  the argmax, ties to the lowest token id;
@@ -25,7 +26,7 @@
 // A cut (the last kept token in the order "larger logit first, then lower id") is found from a
 // histogram of the logits over SEL_BINS equal bins between the smallest finite logit and the
 // largest (counts, and fixed-point masses for top-p): the bin where the running count or mass
-// crosses the need is the only one whose elements are gathered (at most SEL_CAP), ranked and
+// crosses the need is the only one whose elements are gathered (at most SEL_CAP), sorted and
 // walked. When that bin holds more (thousands of equal logits), radix selection over the
 // logits' order-preserving 32-bit keys (four passes of 8 bits, warp-aggregated atomics) finds
 // the cut instead. Masses are in fixed point (weight * 2^26, integer sums), so every sum, hence
