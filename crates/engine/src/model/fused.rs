@@ -1042,6 +1042,16 @@ mod imp {
         }
     }
 
+    /// `(rows, vocab)` of a selection's inputs: f32 logits `[rows, vocab]`, u32 parameters
+    /// `[rows, 8]`.
+    fn selection_shape(op: &str, ls: &CudaStorage, ll: &Layout, ps: &CudaStorage, pl: &Layout) -> Result<(usize, usize)> {
+        let (rows, vocab) = ll.shape().dims2()?;
+        if pl.shape().dims2()? != (rows, 8) || ls.dtype() != DType::F32 || ps.dtype() != DType::U32 {
+            bail!("{op}: logits {:?} {:?}, params {:?} {:?}", ll.shape(), ls.dtype(), pl.shape(), ps.dtype());
+        }
+        Ok((rows, vocab))
+    }
+
     /// `silica_select`: logits `[rows, vocab]` f32 and the rows' `SelParam`s (8 u32 words each)
     /// → `[rows, nout, 2]` u32.
     pub(super) struct SelectOp {
@@ -1057,10 +1067,7 @@ mod imp {
         }
         fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout, ps: &CudaStorage, pl: &Layout) -> Result<(CudaStorage, Shape)> {
             let dev = ls.device();
-            let (rows, vocab) = ll.shape().dims2()?;
-            if pl.shape().dims2()? != (rows, 8) || ls.dtype() != DType::F32 || ps.dtype() != DType::U32 {
-                bail!("silica-select: logits {:?} {:?}, params {:?} {:?}", ll.shape(), ls.dtype(), pl.shape(), ps.dtype());
-            }
+            let (rows, vocab) = selection_shape("silica-select", ls, ll, ps, pl)?;
             let logits = input::<f32>(ls, ll)?;
             let params = input::<u32>(ps, pl)?;
             if raw_ptr(&params) % 8 != 0 {
@@ -1170,10 +1177,7 @@ mod imp {
         }
         fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout, ps: &CudaStorage, pl: &Layout) -> Result<(CudaStorage, Shape)> {
             let dev = ls.device();
-            let (rows, vocab) = ll.shape().dims2()?;
-            if pl.shape().dims2()? != (rows, 8) || ls.dtype() != DType::F32 || ps.dtype() != DType::U32 {
-                bail!("silica-select-sample: logits {:?} {:?}, params {:?} {:?}", ll.shape(), ls.dtype(), pl.shape(), ps.dtype());
-            }
+            let (rows, vocab) = selection_shape("silica-select-sample", ls, ll, ps, pl)?;
             let func = dev.get_or_load_custom_func("silica_select_sample", MODULE, PTX)?;
             // How many blocks of this kernel the device holds at once (one per SM at 64
             // registers a thread): the parts of every row must fit.
