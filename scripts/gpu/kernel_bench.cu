@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <string>
 #include <vector>
+#include <cstring>
 #include <cuda_runtime.h>
 
 // A GEMV variant for the sweep: Silica's kernel with the loads per lane, the block size and
@@ -121,6 +122,70 @@ static void gemv1_swiglu(const __half* x, const __half* w, __half* y, int n, int
 
 // Step variant: the gate/up product with SwiGLU fused instead of a separate silu_mul.
 static bool g_swiglu = false;
+// Prototype (not in the engine yet): the GEMV before an add+RMSNorm does the norm itself, in
+// its last block (an arrival counter; the last block to arrive adds the residual to the GEMV's
+// output, read past L1, normalizes, and resets the counter), so that the norm kernel and its
+// launch go away. y: [1, n_out] (n_out = the hidden size), as the separate kernels compute it.
+__device__ unsigned int g_arrivals;
+__global__ void __launch_bounds__(256) gemv_addnorm_proto(const __half* x, const __half* w, __half* y, int n_out, int k,
+                                                          int wr_log2, const __half* resid, const __half* nw,
+                                                          __half* s_out, __half* n_out_, float eps) {
+    gemv<__half, 1, false>(x, w, y, n_out, k, wr_log2);
+    __shared__ bool last;
+    __shared__ float red[32];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&g_arrivals, 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    constexpr int MAXU = 4;  // 16-byte units per thread: hidden sizes up to 8192
+    const int units = n_out / 8;
+    float f[MAXU][8];
+    float ss = 0.f;
+#pragma unroll
+    for (int r = 0; r < MAXU; ++r) {
+        const int u = threadIdx.x + r * blockDim.x;
+        if (u < units) {
+            const uint4 xv = reinterpret_cast<const uint4*>(resid)[u];
+            const uint4 hv = __ldcg(reinterpret_cast<const uint4*>(y) + u);
+            const __half* x8 = reinterpret_cast<const __half*>(&xv);
+            const __half* h8 = reinterpret_cast<const __half*>(&hv);
+            uint4 sv;
+            __half* s8 = reinterpret_cast<__half*>(&sv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                s8[j] = __float2half(__half2float(x8[j]) + __half2float(h8[j]));
+                f[r][j] = __half2float(s8[j]);
+                ss += f[r][j] * f[r][j];
+            }
+            reinterpret_cast<uint4*>(s_out)[u] = sv;
+        }
+    }
+    const float inv = rsqrtf(block_reduce<false>(ss, red) / n_out + eps);
+#pragma unroll
+    for (int r = 0; r < MAXU; ++r) {
+        const int u = threadIdx.x + r * blockDim.x;
+        if (u < units) {
+            const uint4 wv = reinterpret_cast<const uint4*>(nw)[u];
+            const __half* w8 = reinterpret_cast<const __half*>(&wv);
+            uint4 nv;
+            __half* n8 = reinterpret_cast<__half*>(&nv);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) n8[j] = __float2half(f[r][j] * inv * __half2float(w8[j]));
+            reinterpret_cast<uint4*>(n_out_)[u] = nv;
+        }
+    }
+    if (threadIdx.x == 0) g_arrivals = 0;
+}
+static bool g_norm_epi = false;
+
+static void gemv1_addnorm(const __half* x, const __half* w, __half* y, int n, int k, const __half* resid, const __half* nw,
+                          __half* s_out, __half* n_out, float eps) {
+    int wr = wr_for(n, k);
+    go(gemv_addnorm_proto, dim3((n + (8 >> wr) - 1) / (8 >> wr)), dim3(256), 0, x, w, y, n, k, wr, resid, nw, s_out, n_out, eps);
+}
+
 // Step variants that leave kernels out (wrong results; upper bounds of what fusing them away
 // could save): the two add+RMSNorm kernels of a layer, its qkv_rope.
 static bool g_no_norm = false, g_no_rope = false;
@@ -229,8 +294,12 @@ int main(int argc, char** argv) {
             go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
                (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
             go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits);
-            gemv1(att, wo[l], h, H, H);
-            if (!g_no_norm)
+            if (g_norm_epi) {
+                gemv1_addnorm(att, wo[l], h, H, H, x_res, n1[l], an, an + H, eps);
+            } else {
+                gemv1(att, wo[l], h, H, H);
+            }
+            if (!g_no_norm && !g_norm_epi)
             go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, x_res, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps);
             if (g_swiglu) {
                 gemv1_swiglu(an + H, wgu[l], act, 2 * I, H);
@@ -238,8 +307,12 @@ int main(int argc, char** argv) {
                 gemv1(an + H, wgu[l], gu, 2 * I, H);
                 go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I, 0);
             }
-            gemv1(act, wd[l], h, H, I);
-            if (!g_no_norm)
+            if (g_norm_epi) {
+                gemv1_addnorm(act, wd[l], h, H, I, an, n2[l], resid, normed, eps);
+            } else {
+                gemv1(act, wd[l], h, H, I);
+            }
+            if (!g_no_norm && !g_norm_epi)
             go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, (const __half*)an, (const __half*)h, (const __half*)n2[l], resid, normed, 1, H, eps);
         };
         auto step = [&]() {
@@ -270,6 +343,33 @@ int main(int argc, char** argv) {
             printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", g_no_norm ? "without the norms" : g_no_rope ? "without qkv_rope" : "all kernels", ms, 1000 / ms);
         }
         g_no_norm = g_no_rope = false;
+        {  // the norm in the GEMV's last block: the same bits as the separate kernels (one layer), then the step
+            // Layer 0 from the same inputs both ways; its outputs: an (the first norm's residual
+            // and normed row), resid and normed (the second's, written over its inputs).
+            std::vector<__half> in(2 * H), a(4 * H), b(4 * H);
+            CK(cudaDeviceSynchronize());
+            CK(cudaMemcpy(in.data(), resid, 2 * H, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(in.data() + H, normed, 2 * H, cudaMemcpyDeviceToHost));
+            auto run_layer = [&](std::vector<__half>& out) {
+                CK(cudaMemcpy(resid, in.data(), 2 * H, cudaMemcpyHostToDevice));
+                CK(cudaMemcpy(normed, in.data() + H, 2 * H, cudaMemcpyHostToDevice));
+                layer(0, resid, normed);
+                CK(cudaStreamSynchronize(g_s));
+                CK(cudaMemcpy(out.data(), an, 4 * H, cudaMemcpyDeviceToHost));
+                CK(cudaMemcpy(out.data() + 2 * H, resid, 2 * H, cudaMemcpyDeviceToHost));
+                CK(cudaMemcpy(out.data() + 3 * H, normed, 2 * H, cudaMemcpyDeviceToHost));
+            };
+            run_layer(a);
+            g_norm_epi = true;
+            run_layer(b);
+            printf("norm in the GEMV's last block: %s the separate kernels' bits\n", memcmp(a.data(), b.data(), 8 * H) ? "NOT" : "exactly");
+            for (int v = 0; v < 4; ++v) {
+                g_norm_epi = v & 1;
+                float ms = time_graph(step, 50);
+                printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", g_norm_epi ? "norm in the GEMV's last block" : "separate norm kernels", ms, 1000 / ms);
+            }
+            g_norm_epi = false;
+        }
         for (int pdl : {0, 1}) {
             g_pdl = pdl;
             g_alloc = true;
