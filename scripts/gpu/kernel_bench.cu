@@ -180,6 +180,48 @@ __global__ void __launch_bounds__(256) gemv_addnorm_proto(const __half* x, const
 }
 static bool g_norm_epi = false;
 
+// Prototype (not in the engine yet): RoPE and the cache write of qkv_rope done by the attention
+// part kernel's blocks (Qwen2.5: bias, no per-head norm; head size 128): each block ropes its
+// head's q, and a block whose positions include the new one writes that position's K and V
+// first (the blocks of one KV head write the same bits), so that qkv_rope and its launch go away.
+__global__ void __launch_bounds__(PD_THREADS) paged_rope_proto(
+    const __half* qkv, const __half* bias, const __half* cos_t, const __half* sin_t, const uint32_t* pos,
+    const uint32_t* slots, __half* q_out, __half* k_pool, __half* v_pool, const uint32_t* table, const uint32_t* lens,
+    float* part_acc, float* part_ml, int nh, int nkv, int max_len, float scale) {
+    constexpr int HD = 128, HALF = HD / 2;
+    __shared__ float xs[2][HD];
+    pdl_trigger();
+    const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
+    const int kvh = h / (nh / nkv), width = (nh + 2 * nkv) * HD;
+    const size_t p = pos[b], slot = slots[b];
+    const bool newest = sp == ((int)lens[b] - 1) / PD_SPLIT;
+    const int i = tid & (HD - 1), which = tid / HD;  // which 0: q (and v), 1: k
+    const int j = i < HALF ? i : i - HALF;
+    const float c = __half2float(cos_t[p * HALF + j]), sn = __half2float(sin_t[p * HALF + j]);
+    pdl_wait();
+    const int col = which == 0 ? h * HD + i : (nh + kvh) * HD + i;
+    float x = 0.f;
+    if (which == 0 || newest) {
+        x = __half2float(qkv[(size_t)b * width + col]) + __half2float(bias[col]);
+        xs[which][i] = x;
+    }
+    __syncthreads();
+    if (which == 0 || newest) {
+        const float y = i < HALF ? x * c - xs[which][i + HALF] * sn : x * c + xs[which][j] * sn;
+        if (which == 0)
+            q_out[((size_t)b * nh + h) * HD + i] = __float2half(y);
+        else
+            k_pool[(slot * nkv + kvh) * HD + i] = __float2half(y);
+    }
+    if (newest && which == 0) {
+        const int vc = (nh + nkv + kvh) * HD + i;
+        v_pool[(slot * nkv + kvh) * HD + i] = __float2half(__half2float(qkv[(size_t)b * width + vc]) + __half2float(bias[vc]));
+    }
+    __syncthreads();
+    paged_part<__half, HD>(q_out, k_pool, v_pool, table, lens, part_acc, part_ml, nh, nkv, max_len, scale);
+}
+static bool g_rope_attn = false;
+
 static void gemv1_addnorm(const __half* x, const __half* w, __half* y, int n, int k, const __half* resid, const __half* nw,
                           __half* s_out, __half* n_out, float eps) {
     int wr = wr_for(n, k);
@@ -287,10 +329,16 @@ int main(int argc, char** argv) {
         const int norm_threads = std::min(1024, ((H + 7) / 8 + 31) / 32 * 32);  // fused.rs AddNormOp
         auto layer = [&](int l, const __half* x_res, const __half* x_norm) {
             gemv1(x_norm, wqkv[l], qkv, qkvw, H);
-            if (!g_no_rope)
+            if (g_rope_attn) {
+                go(paged_rope_proto, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)qkv, (const __half*)bias[l],
+                   (const __half*)cosT, (const __half*)sinT, (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l],
+                   (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
+            }
+            if (!g_no_rope && !g_rope_attn)
             go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
                (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
                (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l], nh, nkv, hd, eps);
+            if (!g_rope_attn)
             go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
                (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
             go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits);
@@ -353,6 +401,9 @@ int main(int argc, char** argv) {
             auto run_layer = [&](std::vector<__half>& out) {
                 CK(cudaMemcpy(resid, in.data(), 2 * H, cudaMemcpyHostToDevice));
                 CK(cudaMemcpy(normed, in.data() + H, 2 * H, cudaMemcpyHostToDevice));
+                // The new position's K and V cleared: the run must write them itself.
+                CK(cudaMemset(kp[0] + (size_t)p0 * nkv * hd, 0, (size_t)nkv * hd * 2));
+                CK(cudaMemset(vp[0] + (size_t)p0 * nkv * hd, 0, (size_t)nkv * hd * 2));
                 layer(0, resid, normed);
                 CK(cudaStreamSynchronize(g_s));
                 CK(cudaMemcpy(out.data(), an, 4 * H, cudaMemcpyDeviceToHost));
@@ -363,12 +414,18 @@ int main(int argc, char** argv) {
             g_norm_epi = true;
             run_layer(b);
             printf("norm in the GEMV's last block: %s the separate kernels' bits\n", memcmp(a.data(), b.data(), 8 * H) ? "NOT" : "exactly");
-            for (int v = 0; v < 4; ++v) {
-                g_norm_epi = v & 1;
-                float ms = time_graph(step, 50);
-                printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", g_norm_epi ? "norm in the GEMV's last block" : "separate norm kernels", ms, 1000 / ms);
-            }
             g_norm_epi = false;
+            g_rope_attn = true;
+            run_layer(b);
+            printf("RoPE and the cache write in the attention kernel: %s the separate kernels' bits\n", memcmp(a.data(), b.data(), 8 * H) ? "NOT" : "exactly");
+            for (int v = 0; v < 8; ++v) {
+                g_norm_epi = v & 1;
+                g_rope_attn = v & 2;
+                float ms = time_graph(step, 50);
+                printf("step (graph, pdl 1, norms %s, RoPE %s): %.3f ms = %.1f tok/s\n", g_norm_epi ? "in the GEMV's last block" : "separate",
+                       g_rope_attn ? "in attention" : "separate", ms, 1000 / ms);
+            }
+            g_norm_epi = g_rope_attn = false;
         }
         for (int pdl : {0, 1}) {
             g_pdl = pdl;
