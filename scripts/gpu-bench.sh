@@ -9,7 +9,8 @@
 #   scripts/gpu-bench.sh                 # both models
 #   MODELS=qwen2.5-3b scripts/gpu-bench.sh
 # Knobs: MODELS, LENGTHS (50,150,300), BW (GB/s; measured when unset), CHECK=0 skips the
-# correctness check, BF16_STRATEGIES (greedy,top-p).
+# correctness check, BF16_STRATEGIES (greedy,top-p), ROUNDS (3: the single-stream strategies in
+# turn, each row its median round).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/silica-gpu-bench}
@@ -38,8 +39,10 @@ for m in $MODELS; do
   for dt in f16 bf16; do
     echo "[$(date +%T)] $m: silica $dt"
     if [ $dt = f16 ]; then strategies=greedy,sample,top-k,top-p,beam; else strategies=${BF16_STRATEGIES:-greedy,top-p}; fi
+    # The strategies in turn, ROUNDS times, each row its median round: the comparisons between
+    # strategies (top-k / top-p within 3% of greedy) then do not depend on the device's drift.
     $BIN bench --model $ck --device cuda --dtype $dt --strategy $strategies --max-tokens "$LENGTHS" \
-      --concurrency 1 --bandwidth-gbs "$BW" --json > "$RAW/silica-$m-$dt-strategies.json"
+      --concurrency 1 --rounds "${ROUNDS:-3}" --bandwidth-gbs "$BW" --json > "$RAW/silica-$m-$dt-strategies.json"
     $BIN bench --model $ck --device cuda --dtype $dt --strategy greedy --max-tokens 64 \
       --concurrency 8,32,64 --bandwidth-gbs "$BW" --json > "$RAW/silica-$m-$dt-streams.json"
     $BIN bench --model $ck --device cuda --dtype $dt --strategy greedy --max-tokens 2 --prompt-tokens 512 \

@@ -22,7 +22,7 @@ fi
 for fused in ${FUSED:-1 0}; do
   echo "== SILICA_FUSED=$fused"
   SILICA_FUSED=$fused $BIN bench --model $ck --device cuda --dtype $DT --strategy ${STRATEGIES:-greedy} \
-    --max-tokens ${TOKENS:-128} --concurrency ${STREAMS:-1,64} --bandwidth-gbs $BW
+    --max-tokens ${TOKENS:-128} --concurrency ${STREAMS:-1,64} --rounds ${ROUNDS:-1} --bandwidth-gbs $BW
   SILICA_FUSED=$fused $BIN bench --model $ck --device cuda --dtype $DT --strategy greedy --max-tokens 2 \
     --prompt-tokens 512 --concurrency 1
 done

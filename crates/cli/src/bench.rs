@@ -45,6 +45,8 @@ pub struct BenchRow {
     pub decode_tokens_per_s: f64,
     /// Weight bytes read per decode step × steps/s, over the device's bandwidth.
     pub bandwidth_utilisation: Option<f64>,
+    /// Rounds this row is the median of ([`median_rows`]).
+    pub rounds: usize,
 }
 
 const QUESTIONS: &[&str] = &[
@@ -184,7 +186,36 @@ async fn run_level(handle: &EngineHandle, spec: &BenchSpec, c: usize, first: usi
         ttft_ms_p95: percentile(&mut ttft, 95.0),
         itl_ms_p50: itl_p50,
         itl_ms_p95: percentile(&mut itl, 95.0),
+        rounds: 1,
     })
+}
+
+/// Rounds of the same runs, each round's rows in the same order (one row per run and
+/// concurrency level), folded into one row per run: the round with the median decode tok/s per
+/// stream (the lower of the two middle ones for an even count), with `rounds` set. Running the
+/// strategies in turn, round after round, and taking each one's median lets a machine that
+/// drifts during the bench weigh on every strategy alike.
+pub fn median_rows(rounds: Vec<Vec<BenchRow>>) -> Result<Vec<BenchRow>> {
+    let n = rounds.len();
+    let Some(len) = rounds.first().map(Vec::len) else { return Ok(Vec::new()) };
+    if rounds.iter().any(|r| r.len() != len) {
+        anyhow::bail!("bench rounds of different lengths: {:?}", rounds.iter().map(Vec::len).collect::<Vec<_>>());
+    }
+    let mut per_run: Vec<Vec<BenchRow>> = (0..len).map(|_| Vec::with_capacity(n)).collect();
+    for round in rounds {
+        for (run, row) in per_run.iter_mut().zip(round) {
+            run.push(row);
+        }
+    }
+    Ok(per_run
+        .into_iter()
+        .map(|mut run| {
+            run.sort_by(|a, b| a.decode_tokens_per_s.total_cmp(&b.decode_tokens_per_s));
+            let mut row = run.swap_remove((n - 1) / 2);
+            row.rounds = n;
+            row
+        })
+        .collect())
 }
 
 /// Fill in bandwidth utilisation: `bytes_per_step` weight bytes read per decode step.
@@ -217,4 +248,35 @@ pub fn table(rows: &[BenchRow]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{median_rows, BenchRow};
+
+    fn row(strategy: &str, decode: f64) -> BenchRow {
+        BenchRow { strategy: strategy.into(), decode_tokens_per_s: decode, rounds: 1, ..Default::default() }
+    }
+
+    #[test]
+    fn each_run_keeps_its_median_round() {
+        let rounds = vec![
+            vec![row("greedy", 100.0), row("top-p", 90.0)],
+            vec![row("greedy", 120.0), row("top-p", 80.0)],
+            vec![row("greedy", 110.0), row("top-p", 95.0)],
+        ];
+        let rows = median_rows(rounds).unwrap();
+        let got: Vec<(&str, f64, usize)> = rows.iter().map(|r| (r.strategy.as_str(), r.decode_tokens_per_s, r.rounds)).collect();
+        assert_eq!(got, vec![("greedy", 110.0, 3), ("top-p", 90.0, 3)]);
+        // Two rounds: the lower middle one.
+        let rows = median_rows(vec![vec![row("greedy", 100.0)], vec![row("greedy", 120.0)]]).unwrap();
+        assert_eq!((rows[0].decode_tokens_per_s, rows[0].rounds), (100.0, 2));
+        assert!(median_rows(Vec::new()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rounds_of_different_lengths_are_an_error() {
+        let err = median_rows(vec![vec![row("greedy", 1.0)], vec![]]).unwrap_err();
+        assert!(err.to_string().contains("different lengths"), "{err}");
+    }
 }

@@ -115,6 +115,11 @@ struct BenchArgs {
     bandwidth_gbs: Option<f64>,
     #[arg(long, default_value_t = 4)]
     num_beams: usize,
+    /// Run every (strategy, new tokens) this many times, the strategies in turn round after
+    /// round; each row reports its median round (by decode tok/s per stream), so that a machine
+    /// whose speed drifts during the bench weighs on every strategy alike.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Engine settings (the `[engine]` table).
     #[arg(long, default_value = "configs/default.toml")]
     config: PathBuf,
@@ -296,6 +301,9 @@ fn run_bench(reg: &Registry, a: BenchArgs) -> Result<()> {
     if a.max_tokens.contains(&0) {
         anyhow::bail!("--max-tokens must be at least 1");
     }
+    if a.rounds == 0 {
+        anyhow::bail!("--rounds must be at least 1");
+    }
     let cfg = if a.config.exists() { SchedulerConfig::from_file(&a.config)? } else { SchedulerConfig::default() };
     let entry = reg.lookup(&a.model)?;
     let device: DeviceSpec = if a.device == "auto" { entry.device } else { a.device.parse()? };
@@ -313,30 +321,35 @@ fn run_bench(reg: &Registry, a: BenchArgs) -> Result<()> {
     };
     let handle = EngineHandle::start(m, cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let mut rows = Vec::new();
+    let mut rounds = Vec::with_capacity(a.rounds);
     let mut failure = None;
-    'runs: for strategy in &a.strategy {
-        for &max_tokens in &a.max_tokens {
-            let spec = bench::BenchSpec {
-                concurrency: a.concurrency.clone(),
-                max_tokens,
-                strategy: strategy.clone(),
-                num_beams: a.num_beams,
-                prompt_tokens: a.prompt_tokens,
-            };
-            match rt.block_on(bench::run(&handle, &spec)) {
-                Ok(r) => rows.extend(r),
-                Err(e) => {
-                    failure = Some(e);
-                    break 'runs;
+    'runs: for _ in 0..a.rounds {
+        let mut rows = Vec::new();
+        for strategy in &a.strategy {
+            for &max_tokens in &a.max_tokens {
+                let spec = bench::BenchSpec {
+                    concurrency: a.concurrency.clone(),
+                    max_tokens,
+                    strategy: strategy.clone(),
+                    num_beams: a.num_beams,
+                    prompt_tokens: a.prompt_tokens,
+                };
+                match rt.block_on(bench::run(&handle, &spec)) {
+                    Ok(r) => rows.extend(r),
+                    Err(e) => {
+                        failure = Some(e);
+                        break 'runs;
+                    }
                 }
             }
         }
+        rounds.push(rows);
     }
     handle.shutdown();
     if let Some(e) = failure {
         return Err(e);
     }
+    let mut rows = bench::median_rows(rounds)?;
     if let Some(bw) = a.bandwidth_gbs {
         bench::add_bandwidth(&mut rows, bytes_per_step, bw);
     }
@@ -344,12 +357,13 @@ fn run_bench(reg: &Registry, a: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         println!(
-            "model {} ({}, {}, {}), {:.2} GB of weights read per decode step\n",
+            "model {} ({}, {}, {}), {:.2} GB of weights read per decode step{}\n",
             info.name,
             info.weights,
             info.device,
             info.dtype,
-            bytes_per_step / 1e9
+            bytes_per_step / 1e9,
+            if a.rounds > 1 { format!("; each row the median of {} rounds", a.rounds) } else { String::new() }
         );
         print!("{}", bench::table(&rows));
     }
