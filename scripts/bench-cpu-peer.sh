@@ -5,8 +5,12 @@
 # distribution (so it is compiled for this CPU) into a cached venv under .bench-cpu-peer/
 # (git-ignored; the first run takes several minutes to compile). Both engines run with 2
 # threads, one after the other, never at the same time. Printed: a markdown ratio table of
-# decode tok/s (short prompt, 128 new tokens, greedy) and prefill tok/s (512-token prompt), each
-# the best of two runs, for both demo models, plus each engine's peak resident set.
+# decode tok/s (short prompt, 128 new tokens, greedy) and prefill tok/s (512-token prompt) for
+# both demo models, plus each engine's peak resident set. This shared machine's speed drifts
+# from minute to minute, so the two engines alternate: ROUNDS rounds (default 3), each one
+# llama.cpp process (a prefill and a decode) then Silica (a prefill and a decode), and each
+# figure is that engine's best over the rounds, the same rule for both; every round's figures
+# are printed too (stderr), so the spread can be reported.
 #
 #   scripts/bench-cpu-peer.sh                 # both demo models
 #   scripts/bench-cpu-peer.sh --install-only  # only build the llama.cpp venv
@@ -21,6 +25,7 @@ VENV=$ROOT/.bench-cpu-peer/venv
 MODELS=${MODELS:-"qwen2.5-coder-0.5b qwen2.5-coder-1.5b"}
 DECODE_TOKENS=${DECODE_TOKENS:-128}
 PREFILL_TOKENS=${PREFILL_TOKENS:-512}
+ROUNDS=${ROUNDS:-3}
 
 # 1. llama.cpp through llama-cpp-python, compiled from the sdist, cached.
 if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
@@ -34,7 +39,7 @@ fi
 
 # 2. Silica, release build.
 cargo build --release --locked -q
-BIN=$ROOT/target/release/silica
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/silica
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 
@@ -62,9 +67,12 @@ toks = llm.tokenize(text.encode(), add_bos=False, special=False)[:n]
 open(out + ".long.txt", "w").write(llm.detokenize(toks).decode())
 open(out + ".short.txt", "w").write("Write a detailed essay about the history of computing.")
 PY
-    # llama.cpp: prefill the long prompt in one batch; decode 128 tokens after the short one.
-    peak "$OUT/$MODEL.llama.rss" "$VENV/bin/python" - "$GGUF" "$THREADS" "$DECODE_TOKENS" "$OUT/$MODEL" \
-        >"$OUT/$MODEL.llama.json" <<'PY'
+    # One round: llama.cpp (prefill the long prompt in one batch, best of two; decode 128
+    # tokens after the short one), then Silica (`silica generate` on the same prompts, raw
+    # text, greedy).
+    llama_run() { # llama_run ROUND
+        peak "$OUT/$MODEL.llama$1.rss" "$VENV/bin/python" - "$GGUF" "$THREADS" "$DECODE_TOKENS" "$OUT/$MODEL" \
+            >"$OUT/$MODEL.llama$1.json" <<'PY'
 import json, sys, time, numpy as np, llama_cpp
 path, threads, ndec, base = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_batch=512, n_ubatch=512, n_threads=threads,
@@ -77,39 +85,36 @@ def argmax():
     return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
 long_text = open(base + ".long.txt").read()
 prefill("Hello there, warm-up.")
-best_pf = 0.0
-for _ in range(2):
-    n, dt = prefill(long_text)
-    best_pf = max(best_pf, n / dt)
-# Greedy decode after the short prompt, one token per eval, as a generation loop does; best
-# of two (this shared machine's speed drifts from minute to minute).
-dec = 0.0
-for _ in range(2):
-    prefill(open(base + ".short.txt").read())
+n, dt = prefill(long_text)
+# Greedy decode after the short prompt, one token per eval, as a generation loop does.
+prefill(open(base + ".short.txt").read())
+tok = argmax()
+t0 = time.perf_counter()
+for _ in range(ndec):
+    llm.eval([tok])
     tok = argmax()
-    t0 = time.perf_counter()
-    for _ in range(ndec):
-        llm.eval([tok])
-        tok = argmax()
-    dec = max(dec, ndec / (time.perf_counter() - t0))
-print(json.dumps({"prefill_tokens": n, "prefill_tps": best_pf, "decode_tps": dec}))
+dec = ndec / (time.perf_counter() - t0)
+print(json.dumps({"prefill_tokens": n, "prefill_tps": n / dt, "decode_tps": dec}))
 PY
-    # Silica: the same prompts through `silica generate` (raw text, greedy).
+    }
     silica_run() { # silica_run PROMPTFILE MAXTOK LOG
         peak "$3.rss" "$BIN" generate --model "$MODEL" --raw --prompt "$(cat "$1")" --max-tokens "$2" \
             >/dev/null 2>"$3"
     }
-    for i in 1 2; do silica_run "$OUT/$MODEL.long.txt" 1 "$OUT/$MODEL.silica.pf$i"; done
-    for i in 1 2; do silica_run "$OUT/$MODEL.short.txt" "$DECODE_TOKENS" "$OUT/$MODEL.silica.dec$i"; done
+    for i in $(seq "$ROUNDS"); do
+        llama_run "$i"
+        silica_run "$OUT/$MODEL.long.txt" 1 "$OUT/$MODEL.silica.pf$i"
+        silica_run "$OUT/$MODEL.short.txt" "$DECODE_TOKENS" "$OUT/$MODEL.silica.dec$i"
+    done
     # And through the engine loop: `silica bench`, one stream, decode after a synthetic
     # 512-token prompt (1000 / inter-token latency p50).
     "$BIN" bench --model "$MODEL" --concurrency 1 --max-tokens "$DECODE_TOKENS" \
         --prompt-tokens "$PREFILL_TOKENS" --json >"$OUT/$MODEL.bench.json" 2>/dev/null || echo '[]' >"$OUT/$MODEL.bench.json"
 done
 
-python3 - "$OUT" $MODELS <<'PY'
+python3 - "$OUT" "$ROUNDS" $MODELS <<'PY'
 import glob, json, os, re, sys
-out, models = sys.argv[1], sys.argv[2:]
+out, rounds, models = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 def field(path, name):
     m = re.search(name + r": ([0-9.]+) tok/s", open(path).read())
     return float(m.group(1)) if m else float("nan")
@@ -124,9 +129,16 @@ print("| model | metric | llama.cpp | Silica `generate` | Silica / llama.cpp | S
 print("| --- | --- | --- | --- | --- | --- |")
 for m in models:
     b = f"{out}/{m}"
-    ll = json.load(open(b + ".llama.json"))
-    pf = max(field(b + ".silica.pf1", "prefill"), field(b + ".silica.pf2", "prefill"))
-    dec = max(field(b + ".silica.dec1", "decode"), field(b + ".silica.dec2", "decode"))
+    lls = [json.load(open(f"{b}.llama{i}.json")) for i in range(1, rounds + 1)]
+    pfs = [field(f"{b}.silica.pf{i}", "prefill") for i in range(1, rounds + 1)]
+    decs = [field(f"{b}.silica.dec{i}", "decode") for i in range(1, rounds + 1)]
+    # Every round, in order (stderr), then each engine's best.
+    for i, (l, p, d) in enumerate(zip(lls, pfs, decs), 1):
+        print(f"{m} round {i}: decode llama.cpp {l['decode_tps']:.1f} Silica {d:.1f}; "
+              f"prefill llama.cpp {l['prefill_tps']:.1f} Silica {p:.1f}", file=sys.stderr)
+    ll = {"prefill_tokens": lls[0]["prefill_tokens"], "prefill_tps": max(l["prefill_tps"] for l in lls),
+          "decode_tps": max(l["decode_tps"] for l in lls)}
+    pf, dec = max(pfs), max(decs)
     rows = json.load(open(b + ".bench.json"))
     row = rows[0] if isinstance(rows, list) and rows else (rows if isinstance(rows, dict) else {})
     bdec = row.get("decode_tokens_per_s") or row.get("per_stream_tokens_per_s")
@@ -141,6 +153,7 @@ print("| --- | --- | --- | --- | --- |")
 for m in models:
     b = f"{out}/{m}"
     size = os.path.getsize(glob.glob(f"models/{m}-instruct-*.gguf")[0])
-    s = rss(b + ".silica.pf1.rss")
-    print(f"| {m} | {gib(size)} | {gib(rss(b + '.llama.rss'))} | {gib(s)} | {s / size:.2f}× |")
+    s = max(rss(f"{b}.silica.pf{i}.rss") for i in range(1, rounds + 1))
+    ll_rss = max(rss(f"{b}.llama{i}.rss") for i in range(1, rounds + 1))
+    print(f"| {m} | {gib(size)} | {gib(ll_rss)} | {gib(s)} | {s / size:.2f}× |")
 PY

@@ -1208,33 +1208,55 @@ mod tests {
 
     /// `cargo test --release -p silica-engine --lib kquant_stream_speed -- --ignored --nocapture`:
     /// one activation row against weights shaped as the 1.5B's gate/up and down projections and
-    /// a 1536×1536 one, 8 copies each so that the first two stream from memory (not the 32 MB
-    /// L3) as in a decode step, run inside the rayon pool as the forward pass is; GB/s of
-    /// weights, median of 9 rounds of 3 sweeps.
+    /// a 1536×1536 one, run inside the rayon pool as the forward pass is; GB/s of weights,
+    /// median of 9 rounds of 3 sweeps. The first two shapes in as many copies as make 256 MB
+    /// (8× the 32 MB L3: with 8 copies, 62–90 MB, part of each sweep still came from the L3),
+    /// so that they stream from memory as in a decode step (≈ 1 GB); the 1536×1536 one in 8
+    /// copies (10.6 MB), which stay in the L3: the kernel's speed in cache. Each round is followed by a round that only
+    /// reads the same bytes, split into the same tasks ([`tiled`]) and summed, the machine's
+    /// streaming rate in the same minute: the kernel's rate over it says how far the kernel is
+    /// from the memory system's limit.
     #[test]
     #[ignore]
     fn kquant_stream_speed() {
+        /// Columns `col0..col0 + cols` of `q`'s bytes, read and summed.
+        fn read_task(q: &KMatrix, col0: usize, cols: usize) -> u64 {
+            let row_bytes = q.k / QK_K * q.format.block_bytes();
+            q.data[col0 * row_bytes..(col0 + cols) * row_bytes]
+                .chunks_exact(8)
+                .fold(0u64, |a, w| a.wrapping_add(u64::from_le_bytes(w.try_into().unwrap())))
+        }
         for dt in [GgmlDType::Q4K, GgmlDType::Q6K] {
             for (n, k) in [(8960, 1536), (1536, 8960), (1536, 1536)] {
                 let (q, xs, _) = setup(dt, n, k, 1);
-                let copies: Vec<KMatrix> = (0..8)
+                let count = if n == k { 8 } else { (256usize << 20).div_ceil(q.data.len()) };
+                let copies: Vec<KMatrix> = (0..count)
                     .map(|_| KMatrix { n, k, format: q.format, data: WeightBytes::from_slice(&q.data).unwrap() })
                     .collect();
-                let mut rates: Vec<f64> = (0..9)
-                    .map(|_| {
-                        rayon::scope(|_| {
-                            let t = std::time::Instant::now();
-                            for _ in 0..3 {
-                                for c in &copies {
+                let sweep = |kernel: bool| {
+                    rayon::scope(|_| {
+                        let t = std::time::Instant::now();
+                        for _ in 0..3 {
+                            for c in &copies {
+                                if kernel {
                                     std::hint::black_box(c.matmul(&xs, 1, Path::best()));
+                                } else {
+                                    std::hint::black_box(tiled(n, 1, ROW_TILE_K, |col0, cols, _, _, out| {
+                                        out.put(0, col0, &[read_task(c, col0, cols) as f32])
+                                    }));
                                 }
                             }
-                            (24 * q.data.len()) as f64 / t.elapsed().as_secs_f64() / 1e9
-                        })
+                        }
+                        (3 * count * q.data.len()) as f64 / t.elapsed().as_secs_f64() / 1e9
                     })
-                    .collect();
+                };
+                let (mut rates, mut reads): (Vec<f64>, Vec<f64>) = (0..9).map(|_| (sweep(true), sweep(false))).unzip();
                 rates.sort_by(f64::total_cmp);
-                println!("{dt:?} {n}x{k}: {:.1} GB/s (min {:.1}, max {:.1})", rates[4], rates[0], rates[8]);
+                reads.sort_by(f64::total_cmp);
+                println!(
+                    "{dt:?} {n}x{k} ×{count}: {:.1} GB/s (min {:.1}, max {:.1}); plain read {:.1} GB/s (min {:.1}, max {:.1})",
+                    rates[4], rates[0], rates[8], reads[4], reads[0], reads[8]
+                );
             }
         }
     }
