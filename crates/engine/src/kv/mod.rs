@@ -99,7 +99,7 @@ fn advise_huge_pages(pool: &Tensor) {
     #[cfg(target_os = "linux")]
     {
         use candle_core::{CpuStorage, Storage};
-        const HUGE: usize = 2 << 20;
+        const HUGE: usize = crate::device::HUGE_PAGE;
         let (storage, _) = pool.storage_and_layout();
         let (ptr, bytes) = match &*storage {
             Storage::Cpu(CpuStorage::F32(v)) => (v.as_ptr() as usize, std::mem::size_of_val(v.as_slice())),

@@ -384,7 +384,7 @@ pub struct WeightArena {
 unsafe impl Send for WeightArena {}
 
 impl WeightArena {
-    const HUGE: usize = 2 << 20;
+    const HUGE: usize = crate::device::HUGE_PAGE;
 
     /// Room for `cap` bytes.
     pub fn new(cap: usize) -> std::io::Result<Self> {
