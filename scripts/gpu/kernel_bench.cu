@@ -122,110 +122,116 @@ static void gemv1_swiglu(const __half* x, const __half* w, __half* y, int n, int
 
 // Step variant: the gate/up product with SwiGLU fused instead of a separate silu_mul.
 static bool g_swiglu = false;
-// Prototype (not in the engine yet): the GEMV before an add+RMSNorm does the norm itself, in
-// its last block (an arrival counter; the last block to arrive adds the residual to the GEMV's
-// output, read past L1, normalizes, and resets the counter), so that the norm kernel and its
-// launch go away. y: [1, n_out] (n_out = the hidden size), as the separate kernels compute it.
-__device__ unsigned int g_arrivals;
-__global__ void __launch_bounds__(256) gemv_addnorm_proto(const __half* x, const __half* w, __half* y, int n_out, int k,
-                                                          int wr_log2, const __half* resid, const __half* nw,
-                                                          __half* s_out, __half* n_out_, float eps) {
-    gemv<__half, 1, false>(x, w, y, n_out, k, wr_log2);
-    __shared__ bool last;
-    __shared__ float red[32];
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&g_arrivals, 1u) == gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    constexpr int MAXU = 4;  // 16-byte units per thread: hidden sizes up to 8192
-    const int units = n_out / 8;
-    float f[MAXU][8];
-    float ss = 0.f;
-#pragma unroll
-    for (int r = 0; r < MAXU; ++r) {
-        const int u = threadIdx.x + r * blockDim.x;
-        if (u < units) {
-            const uint4 xv = reinterpret_cast<const uint4*>(resid)[u];
-            const uint4 hv = __ldcg(reinterpret_cast<const uint4*>(y) + u);
-            const __half* x8 = reinterpret_cast<const __half*>(&xv);
-            const __half* h8 = reinterpret_cast<const __half*>(&hv);
-            uint4 sv;
-            __half* s8 = reinterpret_cast<__half*>(&sv);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                s8[j] = __float2half(__half2float(x8[j]) + __half2float(h8[j]));
-                f[r][j] = __half2float(s8[j]);
-                ss += f[r][j] * f[r][j];
-            }
-            reinterpret_cast<uint4*>(s_out)[u] = sv;
-        }
-    }
-    const float inv = rsqrtf(block_reduce<false>(ss, red) / n_out + eps);
-#pragma unroll
-    for (int r = 0; r < MAXU; ++r) {
-        const int u = threadIdx.x + r * blockDim.x;
-        if (u < units) {
-            const uint4 wv = reinterpret_cast<const uint4*>(nw)[u];
-            const __half* w8 = reinterpret_cast<const __half*>(&wv);
-            uint4 nv;
-            __half* n8 = reinterpret_cast<__half*>(&nv);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) n8[j] = __float2half(f[r][j] * inv * __half2float(w8[j]));
-            reinterpret_cast<uint4*>(n_out_)[u] = nv;
-        }
-    }
-    if (threadIdx.x == 0) g_arrivals = 0;
-}
-static bool g_norm_epi = false;
+// Step variant (the engine's kernels): the residual add in the epilogue of the o and down
+// GEMVs (silica_gemv_add_*), the RMSNorm in the prologue of the qkv and gate/up GEMVs
+// (silica_gemv_norm_*), one norm kernel at the end for the head: no add_rmsnorm per layer.
+static bool g_fold = false;
 
-// Prototype (not in the engine yet): RoPE and the cache write of qkv_rope done by the attention
-// part kernel's blocks (Qwen2.5: bias, no per-head norm; head size 128): each block ropes its
-// head's q, and a block whose positions include the new one writes that position's K and V
-// first (the blocks of one KV head write the same bits), so that qkv_rope and its launch go away.
-__global__ void __launch_bounds__(PD_THREADS) paged_rope_proto(
-    const __half* qkv, const __half* bias, const __half* cos_t, const __half* sin_t, const uint32_t* pos,
-    const uint32_t* slots, __half* q_out, __half* k_pool, __half* v_pool, const uint32_t* table, const uint32_t* lens,
-    float* part_acc, float* part_ml, int nh, int nkv, int max_len, float scale) {
-    constexpr int HD = 128, HALF = HD / 2;
-    __shared__ float xs[2][HD];
+// Prototype: gemv<..., NORM> with as many blocks as fit at once (g_persist_blocks), each
+// normalizing the row once and then taking every gridDim.x-th group of output columns, so that
+// the norm's latency is paid once per block instead of once per wave of blocks.
+template <bool SWIGLU>
+__global__ void __launch_bounds__(256) gemv_norm_persist(const __half* x, const __half* nw, const __half* w, __half* y,
+                                                         int n_out, int k, int wr_log2, float eps) {
+    __shared__ float part[8];
+    __shared__ float fin[8];
+    extern __shared__ __align__(16) unsigned char psm[];
     pdl_trigger();
-    const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, tid = threadIdx.x;
-    const int kvh = h / (nh / nkv), width = (nh + 2 * nkv) * HD;
-    const size_t p = pos[b], slot = slots[b];
-    const bool newest = sp == ((int)lens[b] - 1) / PD_SPLIT;
-    const int i = tid & (HD - 1), which = tid / HD;  // which 0: q (and v), 1: k
-    const int j = i < HALF ? i : i - HALF;
-    const float c = __half2float(cos_t[p * HALF + j]), sn = __half2float(sin_t[p * HALF + j]);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int wr = 1 << wr_log2, cpb = 8 >> wr_log2;
+    const int seg = warp & (wr - 1);
+    const int kv = k / 8, stride = 32 * wr;
+    const int groups = (n_out + cpb - 1) / cpb;
+    int g = blockIdx.x;
+    auto issue = [&](int grp, uint4 (&v)[GEMV_LOADS]) {
+        const int n = grp * cpb + (warp >> wr_log2);
+        const int kv_n = n < n_out ? kv : 0;
+        const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)(n < n_out ? n : 0) * k);
+#pragma unroll
+        for (int u = 0; u < GEMV_LOADS; ++u) {
+            const int i = seg * 32 + lane + u * stride;
+            v[u] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    uint4 v[GEMV_LOADS];
+    issue(g, v);
+    uint4 nwv[NORM_UNITS];
+#pragma unroll
+    for (int r = 0; r < NORM_UNITS; ++r) {
+        const int u = threadIdx.x + 256 * r;
+        nwv[r] = u < kv ? reinterpret_cast<const uint4*>(nw)[u] : make_uint4(0, 0, 0, 0);
+    }
     pdl_wait();
-    const int col = which == 0 ? h * HD + i : (nh + kvh) * HD + i;
-    float x = 0.f;
-    if (which == 0 || newest) {
-        x = __half2float(qkv[(size_t)b * width + col]) + __half2float(bias[col]);
-        xs[which][i] = x;
+    __half* xs = reinterpret_cast<__half*>(psm);
+    gemv_norm_rows<__half, 1>(x, nwv, xs, k, eps);
+    for (; g < groups; g += gridDim.x) {
+        const int n = g * cpb + (warp >> wr_log2);
+        const int kv_n = n < n_out ? kv : 0;
+        const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)(n < n_out ? n : 0) * k);
+        float acc[1] = {0.f};
+        int base = seg * 32 + lane;
+        while (base < kv_n) {
+#pragma unroll
+            for (int u = 0; u < GEMV_LOADS; ++u) {
+                const int i = base + u * stride;
+                if (i < kv_n) gemv_acc<__half, 1>(v[u], xs, k, i, acc);
+            }
+            base += stride * GEMV_LOADS;
+            if (base < kv_n) {
+#pragma unroll
+                for (int u = 0; u < GEMV_LOADS; ++u) {
+                    const int i = base + u * stride;
+                    v[u] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0);
+                }
+            }
+        }
+        if (g + (int)gridDim.x < groups) issue(g + gridDim.x, v);  // the next group's first loads, in flight over the epilogue
+        acc[0] = warp_sum(acc[0]);
+        if (lane == 0) part[warp] = acc[0];
+        __syncthreads();
+        if (seg == 0 && lane == 0) {
+            float s = 0.f;
+            for (int q = 0; q < wr; ++q) s += part[warp + q];
+            if (SWIGLU) fin[warp >> wr_log2] = s;
+            else if (n < n_out) y[n] = __float2half(s);
+        }
+        if (SWIGLU) {
+            __syncthreads();
+            const int t = threadIdx.x;
+            if (t < cpb / 2) {
+                const int j = g * (cpb / 2) + t;
+                if (2 * j < n_out) {
+                    const float a = __half2float(__float2half(fin[2 * t])), b = __half2float(__float2half(fin[2 * t + 1]));
+                    y[j] = __float2half(a / (1.f + __expf(-a)) * b);
+                }
+            }
+        }
+        __syncthreads();  // part and fin free for the next group
     }
-    __syncthreads();
-    if (which == 0 || newest) {
-        const float y = i < HALF ? x * c - xs[which][i + HALF] * sn : x * c + xs[which][j] * sn;
-        if (which == 0)
-            q_out[((size_t)b * nh + h) * HD + i] = __float2half(y);
-        else
-            k_pool[(slot * nkv + kvh) * HD + i] = __float2half(y);
-    }
-    if (newest && which == 0) {
-        const int vc = (nh + nkv + kvh) * HD + i;
-        v_pool[(slot * nkv + kvh) * HD + i] = __float2half(__half2float(qkv[(size_t)b * width + vc]) + __half2float(bias[vc]));
-    }
-    __syncthreads();
-    paged_part<__half, HD>(q_out, k_pool, v_pool, table, lens, part_acc, part_ml, nh, nkv, max_len, scale);
 }
-static bool g_rope_attn = false;
-
-static void gemv1_addnorm(const __half* x, const __half* w, __half* y, int n, int k, const __half* resid, const __half* nw,
-                          __half* s_out, __half* n_out, float eps) {
+static int g_persist_blocks = 0;  // blocks of gemv_norm_persist resident at once (0: not used)
+static void gemv1_norm(const __half* x, const __half* nw, const __half* w, __half* y, int n, int k, float eps) {
     int wr = wr_for(n, k);
-    go(gemv_addnorm_proto, dim3((n + (8 >> wr) - 1) / (8 >> wr)), dim3(256), 0, x, w, y, n, k, wr, resid, nw, s_out, n_out, eps);
+    if (g_persist_blocks) {
+        const int groups = (n + (8 >> wr) - 1) / (8 >> wr);
+        go(gemv_norm_persist<false>, dim3(std::min(groups, g_persist_blocks)), dim3(256), (size_t)k * 2, x, nw, w, y, n, k, wr, eps);
+        return;
+    }
+    go(silica_gemv_norm_f16_1, dim3((n + (8 >> wr) - 1) / (8 >> wr)), dim3(256), (size_t)k * 2, x, nw, w, y, n, k, wr, eps);
+}
+static void gemv1_norm_swiglu(const __half* x, const __half* nw, const __half* w, __half* y, int n, int k, float eps) {
+    int wr = wr_for(n, k);
+    if (wr > 2) wr = 2;
+    if (g_persist_blocks) {
+        const int groups = (n + (8 >> wr) - 1) / (8 >> wr);
+        go(gemv_norm_persist<true>, dim3(std::min(groups, g_persist_blocks)), dim3(256), (size_t)k * 2, x, nw, w, y, n, k, wr, eps);
+        return;
+    }
+    go(silica_gemv_norm_swiglu_f16_1, dim3((n + (8 >> wr) - 1) / (8 >> wr)), dim3(256), (size_t)k * 2, x, nw, w, y, n, k, wr, eps);
+}
+static void gemv1_add(const __half* x, const __half* w, __half* y, int n, int k) {
+    int wr = wr_for(n, k);
+    go(silica_gemv_add_f16_1, dim3((n + (8 >> wr) - 1) / (8 >> wr)), dim3(256), 0, x, w, y, n, k, wr);
 }
 
 // Step variants that leave kernels out (wrong results; upper bounds of what fusing them away
@@ -328,26 +334,26 @@ int main(int argc, char** argv) {
         const float scale = 1.f / sqrtf((float)hd), eps = 1e-6f;
         const int norm_threads = std::min(1024, ((H + 7) / 8 + 31) / 32 * 32);  // fused.rs AddNormOp
         auto layer = [&](int l, const __half* x_res, const __half* x_norm) {
-            gemv1(x_norm, wqkv[l], qkv, qkvw, H);
-            if (g_rope_attn) {
-                go(paged_rope_proto, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)qkv, (const __half*)bias[l],
-                   (const __half*)cosT, (const __half*)sinT, (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l],
-                   (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
+            if (g_fold) {  // x_res is resid, updated in place; the input norm's weights: the previous layer's n2
+                gemv1_norm(resid, n2[(l + L - 1) % L], wqkv[l], qkv, qkvw, H, eps);
+            } else {
+                gemv1(x_norm, wqkv[l], qkv, qkvw, H);
             }
-            if (!g_no_rope && !g_rope_attn)
+            if (!g_no_rope)
             go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
                (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
                (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l], nh, nkv, hd, eps);
-            if (!g_rope_attn)
             go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
                (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
             go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits);
-            if (g_norm_epi) {
-                gemv1_addnorm(att, wo[l], h, H, H, x_res, n1[l], an, an + H, eps);
-            } else {
-                gemv1(att, wo[l], h, H, H);
+            if (g_fold) {
+                gemv1_add(att, wo[l], resid, H, H);
+                gemv1_norm_swiglu(resid, n1[l], wgu[l], act, 2 * I, H, eps);
+                gemv1_add(act, wd[l], resid, H, I);
+                return;
             }
-            if (!g_no_norm && !g_norm_epi)
+            gemv1(att, wo[l], h, H, H);
+            if (!g_no_norm)
             go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, x_res, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps);
             if (g_swiglu) {
                 gemv1_swiglu(an + H, wgu[l], act, 2 * I, H);
@@ -355,16 +361,17 @@ int main(int argc, char** argv) {
                 gemv1(an + H, wgu[l], gu, 2 * I, H);
                 go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I, 0);
             }
-            if (g_norm_epi) {
-                gemv1_addnorm(act, wd[l], h, H, I, an, n2[l], resid, normed, eps);
-            } else {
-                gemv1(act, wd[l], h, H, I);
-            }
-            if (!g_no_norm && !g_norm_epi)
+            gemv1(act, wd[l], h, H, I);
+            if (!g_no_norm)
             go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, (const __half*)an, (const __half*)h, (const __half*)n2[l], resid, normed, 1, H, eps);
+        };
+        // The norm alone (no residual add): the fold's last norm, before the head.
+        auto norm_only = [&](const __half* nw) {
+            go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)nullptr, nw, resid, normed, 1, H, eps);
         };
         auto step = [&]() {
             for (int l = 0; l < L; ++l) layer(l, resid, normed);
+            if (g_fold) norm_only(n2[L - 1]);
             gemv1(normed, head, logits, c.vocab, H);
         };
         if (argc > 2) {  // "ncu": one eager layer, for the profiler
@@ -391,41 +398,46 @@ int main(int argc, char** argv) {
             printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", g_no_norm ? "without the norms" : g_no_rope ? "without qkv_rope" : "all kernels", ms, 1000 / ms);
         }
         g_no_norm = g_no_rope = false;
-        {  // the norm in the GEMV's last block: the same bits as the separate kernels (one layer), then the step
-            // Layer 0 from the same inputs both ways; its outputs: an (the first norm's residual
-            // and normed row), resid and normed (the second's, written over its inputs).
-            std::vector<__half> in(2 * H), a(4 * H), b(4 * H);
+        {  // the fold: the same bits as the separate kernels (one layer), then the step
+            // Layer 0 from the same residual both ways (normed = its input norm, n2[L - 1]);
+            // its outputs: resid and normed (the norm with n2[0] of the new residual).
+            std::vector<__half> in(H), a(2 * H), b(2 * H);
             CK(cudaDeviceSynchronize());
             CK(cudaMemcpy(in.data(), resid, 2 * H, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(in.data() + H, normed, 2 * H, cudaMemcpyDeviceToHost));
             auto run_layer = [&](std::vector<__half>& out) {
                 CK(cudaMemcpy(resid, in.data(), 2 * H, cudaMemcpyHostToDevice));
-                CK(cudaMemcpy(normed, in.data() + H, 2 * H, cudaMemcpyHostToDevice));
+                norm_only(n2[L - 1]);
                 // The new position's K and V cleared: the run must write them itself.
                 CK(cudaMemset(kp[0] + (size_t)p0 * nkv * hd, 0, (size_t)nkv * hd * 2));
                 CK(cudaMemset(vp[0] + (size_t)p0 * nkv * hd, 0, (size_t)nkv * hd * 2));
                 layer(0, resid, normed);
+                if (g_fold) norm_only(n2[0]);
                 CK(cudaStreamSynchronize(g_s));
-                CK(cudaMemcpy(out.data(), an, 4 * H, cudaMemcpyDeviceToHost));
-                CK(cudaMemcpy(out.data() + 2 * H, resid, 2 * H, cudaMemcpyDeviceToHost));
-                CK(cudaMemcpy(out.data() + 3 * H, normed, 2 * H, cudaMemcpyDeviceToHost));
+                CK(cudaMemcpy(out.data(), resid, 2 * H, cudaMemcpyDeviceToHost));
+                CK(cudaMemcpy(out.data() + H, normed, 2 * H, cudaMemcpyDeviceToHost));
             };
+            g_swiglu = true;
             run_layer(a);
-            g_norm_epi = true;
+            g_fold = true;
             run_layer(b);
-            printf("norm in the GEMV's last block: %s the separate kernels' bits\n", memcmp(a.data(), b.data(), 8 * H) ? "NOT" : "exactly");
-            g_norm_epi = false;
-            g_rope_attn = true;
+            printf("norms folded into the GEMVs: %s the separate kernels' bits\n", memcmp(a.data(), b.data(), 4 * H) ? "NOT" : "exactly");
+            int per_sm = 0, sms = 0;
+            CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_norm_persist<true>, 256, (size_t)H * 2));
+            CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+            g_persist_blocks = per_sm * sms;
             run_layer(b);
-            printf("RoPE and the cache write in the attention kernel: %s the separate kernels' bits\n", memcmp(a.data(), b.data(), 8 * H) ? "NOT" : "exactly");
-            for (int v = 0; v < 8; ++v) {
-                g_norm_epi = v & 1;
-                g_rope_attn = v & 2;
+            printf("norms folded into persistent GEMVs (%d blocks): %s the separate kernels' bits\n", g_persist_blocks, memcmp(a.data(), b.data(), 4 * H) ? "NOT" : "exactly");
+            for (int v = 0; v < 6; ++v) {
+                g_fold = v % 3 != 0;
+                const int pb = g_persist_blocks;
+                if (v % 3 == 1) g_persist_blocks = 0;
                 float ms = time_graph(step, 50);
-                printf("step (graph, pdl 1, norms %s, RoPE %s): %.3f ms = %.1f tok/s\n", g_norm_epi ? "in the GEMV's last block" : "separate",
-                       g_rope_attn ? "in attention" : "separate", ms, 1000 / ms);
+                g_persist_blocks = pb;
+                printf("step (graph, pdl 1, swiglu fused, norms %s): %.3f ms = %.1f tok/s\n",
+                       !g_fold ? "separate" : v % 3 == 1 ? "folded into the GEMVs" : "folded into persistent GEMVs", ms, 1000 / ms);
             }
-            g_norm_epi = g_rope_attn = false;
+            g_persist_blocks = 0;
+            g_fold = g_swiglu = false;
         }
         for (int pdl : {0, 1}) {
             g_pdl = pdl;

@@ -173,8 +173,8 @@ __device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool
     const int n = min(PD_SPLIT, (int)lens[b] - p0);
     const uint32_t slot = pslot < n ? table[(size_t)b * max_len + p0 + pslot] : 0u;
     if (sub == 0) sl[pslot] = slot;
-    pdl_wait();
     if (n <= 0) {  // past the end: an empty part (zeros, so that the combine needs no branch)
+        pdl_wait();
         for (int e = tid; e < HD; e += PD_THREADS) part_acc[part * HD + e] = 0.f;
         if (tid == 0) {
             part_ml[2 * part] = -INFINITY;
@@ -183,11 +183,16 @@ __device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool
         return;
     }
     __syncthreads();  // publishes sl
-    // q, this thread's quarter K row and its warp's V rows: every load in flight at once.
+    // This thread's quarter K row and its warp's V rows, every load in flight at once. Only the
+    // new position (`last` in this part, the sequence's last) was written in this step, by the
+    // kernel before this one: the older positions' K/V were written by earlier steps, which
+    // ended before this step's first kernel started (a shared block is copied before a sequence
+    // writes into it, kv/mod.rs), so they are read before the wait, like weights.
+    const int last = (int)lens[b] - 1 - p0;
     const bool on = pslot < n;
     uint4 kw[KPL];
-    if (on) {
-        const uint4* kp = reinterpret_cast<const uint4*>(k_pool + ((size_t)slot * nkv + kvh) * HD) + sub * KPL;
+    const uint4* kp = reinterpret_cast<const uint4*>(k_pool + ((size_t)slot * nkv + kvh) * HD) + sub * KPL;
+    if (on && pslot != last) {
 #pragma unroll
         for (int e = 0; e < KPL; ++e) kw[e] = kp[e];
     }
@@ -195,7 +200,17 @@ __device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool
 #pragma unroll
     for (int u = 0; u < VPW; ++u) {
         const int j = warp + u * PD_WARPS;
-        if (j < n) v[u] = *reinterpret_cast<const Vec*>(v_pool + ((size_t)sl[j] * nkv + kvh) * HD + lane * DPL);
+        if (j < n && j != last) v[u] = *reinterpret_cast<const Vec*>(v_pool + ((size_t)sl[j] * nkv + kvh) * HD + lane * DPL);
+    }
+    pdl_wait();
+    if (on && pslot == last) {
+#pragma unroll
+        for (int e = 0; e < KPL; ++e) kw[e] = kp[e];
+    }
+#pragma unroll
+    for (int u = 0; u < VPW; ++u) {
+        const int j = warp + u * PD_WARPS;
+        if (j == last) v[u] = *reinterpret_cast<const Vec*>(v_pool + ((size_t)sl[j] * nkv + kvh) * HD + lane * DPL);
     }
     const T* qp = q + ((size_t)b * nh + h) * HD;
     for (int e = tid; e < HD; e += PD_THREADS) qs[e] = to_f(qp[e]) * scale;
@@ -330,10 +345,70 @@ __device__ __forceinline__ void gemv_acc(const uint4 wv, const T* __restrict__ x
 // SWIGLU: w is the gate and up projections with their rows interleaved (gate j at row 2j, up j
 // at 2j + 1), a block's columns come in such pairs (8 >> wr_log2 >= 2), and y [M, n_out / 2]
 // gets silu(gate) * up, each product rounded to T first as the separate kernels do.
-template <typename T, int M, bool SWIGLU>
-__device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n_out, int k, int wr_log2) {
+// Hidden sizes the norm of gemv<..., NORM> takes: 16-byte units, at most NORM_UNITS per thread.
+constexpr int NORM_UNITS = 4;
+
+// RMSNorm of the M rows of x [M, k] (the residual stream) into xs [M, k] (shared memory) with the
+// weights nwv (this thread's units, read before the wait), with the same bits as add_rmsnorm's
+// vector path on a block of ceil(k / 8 / 32) warps: each 16-byte unit's squares summed in order,
+// then each warp of 32 units by warp_sum (unit u of thread t is unit t + 256 r, in "virtual
+// warp" 8 r + warp), then the warps' sums in order.
+template <typename T, int M>
+__device__ void gemv_norm_rows(const T* __restrict__ x, const uint4 (&nwv)[NORM_UNITS], T* xs, int k, float eps) {
+    __shared__ float red[NORM_UNITS * 8];
+    const int units = k / 8, vwarps = (units + 31) / 32;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll 1
+    for (int m = 0; m < M; ++m) {
+        const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)m * k);
+        float f[NORM_UNITS][8];
+#pragma unroll
+        for (int r = 0; r < NORM_UNITS; ++r) {
+            const int u = threadIdx.x + 256 * r;
+            float ss = 0.f;
+            if (u < units) {
+                const uint4 xv = xr[u];
+                const T* x8 = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    f[r][j] = to_f(x8[j]);
+                    ss += f[r][j] * f[r][j];
+                }
+            }
+            ss = warp_sum(ss);
+            if (lane == 0 && 8 * r + warp < vwarps) red[8 * r + warp] = ss;
+        }
+        __syncthreads();
+        float tot = 0.f;
+        for (int i = 0; i < vwarps; ++i) tot += red[i];
+        const float inv = rsqrtf(tot / k + eps);
+#pragma unroll
+        for (int r = 0; r < NORM_UNITS; ++r) {
+            const int u = threadIdx.x + 256 * r;
+            if (u < units) {
+                const T* w8 = reinterpret_cast<const T*>(&nwv[r]);
+                uint4 nv;
+                T* n8 = reinterpret_cast<T*>(&nv);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) n8[j] = from_f<T>(f[r][j] * inv * to_f(w8[j]));
+                reinterpret_cast<uint4*>(xs + (size_t)m * k)[u] = nv;
+            }
+        }
+        __syncthreads();  // publishes xs; red free for the next row
+    }
+}
+
+// NORM: x is the residual stream, and the block first normalizes it with the RMSNorm weights
+// nw (gemv_norm_rows) into dynamic shared memory (M * k elements), its product's input: the
+// add_rmsnorm kernel before the GEMV goes away. ADD: y is the residual stream, and each output
+// is rounded to T and added into it (y += x W^T, as add_rmsnorm adds it), by the one thread
+// that writes it. k % 8 == 0 and k <= NORM_UNITS * 256 * 8 with NORM.
+template <typename T, int M, bool SWIGLU, bool NORM = false, bool ADD = false>
+__device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n_out, int k, int wr_log2,
+                     const T* __restrict__ nw = nullptr, float eps = 0.f) {
     __shared__ float part[8][M];
     __shared__ float fin[SWIGLU ? 8 : 1][M];
+    extern __shared__ __align__(16) unsigned char gemv_sm[];
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wr = 1 << wr_log2;
@@ -354,7 +429,20 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
         const int i = base + u * stride;
         v[u] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0);
     }
+    uint4 nwv[NORM_UNITS];  // the norm's weights (NORM), read before the wait
+    if (NORM) {
+#pragma unroll
+        for (int r = 0; r < NORM_UNITS; ++r) {
+            const int u = threadIdx.x + 256 * r;
+            nwv[r] = u < k / 8 ? reinterpret_cast<const uint4*>(nw)[u] : make_uint4(0, 0, 0, 0);
+        }
+    }
     pdl_wait();
+    if (NORM) {
+        T* xs = reinterpret_cast<T*>(gemv_sm);
+        gemv_norm_rows<T, M>(x, nwv, xs, k, eps);
+        x = xs;
+    }
     while (base < kv_n) {
 #pragma unroll
         for (int u = 0; u < GEMV_LOADS; ++u) {
@@ -403,10 +491,17 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
         }
         return;
     }
+    auto put = [&](size_t at, float v) {
+        if (ADD) {
+            y[at] = from_f<T>(to_f(y[at]) + to_f(from_f<T>(v)));
+        } else {
+            y[at] = from_f<T>(v);
+        }
+    };
     if (wr == 1) {
         if (lane == 0 && n < n_out) {
 #pragma unroll
-            for (int m = 0; m < M; ++m) y[(size_t)m * n_out + n] = from_f<T>(acc[m]);
+            for (int m = 0; m < M; ++m) put((size_t)m * n_out + n, acc[m]);
         }
         return;
     }
@@ -418,7 +513,7 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
     if (seg == 0 && lane < M && n < n_out) {
         float s = 0.f;
         for (int g = 0; g < wr; ++g) s += part[warp + g][lane];
-        y[(size_t)lane * n_out + n] = from_f<T>(s);
+        put((size_t)lane * n_out + n, s);
     }
 }
 
@@ -508,7 +603,8 @@ __device__ void gemv_tc(const T* __restrict__ x, const T* __restrict__ w, T* __r
 
 // Residual add and RMSNorm in one pass: s_out = x + h (rounded to T, the new residual),
 // n_out = rmsnorm(s_out) * w. x, h, s_out, n_out: [rows, hdim]; s_out may be x (each element is
-// read before it is written, by the same thread). One block per row.
+// read before it is written, by the same thread). h null: the norm of x alone (s = x, s_out not
+// written). One block per row.
 // Rows of whole, aligned 16-byte units (every Qwen hidden size) take one unit per thread, all
 // loads in flight at once and the norm weights read before the wait; others go element-wise
 // through shared memory.
@@ -534,18 +630,18 @@ __device__ void add_rmsnorm(const T* x, const T* __restrict__ h, const T* __rest
         float ss = 0.f;
         if (on) {
             const uint4 xv = reinterpret_cast<const uint4*>(xr)[u];
-            const uint4 hv = reinterpret_cast<const uint4*>(hr)[u];
+            const uint4 hv = h ? reinterpret_cast<const uint4*>(hr)[u] : make_uint4(0, 0, 0, 0);
             const T* x8 = reinterpret_cast<const T*>(&xv);
             const T* h8 = reinterpret_cast<const T*>(&hv);
             uint4 sv;
             T* s8 = reinterpret_cast<T*>(&sv);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                s8[j] = from_f<T>(to_f(x8[j]) + to_f(h8[j]));
+                s8[j] = h ? from_f<T>(to_f(x8[j]) + to_f(h8[j])) : x8[j];
                 f[j] = to_f(s8[j]);
                 ss += f[j] * f[j];
             }
-            reinterpret_cast<uint4*>(sr)[u] = sv;
+            if (h) reinterpret_cast<uint4*>(sr)[u] = sv;
         }
         const float inv = rsqrtf(block_reduce<false>(ss, red) / hdim + eps);
         if (on) {
@@ -561,8 +657,8 @@ __device__ void add_rmsnorm(const T* x, const T* __restrict__ h, const T* __rest
     pdl_wait();
     float ss = 0.f;
     for (int i = threadIdx.x; i < hdim; i += blockDim.x) {
-        const T s = from_f<T>(to_f(xr[i]) + to_f(hr[i]));
-        sr[i] = s;
+        const T s = h ? from_f<T>(to_f(xr[i]) + to_f(hr[i])) : xr[i];
+        if (h) sr[i] = s;
         const float f = to_f(s);
         sm[i] = f;
         ss += f * f;
@@ -589,6 +685,21 @@ ADD_RMSNORM(__nv_bfloat16, bf16)
         silica_gemv_swiglu_##SUFFIX##_##M(const T* x, const T* w, T* y, int n_out, int k,       \
                                           int wr_log2) {                                        \
         gemv<T, M, true>(x, w, y, n_out, k, wr_log2);                                           \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        silica_gemv_norm_##SUFFIX##_##M(const T* x, const T* nw, const T* w, T* y, int n_out,   \
+                                        int k, int wr_log2, float eps) {                        \
+        gemv<T, M, false, true>(x, w, y, n_out, k, wr_log2, nw, eps);                           \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        silica_gemv_norm_swiglu_##SUFFIX##_##M(const T* x, const T* nw, const T* w, T* y,       \
+                                               int n_out, int k, int wr_log2, float eps) {      \
+        gemv<T, M, true, true>(x, w, y, n_out, k, wr_log2, nw, eps);                            \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256)                                           \
+        silica_gemv_add_##SUFFIX##_##M(const T* x, const T* w, T* y, int n_out, int k,          \
+                                       int wr_log2) {                                           \
+        gemv<T, M, false, false, true>(x, w, y, n_out, k, wr_log2);                             \
     }
 #define GEMV_TC(T, SUFFIX, M)                                                                   \
     extern "C" __global__ void __launch_bounds__(256)                                           \
