@@ -122,117 +122,7 @@ static void gemv1_swiglu(const __half* x, const __half* w, __half* y, int n, int
 
 // Step variant: the gate/up product with SwiGLU fused instead of a separate silu_mul.
 static bool g_swiglu = false;
-// Step variant (the engine's kernels): the residual add in the epilogue of the o and down
-// GEMVs (silica_gemv_add_*), the RMSNorm in the prologue of the qkv and gate/up GEMVs
-// (silica_gemv_norm_*), one norm kernel at the end for the head: no add_rmsnorm per layer.
-static bool g_fold = false;
 
-// Prototype: gemv<..., NORM> with as many blocks as fit at once (g_persist_blocks), each
-// normalizing the row once and then taking every gridDim.x-th group of output columns, so that
-// the norm's latency is paid once per block instead of once per wave of blocks.
-template <bool SWIGLU>
-__global__ void __launch_bounds__(256) gemv_norm_persist(const __half* x, const __half* nw, const __half* w, __half* y,
-                                                         int n_out, int k, int wr_log2, float eps) {
-    __shared__ float part[8];
-    __shared__ float fin[8];
-    extern __shared__ __align__(16) unsigned char psm[];
-    pdl_trigger();
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int wr = 1 << wr_log2, cpb = 8 >> wr_log2;
-    const int seg = warp & (wr - 1);
-    const int kv = k / 8, stride = 32 * wr;
-    const int groups = (n_out + cpb - 1) / cpb;
-    int g = blockIdx.x;
-    auto issue = [&](int grp, uint4 (&v)[GEMV_LOADS]) {
-        const int n = grp * cpb + (warp >> wr_log2);
-        const int kv_n = n < n_out ? kv : 0;
-        const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)(n < n_out ? n : 0) * k);
-#pragma unroll
-        for (int u = 0; u < GEMV_LOADS; ++u) {
-            const int i = seg * 32 + lane + u * stride;
-            v[u] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0);
-        }
-    };
-    uint4 v[GEMV_LOADS];
-    issue(g, v);
-    uint4 nwv[NORM_UNITS];
-#pragma unroll
-    for (int r = 0; r < NORM_UNITS; ++r) {
-        const int u = threadIdx.x + 256 * r;
-        nwv[r] = u < kv ? reinterpret_cast<const uint4*>(nw)[u] : make_uint4(0, 0, 0, 0);
-    }
-    pdl_wait();
-    __half* xs = reinterpret_cast<__half*>(psm);
-    gemv_norm_rows<__half, 1>(x, nwv, xs, k, eps);
-    for (; g < groups; g += gridDim.x) {
-        const int n = g * cpb + (warp >> wr_log2);
-        const int kv_n = n < n_out ? kv : 0;
-        const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)(n < n_out ? n : 0) * k);
-        float acc[1] = {0.f};
-        int base = seg * 32 + lane;
-        while (base < kv_n) {
-#pragma unroll
-            for (int u = 0; u < GEMV_LOADS; ++u) {
-                const int i = base + u * stride;
-                if (i < kv_n) gemv_acc<__half, 1>(v[u], xs, k, i, acc);
-            }
-            base += stride * GEMV_LOADS;
-            if (base < kv_n) {
-#pragma unroll
-                for (int u = 0; u < GEMV_LOADS; ++u) {
-                    const int i = base + u * stride;
-                    v[u] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0);
-                }
-            }
-        }
-        if (g + (int)gridDim.x < groups) issue(g + gridDim.x, v);  // the next group's first loads, in flight over the epilogue
-        acc[0] = warp_sum(acc[0]);
-        if (lane == 0) part[warp] = acc[0];
-        __syncthreads();
-        if (seg == 0 && lane == 0) {
-            float s = 0.f;
-            for (int q = 0; q < wr; ++q) s += part[warp + q];
-            if (SWIGLU) fin[warp >> wr_log2] = s;
-            else if (n < n_out) y[n] = __float2half(s);
-        }
-        if (SWIGLU) {
-            __syncthreads();
-            const int t = threadIdx.x;
-            if (t < cpb / 2) {
-                const int j = g * (cpb / 2) + t;
-                if (2 * j < n_out) {
-                    const float a = __half2float(__float2half(fin[2 * t])), b = __half2float(__float2half(fin[2 * t + 1]));
-                    y[j] = __float2half(a / (1.f + __expf(-a)) * b);
-                }
-            }
-        }
-        __syncthreads();  // part and fin free for the next group
-    }
-}
-static int g_persist_blocks = 0;  // blocks of gemv_norm_persist resident at once (0: not used)
-static void gemv1_norm(const __half* x, const __half* nw, const __half* w, __half* y, int n, int k, float eps) {
-    int wr = wr_for(n, k);
-    if (g_persist_blocks) {
-        const int groups = (n + (8 >> wr) - 1) / (8 >> wr);
-        go(gemv_norm_persist<false>, dim3(std::min(groups, g_persist_blocks)), dim3(256), (size_t)k * 2, x, nw, w, y, n, k, wr, eps);
-        return;
-    }
-    go(silica_gemv_norm_f16_1, dim3((n + (8 >> wr) - 1) / (8 >> wr)), dim3(256), (size_t)k * 2, x, nw, w, y, n, k, wr, eps);
-}
-static void gemv1_norm_swiglu(const __half* x, const __half* nw, const __half* w, __half* y, int n, int k, float eps) {
-    int wr = wr_for(n, k);
-    if (wr > 2) wr = 2;
-    if (g_persist_blocks) {
-        const int groups = (n + (8 >> wr) - 1) / (8 >> wr);
-        go(gemv_norm_persist<true>, dim3(std::min(groups, g_persist_blocks)), dim3(256), (size_t)k * 2, x, nw, w, y, n, k, wr, eps);
-        return;
-    }
-    go(silica_gemv_norm_swiglu_f16_1, dim3((n + (8 >> wr) - 1) / (8 >> wr)), dim3(256), (size_t)k * 2, x, nw, w, y, n, k, wr, eps);
-}
-static void gemv1_add(const __half* x, const __half* w, __half* y, int n, int k) {
-    int wr = wr_for(n, k);
-    go(silica_gemv_add_f16_1, dim3((n + (8 >> wr) - 1) / (8 >> wr)), dim3(256), 0, x, w, y, n, k, wr);
-}
 
 // Step variants that leave kernels out (wrong results; upper bounds of what fusing them away
 // could save): the two add+RMSNorm kernels of a layer, its qkv_rope.
@@ -334,11 +224,7 @@ int main(int argc, char** argv) {
         const float scale = 1.f / sqrtf((float)hd), eps = 1e-6f;
         const int norm_threads = std::min(1024, ((H + 7) / 8 + 31) / 32 * 32);  // fused.rs AddNormOp
         auto layer = [&](int l, const __half* x_res, const __half* x_norm) {
-            if (g_fold) {  // x_res is resid, updated in place; the input norm's weights: the previous layer's n2
-                gemv1_norm(resid, n2[(l + L - 1) % L], wqkv[l], qkv, qkvw, H, eps);
-            } else {
-                gemv1(x_norm, wqkv[l], qkv, qkvw, H);
-            }
+            gemv1(x_norm, wqkv[l], qkv, qkvw, H);
             if (!g_no_rope)
             go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
                (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
@@ -346,12 +232,6 @@ int main(int argc, char** argv) {
             go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
                (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
             go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits);
-            if (g_fold) {
-                gemv1_add(att, wo[l], resid, H, H);
-                gemv1_norm_swiglu(resid, n1[l], wgu[l], act, 2 * I, H, eps);
-                gemv1_add(act, wd[l], resid, H, I);
-                return;
-            }
             gemv1(att, wo[l], h, H, H);
             if (!g_no_norm)
             go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, x_res, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps);
@@ -365,13 +245,8 @@ int main(int argc, char** argv) {
             if (!g_no_norm)
             go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, (const __half*)an, (const __half*)h, (const __half*)n2[l], resid, normed, 1, H, eps);
         };
-        // The norm alone (no residual add): the fold's last norm, before the head.
-        auto norm_only = [&](const __half* nw) {
-            go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)nullptr, nw, resid, normed, 1, H, eps);
-        };
         auto step = [&]() {
             for (int l = 0; l < L; ++l) layer(l, resid, normed);
-            if (g_fold) norm_only(n2[L - 1]);
             gemv1(normed, head, logits, c.vocab, H);
         };
         if (argc > 2) {  // "ncu": one eager layer, for the profiler
@@ -398,47 +273,6 @@ int main(int argc, char** argv) {
             printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", g_no_norm ? "without the norms" : g_no_rope ? "without qkv_rope" : "all kernels", ms, 1000 / ms);
         }
         g_no_norm = g_no_rope = false;
-        {  // the fold: the same bits as the separate kernels (one layer), then the step
-            // Layer 0 from the same residual both ways (normed = its input norm, n2[L - 1]);
-            // its outputs: resid and normed (the norm with n2[0] of the new residual).
-            std::vector<__half> in(H), a(2 * H), b(2 * H);
-            CK(cudaDeviceSynchronize());
-            CK(cudaMemcpy(in.data(), resid, 2 * H, cudaMemcpyDeviceToHost));
-            auto run_layer = [&](std::vector<__half>& out) {
-                CK(cudaMemcpy(resid, in.data(), 2 * H, cudaMemcpyHostToDevice));
-                norm_only(n2[L - 1]);
-                // The new position's K and V cleared: the run must write them itself.
-                CK(cudaMemset(kp[0] + (size_t)p0 * nkv * hd, 0, (size_t)nkv * hd * 2));
-                CK(cudaMemset(vp[0] + (size_t)p0 * nkv * hd, 0, (size_t)nkv * hd * 2));
-                layer(0, resid, normed);
-                if (g_fold) norm_only(n2[0]);
-                CK(cudaStreamSynchronize(g_s));
-                CK(cudaMemcpy(out.data(), resid, 2 * H, cudaMemcpyDeviceToHost));
-                CK(cudaMemcpy(out.data() + H, normed, 2 * H, cudaMemcpyDeviceToHost));
-            };
-            g_swiglu = true;
-            run_layer(a);
-            g_fold = true;
-            run_layer(b);
-            printf("norms folded into the GEMVs: %s the separate kernels' bits\n", memcmp(a.data(), b.data(), 4 * H) ? "NOT" : "exactly");
-            int per_sm = 0, sms = 0;
-            CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_norm_persist<true>, 256, (size_t)H * 2));
-            CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-            g_persist_blocks = per_sm * sms;
-            run_layer(b);
-            printf("norms folded into persistent GEMVs (%d blocks): %s the separate kernels' bits\n", g_persist_blocks, memcmp(a.data(), b.data(), 4 * H) ? "NOT" : "exactly");
-            for (int v = 0; v < 6; ++v) {
-                g_fold = v % 3 != 0;
-                const int pb = g_persist_blocks;
-                if (v % 3 == 1) g_persist_blocks = 0;
-                float ms = time_graph(step, 50);
-                g_persist_blocks = pb;
-                printf("step (graph, pdl 1, swiglu fused, norms %s): %.3f ms = %.1f tok/s\n",
-                       !g_fold ? "separate" : v % 3 == 1 ? "folded into the GEMVs" : "folded into persistent GEMVs", ms, 1000 / ms);
-            }
-            g_persist_blocks = 0;
-            g_fold = g_swiglu = false;
-        }
         for (int pdl : {0, 1}) {
             g_pdl = pdl;
             g_alloc = true;

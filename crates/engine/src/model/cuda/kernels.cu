@@ -345,70 +345,10 @@ __device__ __forceinline__ void gemv_acc(const uint4 wv, const T* __restrict__ x
 // SWIGLU: w is the gate and up projections with their rows interleaved (gate j at row 2j, up j
 // at 2j + 1), a block's columns come in such pairs (8 >> wr_log2 >= 2), and y [M, n_out / 2]
 // gets silu(gate) * up, each product rounded to T first as the separate kernels do.
-// Hidden sizes the norm of gemv<..., NORM> takes: 16-byte units, at most NORM_UNITS per thread.
-constexpr int NORM_UNITS = 4;
-
-// RMSNorm of the M rows of x [M, k] (the residual stream) into xs [M, k] (shared memory) with the
-// weights nwv (this thread's units, read before the wait), with the same bits as add_rmsnorm's
-// vector path on a block of ceil(k / 8 / 32) warps: each 16-byte unit's squares summed in order,
-// then each warp of 32 units by warp_sum (unit u of thread t is unit t + 256 r, in "virtual
-// warp" 8 r + warp), then the warps' sums in order.
-template <typename T, int M>
-__device__ void gemv_norm_rows(const T* __restrict__ x, const uint4 (&nwv)[NORM_UNITS], T* xs, int k, float eps) {
-    __shared__ float red[NORM_UNITS * 8];
-    const int units = k / 8, vwarps = (units + 31) / 32;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll 1
-    for (int m = 0; m < M; ++m) {
-        const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)m * k);
-        float f[NORM_UNITS][8];
-#pragma unroll
-        for (int r = 0; r < NORM_UNITS; ++r) {
-            const int u = threadIdx.x + 256 * r;
-            float ss = 0.f;
-            if (u < units) {
-                const uint4 xv = xr[u];
-                const T* x8 = reinterpret_cast<const T*>(&xv);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    f[r][j] = to_f(x8[j]);
-                    ss += f[r][j] * f[r][j];
-                }
-            }
-            ss = warp_sum(ss);
-            if (lane == 0 && 8 * r + warp < vwarps) red[8 * r + warp] = ss;
-        }
-        __syncthreads();
-        float tot = 0.f;
-        for (int i = 0; i < vwarps; ++i) tot += red[i];
-        const float inv = rsqrtf(tot / k + eps);
-#pragma unroll
-        for (int r = 0; r < NORM_UNITS; ++r) {
-            const int u = threadIdx.x + 256 * r;
-            if (u < units) {
-                const T* w8 = reinterpret_cast<const T*>(&nwv[r]);
-                uint4 nv;
-                T* n8 = reinterpret_cast<T*>(&nv);
-#pragma unroll
-                for (int j = 0; j < 8; ++j) n8[j] = from_f<T>(f[r][j] * inv * to_f(w8[j]));
-                reinterpret_cast<uint4*>(xs + (size_t)m * k)[u] = nv;
-            }
-        }
-        __syncthreads();  // publishes xs; red free for the next row
-    }
-}
-
-// NORM: x is the residual stream, and the block first normalizes it with the RMSNorm weights
-// nw (gemv_norm_rows) into dynamic shared memory (M * k elements), its product's input: the
-// add_rmsnorm kernel before the GEMV goes away. ADD: y is the residual stream, and each output
-// is rounded to T and added into it (y += x W^T, as add_rmsnorm adds it), by the one thread
-// that writes it. k % 8 == 0 and k <= NORM_UNITS * 256 * 8 with NORM.
-template <typename T, int M, bool SWIGLU, bool NORM = false, bool ADD = false>
-__device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n_out, int k, int wr_log2,
-                     const T* __restrict__ nw = nullptr, float eps = 0.f) {
+template <typename T, int M, bool SWIGLU>
+__device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n_out, int k, int wr_log2) {
     __shared__ float part[8][M];
     __shared__ float fin[SWIGLU ? 8 : 1][M];
-    extern __shared__ __align__(16) unsigned char gemv_sm[];
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int wr = 1 << wr_log2;
@@ -429,20 +369,7 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
         const int i = base + u * stride;
         v[u] = i < kv_n ? ld_stream(row + i) : make_uint4(0, 0, 0, 0);
     }
-    uint4 nwv[NORM_UNITS];  // the norm's weights (NORM), read before the wait
-    if (NORM) {
-#pragma unroll
-        for (int r = 0; r < NORM_UNITS; ++r) {
-            const int u = threadIdx.x + 256 * r;
-            nwv[r] = u < k / 8 ? reinterpret_cast<const uint4*>(nw)[u] : make_uint4(0, 0, 0, 0);
-        }
-    }
     pdl_wait();
-    if (NORM) {
-        T* xs = reinterpret_cast<T*>(gemv_sm);
-        gemv_norm_rows<T, M>(x, nwv, xs, k, eps);
-        x = xs;
-    }
     while (base < kv_n) {
 #pragma unroll
         for (int u = 0; u < GEMV_LOADS; ++u) {
@@ -491,17 +418,10 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
         }
         return;
     }
-    auto put = [&](size_t at, float v) {
-        if (ADD) {
-            y[at] = from_f<T>(to_f(y[at]) + to_f(from_f<T>(v)));
-        } else {
-            y[at] = from_f<T>(v);
-        }
-    };
     if (wr == 1) {
         if (lane == 0 && n < n_out) {
 #pragma unroll
-            for (int m = 0; m < M; ++m) put((size_t)m * n_out + n, acc[m]);
+            for (int m = 0; m < M; ++m) y[(size_t)m * n_out + n] = from_f<T>(acc[m]);
         }
         return;
     }
@@ -513,7 +433,7 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
     if (seg == 0 && lane < M && n < n_out) {
         float s = 0.f;
         for (int g = 0; g < wr; ++g) s += part[warp + g][lane];
-        put((size_t)lane * n_out + n, s);
+        y[(size_t)lane * n_out + n] = from_f<T>(s);
     }
 }
 
@@ -603,8 +523,7 @@ __device__ void gemv_tc(const T* __restrict__ x, const T* __restrict__ w, T* __r
 
 // Residual add and RMSNorm in one pass: s_out = x + h (rounded to T, the new residual),
 // n_out = rmsnorm(s_out) * w. x, h, s_out, n_out: [rows, hdim]; s_out may be x (each element is
-// read before it is written, by the same thread). h null: the norm of x alone (s = x, s_out not
-// written). One block per row.
+// read before it is written, by the same thread). One block per row.
 // Rows of whole, aligned 16-byte units (every Qwen hidden size) take one unit per thread, all
 // loads in flight at once and the norm weights read before the wait; others go element-wise
 // through shared memory.
@@ -630,18 +549,18 @@ __device__ void add_rmsnorm(const T* x, const T* __restrict__ h, const T* __rest
         float ss = 0.f;
         if (on) {
             const uint4 xv = reinterpret_cast<const uint4*>(xr)[u];
-            const uint4 hv = h ? reinterpret_cast<const uint4*>(hr)[u] : make_uint4(0, 0, 0, 0);
+            const uint4 hv = reinterpret_cast<const uint4*>(hr)[u];
             const T* x8 = reinterpret_cast<const T*>(&xv);
             const T* h8 = reinterpret_cast<const T*>(&hv);
             uint4 sv;
             T* s8 = reinterpret_cast<T*>(&sv);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                s8[j] = h ? from_f<T>(to_f(x8[j]) + to_f(h8[j])) : x8[j];
+                s8[j] = from_f<T>(to_f(x8[j]) + to_f(h8[j]));
                 f[j] = to_f(s8[j]);
                 ss += f[j] * f[j];
             }
-            if (h) reinterpret_cast<uint4*>(sr)[u] = sv;
+            reinterpret_cast<uint4*>(sr)[u] = sv;
         }
         const float inv = rsqrtf(block_reduce<false>(ss, red) / hdim + eps);
         if (on) {
@@ -657,8 +576,8 @@ __device__ void add_rmsnorm(const T* x, const T* __restrict__ h, const T* __rest
     pdl_wait();
     float ss = 0.f;
     for (int i = threadIdx.x; i < hdim; i += blockDim.x) {
-        const T s = h ? from_f<T>(to_f(xr[i]) + to_f(hr[i])) : xr[i];
-        if (h) sr[i] = s;
+        const T s = from_f<T>(to_f(xr[i]) + to_f(hr[i]));
+        sr[i] = s;
         const float f = to_f(s);
         sm[i] = f;
         ss += f * f;
@@ -685,21 +604,6 @@ ADD_RMSNORM(__nv_bfloat16, bf16)
         silica_gemv_swiglu_##SUFFIX##_##M(const T* x, const T* w, T* y, int n_out, int k,       \
                                           int wr_log2) {                                        \
         gemv<T, M, true>(x, w, y, n_out, k, wr_log2);                                           \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256)                                           \
-        silica_gemv_norm_##SUFFIX##_##M(const T* x, const T* nw, const T* w, T* y, int n_out,   \
-                                        int k, int wr_log2, float eps) {                        \
-        gemv<T, M, false, true>(x, w, y, n_out, k, wr_log2, nw, eps);                           \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256)                                           \
-        silica_gemv_norm_swiglu_##SUFFIX##_##M(const T* x, const T* nw, const T* w, T* y,       \
-                                               int n_out, int k, int wr_log2, float eps) {      \
-        gemv<T, M, true, true>(x, w, y, n_out, k, wr_log2, nw, eps);                            \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256)                                           \
-        silica_gemv_add_##SUFFIX##_##M(const T* x, const T* w, T* y, int n_out, int k,          \
-                                       int wr_log2) {                                           \
-        gemv<T, M, false, false, true>(x, w, y, n_out, k, wr_log2);                             \
     }
 #define GEMV_TC(T, SUFFIX, M)                                                                   \
     extern "C" __global__ void __launch_bounds__(256)                                           \
