@@ -173,8 +173,8 @@ __device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool
     const int n = min(PD_SPLIT, (int)lens[b] - p0);
     const uint32_t slot = pslot < n ? table[(size_t)b * max_len + p0 + pslot] : 0u;
     if (sub == 0) sl[pslot] = slot;
+    pdl_wait();
     if (n <= 0) {  // past the end: an empty part (zeros, so that the combine needs no branch)
-        pdl_wait();
         for (int e = tid; e < HD; e += PD_THREADS) part_acc[part * HD + e] = 0.f;
         if (tid == 0) {
             part_ml[2 * part] = -INFINITY;
@@ -183,16 +183,11 @@ __device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool
         return;
     }
     __syncthreads();  // publishes sl
-    // This thread's quarter K row and its warp's V rows, every load in flight at once. Only the
-    // new position (`last` in this part, the sequence's last) was written in this step, by the
-    // kernel before this one: the older positions' K/V were written by earlier steps, which
-    // ended before this step's first kernel started (a shared block is copied before a sequence
-    // writes into it, kv/mod.rs), so they are read before the wait, like weights.
-    const int last = (int)lens[b] - 1 - p0;
+    // q, this thread's quarter K row and its warp's V rows: every load in flight at once.
     const bool on = pslot < n;
     uint4 kw[KPL];
-    const uint4* kp = reinterpret_cast<const uint4*>(k_pool + ((size_t)slot * nkv + kvh) * HD) + sub * KPL;
-    if (on && pslot != last) {
+    if (on) {
+        const uint4* kp = reinterpret_cast<const uint4*>(k_pool + ((size_t)slot * nkv + kvh) * HD) + sub * KPL;
 #pragma unroll
         for (int e = 0; e < KPL; ++e) kw[e] = kp[e];
     }
@@ -200,17 +195,7 @@ __device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool
 #pragma unroll
     for (int u = 0; u < VPW; ++u) {
         const int j = warp + u * PD_WARPS;
-        if (j < n && j != last) v[u] = *reinterpret_cast<const Vec*>(v_pool + ((size_t)sl[j] * nkv + kvh) * HD + lane * DPL);
-    }
-    pdl_wait();
-    if (on && pslot == last) {
-#pragma unroll
-        for (int e = 0; e < KPL; ++e) kw[e] = kp[e];
-    }
-#pragma unroll
-    for (int u = 0; u < VPW; ++u) {
-        const int j = warp + u * PD_WARPS;
-        if (j == last) v[u] = *reinterpret_cast<const Vec*>(v_pool + ((size_t)sl[j] * nkv + kvh) * HD + lane * DPL);
+        if (j < n) v[u] = *reinterpret_cast<const Vec*>(v_pool + ((size_t)sl[j] * nkv + kvh) * HD + lane * DPL);
     }
     const T* qp = q + ((size_t)b * nh + h) * HD;
     for (int e = tid; e < HD; e += PD_THREADS) qs[e] = to_f(qp[e]) * scale;
