@@ -246,7 +246,7 @@ fn run(cli: Cli) -> Result<()> {
                     println!("{}", serde_json::to_string(&top)?);
                 }
                 Some(from) => {
-                    let (top, diff) = silica_engine::generate::teacher_forced_decode(&m, &tokens, a.top, from, a.streams)?;
+                    let (top, diff) = silica_engine::generate::teacher_forced_decode(&m.model, &tokens, a.top, from, a.streams)?;
                     println!("{}", serde_json::json!({ "top": top, "copy_max_rel_diff": diff }));
                 }
             }

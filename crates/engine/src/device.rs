@@ -167,11 +167,11 @@ impl DTypeSpec {
     }
 }
 
-/// A short human name for a device ("cpu", "cuda:0", "metal").
 /// The size of a transparent huge page on Linux (x86-64 and aarch64 with 4 KB base pages):
 /// the weight arena (`model::q8`) and the CPU KV pools (`kv`) ask for pages of this size.
 pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
+/// A short human name for a device ("cpu", "cuda:0", "metal").
 pub fn device_name(device: &Device) -> String {
     match device.location() {
         candle_core::DeviceLocation::Cpu => "cpu".into(),

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{EngineError, Result};
 use crate::kv::{KvCache, SeqCache};
 use crate::loaded::LoadedModel;
-use crate::model::SeqInput;
+use crate::model::{QwenModel, SeqInput};
 use crate::sampling::beam::{BeamSearch, BeamSearchParams};
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, StopMatcher};
@@ -485,7 +485,7 @@ pub fn teacher_forced_top_k(m: &LoadedModel, tokens: &[u32], k: usize) -> Result
 /// positions. Returns copy 0's top `k` per position and the largest difference between copies
 /// (absolute, over the row's largest |logit|).
 pub fn teacher_forced_decode(
-    m: &LoadedModel,
+    model: &QwenModel,
     tokens: &[u32],
     k: usize,
     decode_from: usize,
@@ -498,14 +498,14 @@ pub fn teacher_forced_decode(
             format!("need streams ({streams}) >= 1 and streams <= decode_from ({decode_from}) < tokens ({n})"),
         ));
     }
-    let mut kv = m.kv_cache_for_tokens(streams * (n + 16), 16)?;
+    let mut kv = model.kv_cache_for_tokens(streams * (n + 16), 16)?;
     let mut seqs: Vec<SeqCache> = (0..streams).map(|_| SeqCache::default()).collect();
     let result = (|| -> Result<(Vec<Vec<(u32, f32)>>, f32)> {
         let mut rows: Vec<Vec<f32>> = Vec::with_capacity(n);
         for (j, seq) in seqs.iter_mut().enumerate() {
             kv.reserve(seq, n)?;
             let p = decode_from - j;
-            let l = m.model.forward(&[SeqInput { tokens: &tokens[..p], cache: seq, all_logits: j == 0 }], &mut kv)?;
+            let l = model.forward(&[SeqInput { tokens: &tokens[..p], cache: seq, all_logits: j == 0 }], &mut kv)?;
             if j == 0 {
                 rows.extend(l.to_vec2::<f32>()?);
             }
@@ -521,7 +521,7 @@ pub fn teacher_forced_decode(
                 .iter()
                 .map(|&j| SeqInput { tokens: &tokens[seqs[j].len..seqs[j].len + 1], cache: &seqs[j], all_logits: false })
                 .collect();
-            let l = m.model.forward(&inputs, &mut kv)?.to_vec2::<f32>()?;
+            let l = model.forward(&inputs, &mut kv)?.to_vec2::<f32>()?;
             for (row, &j) in l.into_iter().zip(&active) {
                 let pos = seqs[j].len;
                 if j == 0 {

@@ -7,7 +7,7 @@ use candle_core::Device;
 
 use crate::device::{device_name, DTypeSpec, DeviceSpec};
 use crate::error::Result;
-use crate::kv::{KvCache, KvCacheConfig};
+use crate::kv::KvCache;
 use crate::model::{open_weights, Format, ModelConfig, ModelFiles, QwenModel, WeightSource};
 use crate::tokenizer::TextTokenizer;
 
@@ -118,7 +118,6 @@ impl LoadedModel {
 
     /// A KV cache holding `tokens` positions in blocks of `block_size`.
     pub fn kv_cache_for_tokens(&self, tokens: usize, block_size: usize) -> Result<KvCache> {
-        let num_blocks = tokens.div_ceil(block_size).max(1);
-        self.model.new_kv_cache(KvCacheConfig { block_size, num_blocks })
+        self.model.kv_cache_for_tokens(tokens, block_size)
     }
 }

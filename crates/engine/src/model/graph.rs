@@ -260,8 +260,24 @@ fn capture(
 #[cfg(test)]
 mod tests {
     use crate::kv::{KvCacheConfig, SeqCache};
-    use crate::model::{Arch, QwenModel, SeqInput, WeightSource};
+    use crate::model::{Arch, ModelConfig, QwenModel, SeqInput, WeightSource};
     use candle_core::{DType, Device};
+
+    /// A tiny random Qwen2 checkpoint (F16 safetensors in a temporary directory) with
+    /// `heads` query heads of 64 sharing `kv_heads` K/V heads, and a loader for it on `dev`.
+    fn tiny_checkpoint(heads: usize, kv_heads: usize, seed: u64) -> (ModelConfig, tempfile::TempDir) {
+        let mut cfg = crate::testing::tiny_config(Arch::Qwen2, false);
+        (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (128, 256, heads, kv_heads, 64);
+        cfg.max_position_embeddings = 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let weights = crate::testing::random_weights(&cfg, seed).unwrap();
+        crate::testing::write_safetensors_dir(dir.path(), &cfg, &weights, DType::F16, 1).unwrap();
+        (cfg, dir)
+    }
+
+    fn load(cfg: &ModelConfig, dir: &tempfile::TempDir, dev: &Device) -> QwenModel {
+        QwenModel::load(cfg.clone(), &mut WeightSource::safetensors(dir.path(), DType::F16, dev).unwrap(), dev).unwrap()
+    }
 
     #[test]
     fn replayed_decode_steps_equal_eager_ones() {
@@ -270,79 +286,32 @@ mod tests {
         replay_matches_eager(3, 40);
     }
 
-    /// Copies of one sequence prefilled to different lengths, then decoded together (rows of
-    /// different lengths, several attention splits each, as `silica logits --decode-from
-    /// --streams` does on the GPU machine): each copy's logits at a position must match the
-    /// first copy's, F16 rounding apart. (The K/V reads before the PDL wait that broke the H100's
-    /// teacher-forced check did not fail this test; `replayed_decode_steps_equal_eager_ones`
-    /// failed on them in 4 runs of 4, and had passed once before.)
+    /// `teacher_forced_decode` with copies of one sequence prefilled to different lengths, then
+    /// decoded together (rows of different lengths, several attention splits each, as `silica
+    /// logits --decode-from --streams` does on the GPU machine): the copies' logits at a
+    /// position must match the first copy's, F16 rounding apart. (The K/V reads before the PDL
+    /// wait that broke the H100's teacher-forced check did not fail this test;
+    /// `replayed_decode_steps_equal_eager_ones` failed on them in 4 runs of 4, and had passed
+    /// once before.)
     #[test]
     fn copies_of_different_lengths_decode_alike() {
         let dev = Device::new_cuda(0).expect("a CUDA device");
-        let mut cfg = crate::testing::tiny_config(Arch::Qwen2, false);
-        (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (128, 256, 4, 2, 64);
-        cfg.max_position_embeddings = 1024;
-        let dir = tempfile::tempdir().unwrap();
-        let weights = crate::testing::random_weights(&cfg, 5).unwrap();
-        crate::testing::write_safetensors_dir(dir.path(), &cfg, &weights, DType::F16, 1).unwrap();
-        let m = QwenModel::load(cfg.clone(), &mut WeightSource::safetensors(dir.path(), DType::F16, &dev).unwrap(), &dev).unwrap();
+        let (cfg, dir) = tiny_checkpoint(4, 2, 5);
+        let m = load(&cfg, &dir, &dev);
         assert!(m.graphs.is_some(), "the fused kernels and graphs apply to this model");
-        let (copies, decode_from, n) = (4usize, 150usize, 300usize);
-        let tokens: Vec<u32> = (0..n as u32).map(|i| (i * 7919 + 13) % cfg.vocab_size as u32).collect();
-        let mut kv = m.new_kv_cache(KvCacheConfig { block_size: 16, num_blocks: 128 }).unwrap();
-        let mut seqs = vec![SeqCache::default(); copies];
-        for (j, seq) in seqs.iter_mut().enumerate() {
-            kv.reserve(seq, n).unwrap();
-            let p = decode_from - j;
-            m.forward(&[SeqInput { tokens: &tokens[..p], cache: seq, all_logits: false }], &mut kv).unwrap();
-            seq.len = p;
-        }
-        let mut first: Vec<Vec<f32>> = vec![Vec::new(); n];
-        let mut worst = 0f32;
-        loop {
-            let active: Vec<usize> = (0..copies).filter(|&j| seqs[j].len < n).collect();
-            if active.is_empty() {
-                break;
-            }
-            let inputs: Vec<SeqInput<'_>> = active
-                .iter()
-                .map(|&j| SeqInput { tokens: &tokens[seqs[j].len..seqs[j].len + 1], cache: &seqs[j], all_logits: false })
-                .collect();
-            let rows: Vec<Vec<f32>> = m.forward(&inputs, &mut kv).unwrap().to_vec2().unwrap();
-            for (row, &j) in rows.into_iter().zip(&active) {
-                let pos = seqs[j].len;
-                assert!(row.iter().all(|v| v.is_finite()), "copy {j}, position {pos}: logits not finite");
-                if j == 0 {
-                    first[pos] = row;
-                } else if pos >= decode_from {
-                    let reference = &first[pos];
-                    let scale = reference.iter().fold(0f32, |a, &x| a.max(x.abs())).max(1e-6);
-                    let diff = row.iter().zip(reference).fold(0f32, |a, (&x, &y)| a.max((x - y).abs()));
-                    worst = worst.max(diff / scale);
-                }
-            }
-            for &j in &active {
-                seqs[j].len += 1;
-            }
-        }
-        // Copy 0's positions decode_from.. came from decode steps, the others' partly from
-        // their prefill: F16 rounding apart, ~0.01 of the range (0.007 on the H100's 3B).
-        assert!(worst < 0.03, "copies differ by {worst} of the logit range");
-        for seq in &mut seqs {
-            kv.free(seq);
-        }
+        let tokens: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % cfg.vocab_size as u32).collect();
+        let (top, diff) = crate::generate::teacher_forced_decode(&m, &tokens, 1, 150, 4).unwrap();
+        assert_eq!(top.len(), tokens.len());
+        assert!(top.iter().flatten().all(|&(_, v)| v.is_finite()), "copy 0's logits not finite");
+        // Copy 0 prefilled the positions that copy j decoded (150 - j .. 150): F16 rounding
+        // apart, ~0.01 of the logit range (0.007 on the H100's 3B).
+        assert!(diff < 0.03, "copies differ by {diff} of the logit range");
     }
 
     fn replay_matches_eager(seqs: usize, steps: usize) {
         let dev = Device::new_cuda(0).expect("a CUDA device");
-        let mut cfg = crate::testing::tiny_config(Arch::Qwen2, false);
-        (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (128, 256, 2, 1, 64);
-        cfg.max_position_embeddings = 1024;
-        let dir = tempfile::tempdir().unwrap();
-        let weights = crate::testing::random_weights(&cfg, 3).unwrap();
-        crate::testing::write_safetensors_dir(dir.path(), &cfg, &weights, DType::F16, 1).unwrap();
-        let load = || QwenModel::load(cfg.clone(), &mut WeightSource::safetensors(dir.path(), DType::F16, &dev).unwrap(), &dev).unwrap();
-        let (graphs, mut eager) = (load(), load());
+        let (cfg, dir) = tiny_checkpoint(2, 1, 3);
+        let (graphs, mut eager) = (load(&cfg, &dir, &dev), load(&cfg, &dir, &dev));
         assert!(graphs.graphs.is_some(), "the fused kernels and graphs apply to this model");
         eager.graphs = None;
         let kv_cfg = KvCacheConfig { block_size: 16, num_blocks: 64 };

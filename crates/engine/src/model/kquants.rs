@@ -1212,10 +1212,10 @@ mod tests {
     /// median of 9 rounds of 3 sweeps. The first two shapes in as many copies as make 256 MB
     /// (8× the 32 MB L3: with 8 copies, 62–90 MB, part of each sweep still came from the L3),
     /// so that they stream from memory as in a decode step (≈ 1 GB); the 1536×1536 one in 8
-    /// copies (10.6 MB), which stay in the L3: the kernel's speed in cache. Each round is followed by a round that only
-    /// reads the same bytes, split into the same tasks ([`tiled`]) and summed, the machine's
-    /// streaming rate in the same minute: the kernel's rate over it says how far the kernel is
-    /// from the memory system's limit.
+    /// copies (10.6 MB), which stay in the L3: the kernel's speed in cache. Each round is
+    /// followed by a round that only reads the same bytes, split into the same tasks
+    /// ([`tiled`]) and summed, the machine's streaming rate in the same minute: the kernel's
+    /// rate over it says how far the kernel is from the memory system's limit.
     #[test]
     #[ignore]
     fn kquant_stream_speed() {

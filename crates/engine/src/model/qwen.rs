@@ -94,6 +94,12 @@ impl QwenModel {
         KvCache::new(cfg, self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype, &self.device)
     }
 
+    /// A KV cache holding `tokens` positions in blocks of `block_size`.
+    pub fn kv_cache_for_tokens(&self, tokens: usize, block_size: usize) -> Result<KvCache> {
+        let num_blocks = tokens.div_ceil(block_size).max(1);
+        self.new_kv_cache(KvCacheConfig { block_size, num_blocks })
+    }
+
     /// One batched forward pass over several sequences' new tokens.
     ///
     /// Each sequence's blocks must already be reserved for its new positions; this writes the
