@@ -256,6 +256,12 @@ impl SequenceOutput {
         out.push_str(&self.stop.finish());
     }
 
+    /// Whether the sequence can go on after its next token, whatever that token is: the token
+    /// budget has room for two more.
+    pub fn may_outlast_next(&self) -> bool {
+        self.finish.is_none() && self.generated.len() + 1 < self.budget
+    }
+
     pub fn is_finished(&self) -> bool {
         self.finish.is_some()
     }

@@ -371,6 +371,15 @@ pub enum Selected {
 /// Next-token selection for every row of `logits: [rows, vocab]` on the device
 /// (`cuda/select.cu`): a few bytes per row come back instead of the vocabulary's logits.
 pub fn select(logits: &Tensor, rows: &[crate::sampling::Selection]) -> Result<Vec<Selected>> {
+    let (out, nout, vocab) = launch_selection(logits, rows)?;
+    let words = out.flatten_all()?.to_vec1::<u32>()?;
+    Ok(read_selection(rows, &words, nout, vocab))
+}
+
+/// The selection kernels for `rows` over `logits`, launched: `[rows, nout * 2]` u32 on the
+/// device (token and value pairs; `u32::MAX` first for a row that is not finite), `nout`, and
+/// the vocabulary size.
+fn launch_selection(logits: &Tensor, rows: &[crate::sampling::Selection]) -> Result<(Tensor, usize, usize)> {
     use crate::sampling::Selection;
     let (n, vocab) = logits.dims2()?;
     if n != rows.len() {
@@ -412,31 +421,112 @@ pub fn select(logits: &Tensor, rows: &[crate::sampling::Selection]) -> Result<Ve
             let params = Tensor::from_vec(params(rows), (rows.len(), 8), logits.device())?;
             logits.apply_op2_no_bwd(&params, &imp::SelectOp { nout })?
         };
-        let out = out.flatten_all()?.to_vec1::<u32>()?;
-        Ok(rows
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let o = &out[i * nout * 2..(i + 1) * nout * 2];
-                if o[0] == u32::MAX {
-                    return Selected::NonFinite;
-                }
-                match r {
-                    Selection::TopN(k) => {
-                        let mut top: Vec<(u32, f32)> =
-                            o.chunks_exact(2).take((*k).clamp(1, vocab)).filter(|p| p[0] != u32::MAX).map(|p| (p[0], f32::from_bits(p[1]))).collect();
-                        top.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-                        Selected::Top(top)
-                    }
-                    _ => Selected::Token(o[0]),
-                }
-            })
-            .collect())
+        Ok((out, nout, vocab))
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (params, nout);
         candle_core::bail!("device selection needs the `cuda` feature")
+    }
+}
+
+/// Each row's result from the selection's output words (`[rows, nout * 2]`, row-major).
+fn read_selection(rows: &[crate::sampling::Selection], out: &[u32], nout: usize, vocab: usize) -> Vec<Selected> {
+    use crate::sampling::Selection;
+    rows.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let o = &out[i * nout * 2..(i + 1) * nout * 2];
+            if o[0] == u32::MAX {
+                return Selected::NonFinite;
+            }
+            match r {
+                Selection::TopN(k) => {
+                    let mut top: Vec<(u32, f32)> =
+                        o.chunks_exact(2).take((*k).clamp(1, vocab)).filter(|p| p[0] != u32::MAX).map(|p| (p[0], f32::from_bits(p[1]))).collect();
+                    top.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                    Selected::Top(top)
+                }
+                _ => Selected::Token(o[0]),
+            }
+        })
+        .collect()
+}
+
+/// Page-locked host buffers that selections launched ahead ([`select_start`]) copy their
+/// results into, each with the event that marks its copy done; reused from step to step (a
+/// page-locked allocation costs far more than a step's copy).
+#[derive(Default)]
+pub(crate) struct Readbacks {
+    #[cfg(feature = "cuda")]
+    free: Vec<imp::Readback>,
+}
+
+/// A selection launched by [`select_start`]: the kernels and the copy of their few words to
+/// the host are on the stream; the host reads them with [`wait`](Self::wait) while the device
+/// goes on with whatever was launched after.
+pub(crate) struct PendingSelection {
+    rows: Vec<crate::sampling::Selection>,
+    vocab: usize,
+    /// `[rows, 2]` u32 on the device: each row's token, then a word the host does not need.
+    out: Tensor,
+    #[cfg(feature = "cuda")]
+    readback: imp::Readback,
+}
+
+/// [`select`] for rows that each take one token (greedy or sampled, no top-n), without
+/// waiting for the result: see [`PendingSelection`].
+pub(crate) fn select_start(logits: &Tensor, rows: &[crate::sampling::Selection], pool: &mut Readbacks) -> Result<PendingSelection> {
+    use crate::sampling::Selection;
+    if rows.iter().any(|r| matches!(r, Selection::TopN(_))) {
+        candle_core::bail!("select_start: top-n rows are read with select");
+    }
+    let (out, _, vocab) = launch_selection(logits, rows)?;
+    #[cfg(feature = "cuda")]
+    {
+        let readback = imp::Readback::copy(&out, pool)?;
+        Ok(PendingSelection { rows: rows.to_vec(), vocab, out, readback })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (pool, out, vocab);
+        unreachable!("launch_selection fails without the `cuda` feature")
+    }
+}
+
+impl PendingSelection {
+    /// The rows' tokens on the device, `[rows]` u32, for the next step's input ids: a row that
+    /// is not finite (which the host fails when it reads the result) gives the vocabulary's
+    /// last id rather than an index outside the embedding.
+    pub fn tokens(&self) -> Result<Tensor> {
+        let rows = self.rows.len();
+        self.out.narrow(1, 0, 1)?.minimum((self.vocab - 1) as u32)?.reshape(rows)
+    }
+
+    /// Waits for the copy to the host and reads each row's result; the buffer goes back to
+    /// `pool`.
+    pub fn wait(self, pool: &mut Readbacks) -> Result<Vec<Selected>> {
+        #[cfg(feature = "cuda")]
+        {
+            let words = self.readback.words(2 * self.rows.len())?;
+            let picked = read_selection(&self.rows, &words, 1, self.vocab);
+            pool.free.push(self.readback);
+            Ok(picked)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = pool;
+            unreachable!("a PendingSelection exists only with the `cuda` feature")
+        }
+    }
+
+    /// Drops a selection whose result is not needed, keeping its buffer for the next one (a
+    /// later copy into it is ordered after this one on the stream).
+    pub fn discard(self, pool: &mut Readbacks) {
+        #[cfg(feature = "cuda")]
+        pool.free.push(self.readback);
+        #[cfg(not(feature = "cuda"))]
+        let _ = pool;
     }
 }
 
@@ -1310,6 +1400,53 @@ mod imp {
         // by the caller) and no block is both a source and a destination.
         unsafe { launch(dev, &func, cfg, &args) }?;
         Ok(())
+    }
+
+    /// A page-locked host buffer for a few u32 words and the event recorded after the copy
+    /// into it (see `super::Readbacks`).
+    pub(crate) struct Readback {
+        host: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>,
+        done: candle_core::cuda_backend::cudarc::driver::CudaEvent,
+    }
+
+    /// Words a read-back buffer holds: the results of up to 64 rows.
+    const READBACK_WORDS: usize = 128;
+
+    impl Readback {
+        /// Enqueues the copy of `out` (contiguous u32, at most READBACK_WORDS) into a buffer of
+        /// `pool` (or a new one) and records the event after it.
+        pub(crate) fn copy(out: &Tensor, pool: &mut super::Readbacks) -> Result<Self> {
+            let candle_core::Device::Cuda(dev) = out.device() else { bail!("read-back of a tensor that is not on CUDA") };
+            let n = out.elem_count();
+            if n > READBACK_WORDS {
+                bail!("read-back of {n} words, at most {READBACK_WORDS}");
+            }
+            let stream = dev.cuda_stream();
+            let mut rb = match pool.free.pop() {
+                Some(rb) => rb,
+                None => Readback {
+                    // Flags 0: cached host memory (the default write-combined kind is slow to
+                    // read). SAFETY: only the words a copy has filled are read (`words`).
+                    host: unsafe { stream.context().alloc_pinned_with_flags::<u32>(READBACK_WORDS, 0) }.w()?,
+                    // Default flags: no timing; the host spins on it, as on a synchronize.
+                    done: stream.context().new_event(None).w()?,
+                },
+            };
+            let (s, l) = out.storage_and_layout();
+            let src = view::<u32>(&s, l, "selection output")?;
+            // A plain slice of the page-locked memory: the copy is asynchronous and records
+            // nothing on the buffer's own event; `done` marks its end.
+            let host = &mut rb.host.as_mut_slice().w()?[..n];
+            stream.memcpy_dtoh(&src, host).w()?;
+            rb.done.record(&stream).w()?;
+            Ok(rb)
+        }
+
+        /// The first `n` words, once the copy is done.
+        pub(crate) fn words(&self, n: usize) -> Result<Vec<u32>> {
+            self.done.synchronize().w()?;
+            Ok(self.host.as_slice().w()?[..n].to_vec())
+        }
     }
 
     /// Host data into a u32 tensor's own device memory (stream-ordered).

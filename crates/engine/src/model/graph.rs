@@ -171,6 +171,30 @@ impl DecodeGraphs {
         c.graph.launch().map_err(|e| candle_core::Error::Msg(format!("CUDA graph launch: {e}")))?;
         Ok(Some(c.buffers.logits.clone()))
     }
+
+    /// Replays the captured step of this batch's shape with the input ids that `ids()` gives
+    /// (`[rows]` u32 on the device, e.g. the previous step's selected tokens, not yet on the
+    /// host; called only when a graph will run); the batch's own tokens are ignored. `Ok(None)` when no graph of that shape is
+    /// captured yet: nothing was launched. The logits stay in the graph's buffer, which the
+    /// next replay of the shape overwrites (stream-ordered).
+    pub fn run_ahead(
+        &self,
+        batch: &[SeqInput<'_>],
+        kv: &KvCache,
+        ids: impl FnOnce() -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let Some(key) = StepInputs::shape_of(batch) else { return Ok(None) };
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(c) = inner.captured.get(&key) else { return Ok(None) };
+        let ids = ids()?;
+        if ids.dims() != [key.0] || ids.dtype() != DType::U32 {
+            candle_core::bail!("run_ahead: ids {:?} {:?} for {} rows", ids.shape(), ids.dtype(), key.0);
+        }
+        upload(&c.buffers, &StepInputs::new(batch, kv, key))?;
+        c.buffers.ids.slice_set(&ids.contiguous()?, 0, 0)?;
+        c.graph.launch().map_err(|e| candle_core::Error::Msg(format!("CUDA graph launch: {e}")))?;
+        Ok(Some(c.buffers.logits.clone()))
+    }
 }
 
 #[cfg(test)]

@@ -159,6 +159,32 @@ impl QwenModel {
         Ok(self.run(&meta, kv)?)
     }
 
+    /// A decode step launched ahead of the host: one new position per sequence, whose input
+    /// ids `ids()` gives (`[rows]` u32 on the device: the previous step's selected tokens,
+    /// which the host has not read yet; called only when the step will run), through the CUDA graph already captured for the batch's
+    /// shape. `Ok(None)` when there is none (CPU, other devices, a shape not captured yet):
+    /// nothing was launched and the caller runs the step with [`forward`](Self::forward) once
+    /// it knows the tokens. As `forward`, the blocks must be reserved and `SeqCache::len` is
+    /// not advanced; each `SeqInput`'s tokens are ignored (one each).
+    pub fn forward_ahead(
+        &self,
+        batch: &[SeqInput<'_>],
+        kv: &mut KvCache,
+        ids: impl FnOnce() -> candle_core::Result<Tensor>,
+    ) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = &self.graphs {
+            let max_pos = self.cfg.max_position_embeddings;
+            if batch.is_empty() || batch.iter().any(|s| s.tokens.len() != 1 || s.cache.len + 1 > max_pos) {
+                return Ok(None);
+            }
+            kv.flush_copies()?;
+            return Ok(graphs.run_ahead(batch, kv, ids)?);
+        }
+        let _ = (batch, kv, ids);
+        Ok(None)
+    }
+
     /// The forward pass proper over a step's [`BatchMeta`]: F32 logits of its logit rows.
     fn run(&self, meta: &BatchMeta, kv: &KvCache) -> candle_core::Result<Tensor> {
         // 1. Embed: [rows, hidden].

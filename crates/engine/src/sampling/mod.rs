@@ -254,15 +254,21 @@ impl Sampler {
         })
     }
 
+    /// Whether [`device_selection`](Self::device_selection) gives a selection (without
+    /// drawing from the RNG).
+    pub fn device_selectable(&self) -> bool {
+        self.invalid.is_none() && !self.params.needs_full_row()
+    }
+
     /// This step's choice as a [`Selection`] for the device, when nothing in it needs the
     /// host: no logit bias, no penalties, no logprobs, valid parameters. Consumes the RNG
     /// exactly as [`sample`](Self::sample) does (one `f64` unless greedy), so a seeded
     /// request draws the same uniforms on either path. `None`: call `sample` instead.
     pub fn device_selection(&mut self) -> Option<Selection> {
-        let p = &self.params;
-        if self.invalid.is_some() || p.needs_full_row() {
+        if !self.device_selectable() {
             return None;
         }
+        let p = &self.params;
         if p.is_greedy() {
             return Some(Selection::Greedy);
         }

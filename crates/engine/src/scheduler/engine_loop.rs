@@ -15,6 +15,7 @@ use crate::error::{EngineError, Result};
 use crate::generate::{beam_results, prepare_prompt, token_budget, FinishReason, SequenceOutput, TokenLogprob, Usage};
 use crate::kv::{KvCache, KvCacheConfig, ReserveError, SeqCache};
 use crate::loaded::LoadedModel;
+use crate::model::fused::{PendingSelection, Readbacks};
 use crate::model::SeqInput;
 use crate::sampling::beam::{BeamSearch, BeamSearchParams};
 use crate::sampling::{Sampled, Sampler};
@@ -46,6 +47,8 @@ enum Body {
 }
 
 struct Request {
+    /// Unique per engine: what an [`InFlight`] step knows its rows' requests by.
+    id: u64,
     tx: UnboundedSender<Event>,
     arrived: Instant,
     admitted: Option<Instant>,
@@ -78,6 +81,15 @@ struct HostLogits {
     offsets: Vec<Option<usize>>,
     picked: Vec<Option<u32>>,
     top: Vec<Option<Vec<(u32, f32)>>>,
+}
+
+/// A step whose forward pass and token selection are on the device's stream, the tokens on
+/// their way to the host (CUDA; see [`Engine::land`]).
+struct InFlight {
+    /// Per row: its request's id (indices into `running` move as requests end) and the
+    /// positions the row computes, `start..start + len`.
+    rows: Vec<(u64, usize, usize)>,
+    selection: PendingSelection,
 }
 
 /// One row group of the step: a request's tokens to compute for one of its sequences.
@@ -138,6 +150,13 @@ pub(crate) struct Engine {
     counters: EngineStats,
     windows: Windows,
     waiting: VecDeque<Request>,
+    /// The step launched but not yet read back (see [`Engine::land`]).
+    in_flight: Option<InFlight>,
+    /// Decode steps may be launched before the previous step's tokens are on the host
+    /// (`SILICA_RUN_AHEAD=0` turns it off).
+    run_ahead: bool,
+    readbacks: Readbacks,
+    next_id: u64,
     running: Vec<Request>,
     /// Logits to the host (page-locked buffer on CUDA).
     copier: crate::device::HostCopier,
@@ -174,6 +193,10 @@ impl Engine {
             counters,
             windows: Windows::default(),
             waiting: VecDeque::new(),
+            in_flight: None,
+            run_ahead: std::env::var("SILICA_RUN_AHEAD").map_or(true, |v| v != "0"),
+            readbacks: Readbacks::default(),
+            next_id: 0,
             running: Vec::new(),
             copier: Default::default(),
         })
@@ -229,7 +252,11 @@ impl Engine {
     fn accept(&mut self, s: Submission) {
         self.counters.requests_total += 1;
         match self.prepare(&s) {
-            Ok(body_prompt) => self.waiting.push_back(body_prompt),
+            Ok(mut r) => {
+                r.id = self.next_id;
+                self.next_id += 1;
+                self.waiting.push_back(r);
+            }
             Err(e) => {
                 self.pending.fetch_sub(1, Ordering::SeqCst);
                 self.counters.requests_failed += 1;
@@ -281,6 +308,7 @@ impl Engine {
             }
         };
         Ok(Request {
+            id: 0,
             tx: s.tx.clone(),
             arrived: s.arrived,
             admitted: None,
@@ -294,8 +322,12 @@ impl Engine {
         })
     }
 
-    /// One step: drop cancelled requests, schedule rows, run one forward, postprocess.
+    /// One step: drop cancelled requests, schedule rows, run one forward, postprocess; or,
+    /// while a step is in flight, land it.
     fn step(&mut self) -> Result<()> {
+        if let Some(f) = self.in_flight.take() {
+            return self.land(f);
+        }
         let t0 = Instant::now();
         self.reap_cancelled();
         let rows = self.schedule()?;
@@ -317,6 +349,12 @@ impl Engine {
             self.model.model.forward(&inputs, &mut self.kv)?
         };
         let t2 = Instant::now();
+        if let Some(f) = self.start_in_flight(&rows, &logits)? {
+            if let Some(p) = &mut self.profile {
+                p.add(rows.len(), [t1 - t0, t2 - t1, std::time::Duration::ZERO, std::time::Duration::ZERO]);
+            }
+            return self.land(f);
+        }
         let vocab = self.model.config().vocab_size;
         let logits = self.logits_to_host(&rows, &logits, vocab)?;
         let t3 = Instant::now();
@@ -325,6 +363,141 @@ impl Engine {
             p.add(rows.len(), [t1 - t0, t2 - t1, t3 - t2, t3.elapsed()]);
         }
         r
+    }
+
+    /// Launches this step's token selection on the device without waiting for it, when every
+    /// row is a single sequence's last chunk whose choice the device makes (CUDA; greedy or
+    /// sampling without penalties, bias or logprobs). Each row's sampler gives its selection
+    /// here, as in [`logits_to_host`](Self::logits_to_host).
+    fn start_in_flight(&mut self, rows: &[Row], logits: &candle_core::Tensor) -> Result<Option<InFlight>> {
+        if !self.run_ahead || !crate::model::fused::select_applies(self.model.model.device()) {
+            return Ok(None);
+        }
+        let device_picks = |r: &Row| {
+            r.samples && matches!(&self.running[r.req].body, Body::Single(s) if !s.want_logprobs && s.sampler.device_selectable())
+        };
+        if !rows.iter().all(device_picks) {
+            return Ok(None);
+        }
+        let mut sel = Vec::with_capacity(rows.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        for r in rows {
+            let req = &mut self.running[r.req];
+            if let Body::Single(s) = &mut req.body {
+                sel.push(s.sampler.device_selection().ok_or_else(|| EngineError::Unavailable("a row's sampler needs the host".into()))?);
+            }
+            ids.push((req.id, r.start, r.len));
+        }
+        let selection = crate::model::fused::select_start(logits, &sel, &mut self.readbacks)?;
+        Ok(Some(InFlight { rows: ids, selection }))
+    }
+
+    /// Ends an in-flight step. First, when nothing would change the batch, the next decode step
+    /// of the same sequences is launched behind it, its input ids this step's tokens on the
+    /// device ([`launch_ahead`](Self::launch_ahead)): the device runs it while the host reads
+    /// this step's tokens, streams them and prepares the step after, so the host's share of a
+    /// step no longer adds to it. Then this step's tokens are read and postprocessed as any
+    /// step's. A row whose request has ended since (finished on its previous token, cancelled)
+    /// is dropped with its token.
+    fn land(&mut self, f: InFlight) -> Result<()> {
+        use crate::model::fused::Selected;
+        let t0 = Instant::now();
+        self.reap_cancelled();
+        let next = match self.launch_ahead(&f) {
+            Ok(next) => next,
+            Err(e) => {
+                f.selection.discard(&mut self.readbacks);
+                return Err(e);
+            }
+        };
+        let t1 = Instant::now();
+        let picked = f.selection.wait(&mut self.readbacks);
+        let t2 = Instant::now();
+        let result = picked.map_err(EngineError::from).and_then(|picked| {
+            let mut rows = Vec::with_capacity(f.rows.len());
+            let n = f.rows.len();
+            let mut logits = HostLogits { dense: Vec::new(), offsets: Vec::with_capacity(n), picked: Vec::with_capacity(n), top: Vec::with_capacity(n) };
+            for (&(id, start, len), p) in f.rows.iter().zip(picked) {
+                let Some(req) = self.index_of(id) else { continue };
+                let Selected::Token(token) = p else {
+                    // As the host sampler on such a row: the step fails.
+                    return Err(EngineError::invalid("logits", "a logit of this step is NaN or +inf, or every logit is -inf: no token can be chosen"));
+                };
+                rows.push(Row { req, beam: 0, start, len, samples: true });
+                logits.offsets.push(None);
+                logits.picked.push(Some(token));
+                logits.top.push(None);
+            }
+            let vocab = self.model.config().vocab_size;
+            self.postprocess(&rows, &logits, vocab).map(|()| rows.len())
+        });
+        // The next step is kept while one of its requests is still running.
+        self.in_flight = match next {
+            Some(next) if result.is_ok() && next.rows.iter().any(|&(id, ..)| self.index_of(id).is_some()) => Some(next),
+            Some(next) => {
+                next.selection.discard(&mut self.readbacks);
+                None
+            }
+            None => None,
+        };
+        if let (Some(p), Ok(rows)) = (&mut self.profile, &result) {
+            p.add(*rows, [std::time::Duration::ZERO, t1 - t0, t2 - t1, t2.elapsed()]);
+        }
+        result.map(|_| ())
+    }
+
+    /// Launches the decode step that follows the in-flight one `f` for the same sequences,
+    /// when no request waits to be admitted, every row's request is still running and can go
+    /// on after this token, and a CUDA graph of the step's shape is captured: the graph reads
+    /// its input ids from `f`'s selection on the device. `Ok(None)`: nothing was launched.
+    /// The rows' samplers give their selections only once the step is launched, so a seeded
+    /// request draws the same numbers as without running ahead.
+    fn launch_ahead(&mut self, f: &InFlight) -> Result<Option<InFlight>> {
+        if !self.waiting.is_empty() || self.pending.load(Ordering::SeqCst) > 0 {
+            return Ok(None);
+        }
+        let mut at = Vec::with_capacity(f.rows.len());
+        for &(id, start, len) in &f.rows {
+            let Some(i) = self.index_of(id) else { return Ok(None) };
+            match &self.running[i].body {
+                Body::Single(s) if s.out.may_outlast_next() && !s.want_logprobs && s.sampler.device_selectable() => at.push((i, start + len)),
+                _ => return Ok(None),
+            }
+        }
+        for &(i, pos) in &at {
+            if !self.reserve(i, 0, pos + 1, false)? {
+                return Ok(None);
+            }
+        }
+        let caches: Vec<SeqCache> = at
+            .iter()
+            .filter_map(|&(i, pos)| match &self.running[i].body {
+                Body::Single(s) => Some(SeqCache { blocks: s.seq.blocks.clone(), len: pos }),
+                Body::Beams(_) => None,
+            })
+            .collect();
+        let unknown = [0u32];
+        let batch: Vec<SeqInput<'_>> = caches.iter().map(|cache| SeqInput { tokens: &unknown, cache, all_logits: false }).collect();
+        let Some(logits) = self.model.model.forward_ahead(&batch, &mut self.kv, || f.selection.tokens())? else {
+            return Ok(None);
+        };
+        let mut sel = Vec::with_capacity(at.len());
+        let mut rows = Vec::with_capacity(at.len());
+        for &(i, pos) in &at {
+            let req = &mut self.running[i];
+            if let Body::Single(s) = &mut req.body {
+                sel.push(s.sampler.device_selection().ok_or_else(|| EngineError::Unavailable("a row's sampler needs the host".into()))?);
+            }
+            rows.push((req.id, pos, 1));
+        }
+        let selection = crate::model::fused::select_start(&logits, &sel, &mut self.readbacks)?;
+        #[cfg(all(test, feature = "cuda"))]
+        cuda_tests::LAUNCHED_AHEAD.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(InFlight { rows, selection }))
+    }
+
+    fn index_of(&self, id: u64) -> Option<usize> {
+        self.running.iter().position(|r| r.id == id)
     }
 
     fn reap_cancelled(&mut self) {
@@ -801,6 +974,105 @@ impl Engine {
         self.windows.fill(&mut s, now);
         if let Ok(mut g) = self.stats.lock() {
             *g = s;
+        }
+    }
+}
+
+/// Decode steps run ahead against the same requests without (runs where the `cuda` feature is
+/// built, on a machine with a CUDA device).
+#[cfg(all(test, feature = "cuda"))]
+pub(super) mod cuda_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use candle_core::{DType, Device};
+
+    use crate::generate::{FinishReason, GenerateRequest, Prompt, StopParams};
+    use crate::loaded::{LoadedModel, ModelInfo};
+    use crate::model::{Arch, Format, QwenModel, WeightSource};
+    use crate::sampling::SamplingParams;
+    use crate::scheduler::{collect_blocking, EngineHandle, SchedulerConfig};
+    use crate::tokenizer::TextTokenizer;
+
+    /// Steps launched by `launch_ahead` in this process.
+    pub(crate) static LAUNCHED_AHEAD: AtomicUsize = AtomicUsize::new(0);
+
+    /// A tiny random Qwen2 model (F16, heads of 64: the fused kernels and graphs apply) with a
+    /// word-level tokenizer of its vocabulary and no end-of-sequence token.
+    fn tiny(dir: &std::path::Path) -> LoadedModel {
+        let mut cfg = crate::testing::tiny_config(Arch::Qwen2, false);
+        (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (128, 256, 4, 2, 64);
+        cfg.max_position_embeddings = 1024;
+        let weights = crate::testing::random_weights(&cfg, 21).unwrap();
+        crate::testing::write_safetensors_dir(dir, &cfg, &weights, DType::F16, 1).unwrap();
+        let dev = Device::new_cuda(0).expect("a CUDA device");
+        let model = QwenModel::load(cfg.clone(), &mut WeightSource::safetensors(dir, DType::F16, &dev).unwrap(), &dev).unwrap();
+        let vocab = (0..cfg.vocab_size as u32).map(|i| (format!("w{i}"), i)).collect();
+        let wl = tokenizers::models::wordlevel::WordLevel::builder().vocab(vocab).unk_token("w0".into()).build().unwrap();
+        let tokenizer = TextTokenizer::from_parts(tokenizers::Tokenizer::new(wl), Vec::new(), None, None, None);
+        let info = ModelInfo {
+            name: "tiny".into(),
+            architecture: "qwen2".into(),
+            format: Format::Safetensors,
+            weights: "safetensors F16".into(),
+            dtype: "f16".into(),
+            device: "cuda:0".into(),
+            num_parameters: cfg.num_parameters(),
+            context_length: cfg.max_position_embeddings,
+            weights_file_bytes: 0,
+            load_seconds: 0.0,
+        };
+        LoadedModel { model, tokenizer, info }
+    }
+
+    /// Greedy and seeded top-p / top-k requests over different prompts; every seventh token
+    /// id ends the last two (a finish the engine only learns after the next step is launched).
+    fn requests() -> Vec<GenerateRequest> {
+        let sampled = |seed, top_k| SamplingParams { temperature: 0.9, top_p: 0.9, top_k, seed: Some(seed), ..Default::default() };
+        let samplings = [SamplingParams::default(), sampled(7, None), sampled(8, Some(20)), SamplingParams::default(), sampled(9, None)];
+        samplings
+            .into_iter()
+            .enumerate()
+            .map(|(i, sampling)| {
+                let prompt: Vec<u32> = (0..20 + 9 * i as u32).map(|j| (j * 37 + 11 * i as u32 + 5) % 320).collect();
+                let stop_token_ids = if i >= 3 { (0..320).step_by(7).collect() } else { Vec::new() };
+                let stop = StopParams { max_tokens: Some(60), stop_token_ids, ..Default::default() };
+                GenerateRequest { prompt: Prompt::Tokens(prompt), sampling, stop, beam: None }
+            })
+            .collect()
+    }
+
+    /// Each request's tokens and finish reason: one at a time (graph steps of one row), then
+    /// three at once.
+    fn run(ahead: bool) -> Vec<(Vec<u32>, FinishReason)> {
+        // Read by the engine when it starts.
+        std::env::set_var("SILICA_RUN_AHEAD", if ahead { "1" } else { "0" });
+        let dir = tempfile::tempdir().unwrap();
+        let h = EngineHandle::start(tiny(dir.path()), SchedulerConfig::default()).unwrap();
+        let result = |rx| {
+            let (tokens, fin) = collect_blocking(rx).expect("the request succeeds");
+            (tokens.iter().flat_map(|t| t.token_ids.clone()).collect::<Vec<u32>>(), fin.reason)
+        };
+        let mut out: Vec<_> = requests().into_iter().map(|r| result(h.submit(r).unwrap())).collect();
+        let together: Vec<_> = requests().into_iter().skip(2).map(|r| h.submit(r).unwrap()).collect();
+        out.extend(together.into_iter().map(result));
+        h.shutdown();
+        std::env::remove_var("SILICA_RUN_AHEAD");
+        out
+    }
+
+    #[test]
+    fn running_ahead_changes_no_output() {
+        let before = LAUNCHED_AHEAD.load(Ordering::SeqCst);
+        let waited = run(false);
+        assert_eq!(LAUNCHED_AHEAD.load(Ordering::SeqCst), before, "SILICA_RUN_AHEAD=0 launched steps ahead");
+        let ahead = run(true);
+        let launched = LAUNCHED_AHEAD.load(Ordering::SeqCst) - before;
+        // Five requests alone and three together, up to 60 tokens each: most steps run ahead.
+        assert!(launched > 200, "only {launched} steps were launched ahead");
+        assert!(waited.iter().any(|(_, r)| *r == FinishReason::Stop), "no request ended on a stop token: {waited:?}");
+        assert!(waited.iter().any(|(t, r)| *r == FinishReason::Length && t.len() == 60), "no request used its whole budget");
+        for (i, (a, w)) in ahead.iter().zip(&waited).enumerate() {
+            assert_eq!(a, w, "request {i}: run ahead {:?} against waited {:?}", a, w);
         }
     }
 }
