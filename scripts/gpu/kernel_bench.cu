@@ -321,6 +321,33 @@ __global__ void __launch_bounds__(32 * PD_LPP)
 // (fused = 0, or fused = 0 with no_combine: the part only), paged_fused (1) or its
 // 32-position variant (2), each falling back to the two kernels past PF_MAX_SPLITS splits.
 // part_acc / part_ml hold [nh, ceil(ctx / 32)] parts.
+// The engine's combine before the one-round-trip path (commit ed8a58c), for A/B in the step:
+// block reductions of m and l, then the sum over the parts.
+__global__ void combine_old_f16(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
+                                __half* __restrict__ out, int nh, int splits) {
+    extern __shared__ float wsh[];
+    __shared__ float red[32];
+    pdl_enter();
+    const int h = blockIdx.x, b = blockIdx.y, e = threadIdx.x, hd = blockDim.x;
+    const size_t base = ((size_t)b * nh + h) * splits;
+    float mloc = -INFINITY;
+    for (int s = e; s < splits; s += hd) mloc = fmaxf(mloc, part_ml[2 * (base + s)]);
+    const float mx = block_reduce<true>(mloc, red);
+    float lloc = 0.f;
+    for (int s = e; s < splits; s += hd) {
+        const float m = part_ml[2 * (base + s)];
+        const float w = m == -INFINITY ? 0.f : __expf(m - mx);
+        wsh[s] = w;
+        lloc += w * part_ml[2 * (base + s) + 1];
+    }
+    const float l = block_reduce<false>(lloc, red);
+    float a = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) a += wsh[s] * part_acc[(base + s) * hd + e];
+    out[((size_t)b * nh + h) * hd + e] = __float2half(a / l);
+}
+static bool g_old_combine = false;
+
 static void attention(int fused, bool no_combine, const __half* q, const __half* kp, const __half* vp,
                       const uint32_t* table, const uint32_t* lens, float* pacc, float* pml, uint32_t* counters,
                       __half* out, int nh, int nkv, int ctx, int max_len, float scale) {
@@ -335,7 +362,7 @@ static void attention(int fused, bool no_combine, const __half* q, const __half*
     go(silica_paged_part_f16_128, dim3(nh, 1, s64), dim3(PD_THREADS), 0, q, kp, vp, table, lens, pacc, pml, nh, nkv,
        max_len, scale);
     if (!no_combine)
-        go(silica_paged_combine_f16, dim3(nh, 1), dim3(128), (size_t)s64 * 4, (const float*)pacc, (const float*)pml, out,
+        go(g_old_combine ? combine_old_f16 : silica_paged_combine_f16, dim3(nh, 1), dim3(128), (size_t)s64 * 4, (const float*)pacc, (const float*)pml, out,
            nh, s64);
 }
 
@@ -419,8 +446,13 @@ int main(int argc, char** argv) {
         for (int l = 0; l < L; ++l) { kp[l] = alloc_h((size_t)slots * nkv * hd, 20 + l); vp[l] = alloc_h((size_t)slots * nkv * hd, 60 + l); }
         uint32_t *pos, *slot, *table, *lens;
         const int splits = (ctx + PD_SPLIT - 1) / PD_SPLIT;
+        // KB_CAP: the step's two-kernel attention over a slot table of this many positions (as
+        // the engine's graphs, whose capacity is a power of two >= the context: parts past the
+        // length are empty).
+        const int cap = std::max(ctx, getenv("KB_CAP") ? atoi(getenv("KB_CAP")) : ctx);
+        const int csplits = (cap + PD_SPLIT - 1) / PD_SPLIT;
         float *pacc, *pml;
-        CK(cudaMalloc(&pacc, (size_t)nh * splits * hd * 4)); CK(cudaMalloc(&pml, (size_t)nh * splits * 2 * 4));
+        CK(cudaMalloc(&pacc, (size_t)nh * csplits * hd * 4)); CK(cudaMalloc(&pml, (size_t)nh * csplits * 2 * 4));
         // paged_fused's parts (up to 32 positions each) and its per-head counters, zeroed once.
         const int splits32 = (ctx + 31) / 32;
         float *paccf, *pmlf; uint32_t* cnt;
@@ -449,9 +481,10 @@ int main(int argc, char** argv) {
                 attention(g_fused_attn ? (g_fused32 ? 2 : 1) : 0, g_no_combine, q, kp[l], vp[l], table, lens,
                           g_fused_attn ? paccf : pacc, g_fused_attn ? pmlf : pml, cnt, att, nh, nkv, ctx, ctx, scale);
             } else {
-            go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
-               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
-            go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits);
+            go(silica_paged_part_f16_128, dim3(nh, 1, csplits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
+               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, cap, scale);
+            go(g_old_combine ? combine_old_f16 : silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)csplits * 4, (const float*)pacc,
+               (const float*)pml, att, nh, csplits);
             }
             gemv1(att, wo[l], h, H, H);
             if (!g_no_norm)
@@ -475,7 +508,7 @@ int main(int argc, char** argv) {
             CK(cudaDeviceSynchronize());
             return 0;
         }
-        printf("== %s, context %d, %.2f GB of weights per step\n", c.name, ctx, bytes / 1e9);
+        printf("== %s, context %d (slot table %d), %.2f GB of weights per step\n", c.name, ctx, cap, bytes / 1e9);
         {  // paged_fused against the engine's two kernels: q and layer 0's pools (the bench's random data)
             std::vector<int> cx = {300, 64, 1000};
             if (std::find(cx.begin(), cx.end(), ctx) == cx.end()) cx.push_back(ctx);
@@ -541,14 +574,14 @@ int main(int argc, char** argv) {
         g_no_norm = g_no_rope = false;
         if (splits > PF_MAX_SPLITS || splits32 > PF_MAX_SPLITS)
             printf("(more than %d parts: the fused variants fall back to the two kernels)\n", PF_MAX_SPLITS);
-        for (int v = 0; v < 8; ++v) {  // interleaved: the GPU's timings drift between runs
-            const char* an[4] = {"attention in two kernels", "attention in one kernel", "attention in one kernel, 32 positions per block",
-                                 "attention without the combine"};
-            g_fused_attn = v % 4 == 1 || v % 4 == 2; g_fused32 = v % 4 == 2; g_no_combine = v % 4 == 3;
+        for (int v = 0; v < 10; ++v) {  // interleaved: the GPU's timings drift between runs
+            const char* an[5] = {"attention in two kernels", "attention in two kernels, the old combine", "attention in one kernel",
+                                 "attention in one kernel, 32 positions per block", "attention without the combine"};
+            g_fused_attn = v % 5 == 2 || v % 5 == 3; g_fused32 = v % 5 == 3; g_no_combine = v % 5 == 4; g_old_combine = v % 5 == 1;
             float ms = time_graph(step, 50);
-            printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", an[v % 4], ms, 1000 / ms);
+            printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", an[v % 5], ms, 1000 / ms);
         }
-        g_fused_attn = g_fused32 = g_no_combine = false;
+        g_fused_attn = g_fused32 = g_no_combine = g_old_combine = false;
         for (int pdl : {0, 1}) {
             g_pdl = pdl;
             g_alloc = true;
@@ -586,6 +619,9 @@ int main(int argc, char** argv) {
             go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits); });
         small("paged_decode fused", [&](int l) { attention(1, false, q, kp[l], vp[l], table, lens, paccf, pmlf, cnt, att, nh, nkv, ctx, ctx, scale); });
         small("paged_decode fused32", [&](int l) { attention(2, false, q, kp[l], vp[l], table, lens, paccf, pmlf, cnt, att, nh, nkv, ctx, ctx, scale); });
+        g_old_combine = true;
+        small("paged_decode (old combine)", [&](int l) { attention(0, false, q, kp[l], vp[l], table, lens, pacc, pml, cnt, att, nh, nkv, ctx, ctx, scale); });
+        g_old_combine = false;
         small("paged_part alone", [&](int l) { attention(0, true, q, kp[l], vp[l], table, lens, pacc, pml, cnt, att, nh, nkv, ctx, ctx, scale); });
         small("add_rmsnorm", [&](int l) { go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps); });
         small("silu_mul", [&](int l) { go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I, 0); });

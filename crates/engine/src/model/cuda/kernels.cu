@@ -251,8 +251,13 @@ __device__ void paged_part(const T* __restrict__ q, const T* __restrict__ k_pool
 }
 
 // The parts of paged_part into out: [d, nh, HD]. Grid (nh, d), HD threads, dynamic shared
-// memory of one float per part. The parts' weights are computed once per block; the sum over
-// the parts then has no data-dependent branch, so its loads are all in flight together.
+// memory of one float per part. Up to PC_REG parts (contexts up to 1,024 positions), every
+// thread loads all parts' (m, l) and its element of each part's acc at once and combines them
+// alone: one round trip to L2 and no barrier, where the general path below (more parts) takes
+// two reductions and a second round trip. In a decode step the combine is latency: it starts
+// when the last part is written and the next GEMV waits for it.
+constexpr int PC_REG = 16;
+
 template <typename T>
 __device__ void paged_combine(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
                               T* __restrict__ out, int nh, int splits) {
@@ -261,6 +266,32 @@ __device__ void paged_combine(const float* __restrict__ part_acc, const float* _
     pdl_enter();
     const int h = blockIdx.x, b = blockIdx.y, e = threadIdx.x, hd = blockDim.x;
     const size_t base = ((size_t)b * nh + h) * splits;
+    if (splits <= PC_REG) {  // the same for the whole block
+        float m[PC_REG], l[PC_REG], a[PC_REG];
+#pragma unroll
+        for (int s = 0; s < PC_REG; ++s) {
+            m[s] = -INFINITY;
+            l[s] = a[s] = 0.f;
+            if (s < splits) {
+                const float2 ml = reinterpret_cast<const float2*>(part_ml)[base + s];
+                m[s] = ml.x;
+                l[s] = ml.y;
+                a[s] = part_acc[(base + s) * hd + e];
+            }
+        }
+        float mx = -INFINITY;
+#pragma unroll
+        for (int s = 0; s < PC_REG; ++s) mx = fmaxf(mx, m[s]);
+        float lsum = 0.f, acc = 0.f;
+#pragma unroll
+        for (int s = 0; s < PC_REG; ++s) {
+            const float w = m[s] == -INFINITY ? 0.f : __expf(m[s] - mx);  // an empty part weighs 0
+            lsum += w * l[s];
+            acc += w * a[s];
+        }
+        out[((size_t)b * nh + h) * hd + e] = from_f<T>(acc / lsum);
+        return;
+    }
     float mloc = -INFINITY;
     for (int s = e; s < splits; s += hd) mloc = fmaxf(mloc, part_ml[2 * (base + s)]);
     const float mx = block_reduce<true>(mloc, red);
