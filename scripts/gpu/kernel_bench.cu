@@ -128,199 +128,11 @@ static bool g_swiglu = false;
 // could save): the two add+RMSNorm kernels of a layer, its qkv_rope.
 static bool g_no_norm = false, g_no_rope = false;
 
-// Step variants of the decode attention: `g_fused_attn` replaces paged_part + paged_combine by
-// paged_fused (one kernel, below; `g_fused32` its 32-positions-per-block instance),
-// `g_no_combine` leaves the combine out (wrong results: the upper bound of what removing the
-// second launch could save).
-static bool g_fused_attn = false, g_fused32 = false, g_no_combine = false;
+// Step variant of the decode attention: `g_no_combine` leaves the combine out (wrong results:
+// the upper bound of what removing the second launch could save). The one-kernel attention
+// (the last block of each head combines) was measured and dropped: commit a8fbae6.
+static bool g_no_combine = false;
 
-// Prototype: paged_part and paged_combine in one kernel. Every block computes its part exactly
-// as paged_part does (its body, with SPLIT positions per block) and writes it to part_acc /
-// part_ml; then, after a barrier, thread 0 counts the block in the (head, sequence)'s counter
-// with one gpu-scope acq_rel atomic add (SASS: MEMBAR.ALL.GPU, ATOMG, CCTL.IVALL; the same
-// ordering as __threadfence + atomicAdd + __threadfence, measured 0.4 us a layer faster). Its
-// release half is cumulative, so it publishes the whole block's part writes, which the barrier
-// ordered before it. The block that brings the count to `splits` (the last of its head; the
-// order is arbitrary) has, through the acquire half and the next barrier, every other part
-// visible to all its threads; it resets the counter to 0 for the next launch (no other block
-// of this launch touches it any more, and the next launch's blocks reach it only after their
-// pdl_wait, so after this grid has completed) and combines the parts exactly as paged_combine
-// does (same arithmetic in the same order: bitwise the same output). The combine's loads go
-// through L2 (__ldcg: other SMs wrote the parts during this kernel); the first PRE parts' acc
-// are loaded together with the m, l values, so that the combine waits on L2 once, not twice
-// (measured 1 us a layer). No block waits on another, so any grid size works. counters: [d,
-// nh], zero before the first launch. Grid (nh, d, splits) with splits <= MAXS, SPLIT * PD_LPP
-// threads.
-template <typename T, int HD, int SPLIT, int MAXS, int PRE>
-__device__ void paged_fused(const T* __restrict__ q, const T* __restrict__ k_pool,
-                            const T* __restrict__ v_pool, const uint32_t* __restrict__ table,
-                            const uint32_t* __restrict__ lens, float* part_acc, float* part_ml,
-                            uint32_t* counters, T* __restrict__ out, int nh, int nkv, int max_len,
-                            float scale) {
-    constexpr int THREADS = SPLIT * PD_LPP;
-    constexpr int WARPS = THREADS / 32;
-    constexpr int DPL = HD / 32;            // dims per lane in the V pass
-    constexpr int KPL = HD / PD_LPP / 8;    // 16-byte K loads per lane in the score pass
-    constexpr int VPW = SPLIT / WARPS;      // V rows per warp
-    static_assert(THREADS >= HD && THREADS % 32 == 0, "the combine needs HD threads");
-    using Vec = typename VecOf<DPL * sizeof(T)>::type;
-    __shared__ __align__(16) float qs[HD];
-    __shared__ float sc[SPLIT];
-    __shared__ uint32_t sl[SPLIT];
-    __shared__ float red[32];
-    __shared__ float wacc[WARPS][HD];
-    __shared__ float wsh[MAXS];
-    __shared__ int last;
-    pdl_trigger();
-    const int h = blockIdx.x, b = blockIdx.y, sp = blockIdx.z, splits = gridDim.z, tid = threadIdx.x;
-    const int lane = tid & 31, warp = tid >> 5;
-    const int sub = tid % PD_LPP, pslot = tid / PD_LPP;
-    const int kvh = h / (nh / nkv);
-    const int p0 = sp * SPLIT;
-    const size_t part = ((size_t)b * nh + h) * splits + sp;
-    const int n = min(SPLIT, (int)lens[b] - p0);
-    const uint32_t slot = pslot < n ? table[(size_t)b * max_len + p0 + pslot] : 0u;
-    if (sub == 0) sl[pslot] = slot;
-    pdl_wait();
-    if (n <= 0) {  // past the end: an empty part, which still counts below
-        for (int e = tid; e < HD; e += THREADS) part_acc[part * HD + e] = 0.f;
-        if (tid == 0) {
-            part_ml[2 * part] = -INFINITY;
-            part_ml[2 * part + 1] = 0.f;
-        }
-    } else {
-        __syncthreads();  // publishes sl
-        const bool on = pslot < n;
-        uint4 kw[KPL];
-        if (on) {
-            const uint4* kp = reinterpret_cast<const uint4*>(k_pool + ((size_t)slot * nkv + kvh) * HD) + sub * KPL;
-#pragma unroll
-            for (int e = 0; e < KPL; ++e) kw[e] = kp[e];
-        }
-        Vec v[VPW];
-#pragma unroll
-        for (int u = 0; u < VPW; ++u) {
-            const int j = warp + u * WARPS;
-            if (j < n) v[u] = *reinterpret_cast<const Vec*>(v_pool + ((size_t)sl[j] * nkv + kvh) * HD + lane * DPL);
-        }
-        const T* qp = q + ((size_t)b * nh + h) * HD;
-        for (int e = tid; e < HD; e += THREADS) qs[e] = to_f(qp[e]) * scale;
-        __syncthreads();  // publishes qs
-        float dot = 0.f;
-        if (on) {
-            const float4* q4 = reinterpret_cast<const float4*>(qs) + sub * KPL * 2;
-#pragma unroll
-            for (int e = 0; e < KPL; ++e) {
-                const T* wv = reinterpret_cast<const T*>(&kw[e]);
-                const float4 qa = q4[2 * e], qb = q4[2 * e + 1];
-                dot += to_f(wv[0]) * qa.x + to_f(wv[1]) * qa.y + to_f(wv[2]) * qa.z + to_f(wv[3]) * qa.w +
-                       to_f(wv[4]) * qb.x + to_f(wv[5]) * qb.y + to_f(wv[6]) * qb.z + to_f(wv[7]) * qb.w;
-            }
-        }
-#pragma unroll
-        for (int o = 1; o < PD_LPP; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        if (on && sub == 0) sc[pslot] = dot;
-        const float m = block_reduce<true>(on ? dot : -INFINITY, red);
-        float p = 0.f;
-        if (tid < n) {
-            p = __expf(sc[tid] - m);
-            sc[tid] = p;
-        }
-        const float l = block_reduce<false>(p, red);
-        float acc[DPL];
-#pragma unroll
-        for (int d = 0; d < DPL; ++d) acc[d] = 0.f;
-#pragma unroll
-        for (int u = 0; u < VPW; ++u) {
-            const int j = warp + u * WARPS;
-            if (j < n) {
-                const float w = sc[j];
-                const T* e = reinterpret_cast<const T*>(&v[u]);
-#pragma unroll
-                for (int d = 0; d < DPL; ++d) acc[d] += w * to_f(e[d]);
-            }
-        }
-#pragma unroll
-        for (int d = 0; d < DPL; ++d) wacc[warp][lane * DPL + d] = acc[d];
-        __syncthreads();
-        for (int e = tid; e < HD; e += THREADS) {
-            float s = 0.f;
-#pragma unroll
-            for (int w = 0; w < WARPS; ++w) s += wacc[w][e];
-            part_acc[part * HD + e] = s;
-        }
-        if (tid == 0) {
-            part_ml[2 * part] = m;
-            part_ml[2 * part + 1] = l;
-        }
-    }
-    // Count this part in; the last block of the (head, sequence) goes on to the combine.
-    __syncthreads();  // orders every thread's part writes before thread 0's atomic
-    uint32_t* cnt = counters + (size_t)b * nh + h;
-    if (tid == 0) {
-        uint32_t old;  // release: this block's part; acquire: the parts counted in before
-        asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], 1;" : "=r"(old) : "l"(cnt) : "memory");
-        const bool is_last = old == (uint32_t)(splits - 1);
-        if (is_last) *cnt = 0u;  // for the next launch
-        last = is_last;
-    }
-    __syncthreads();  // publishes `last`, and orders the acquire before the other threads' loads
-    if (!last) return;  // uniform over the block
-    // paged_combine with threads >= HD idle (they take part in the reductions with the
-    // identities: the sums gain + 0.f terms only, so they are bitwise the same).
-    const size_t base = ((size_t)b * nh + h) * splits;
-    const int e = tid;
-    float pa[PRE];
-    if (e < HD) {
-#pragma unroll
-        for (int s = 0; s < PRE; ++s) pa[s] = s < splits ? __ldcg(part_acc + (base + s) * HD + e) : 0.f;
-    }
-    float mloc = -INFINITY;
-    if (e < HD)
-        for (int s = e; s < splits; s += HD) mloc = fmaxf(mloc, __ldcg(part_ml + 2 * (base + s)));
-    const float mx = block_reduce<true>(mloc, red);
-    float lloc = 0.f;
-    if (e < HD)
-        for (int s = e; s < splits; s += HD) {
-            const float m = __ldcg(part_ml + 2 * (base + s));
-            const float w = m == -INFINITY ? 0.f : __expf(m - mx);
-            wsh[s] = w;
-            lloc += w * __ldcg(part_ml + 2 * (base + s) + 1);
-        }
-    const float l = block_reduce<false>(lloc, red);
-    if (e < HD) {
-        float a = 0.f;
-#pragma unroll
-        for (int s = 0; s < PRE; ++s)
-            if (s < splits) a += wsh[s] * pa[s];
-#pragma unroll 8
-        for (int s = PRE; s < splits; ++s) a += wsh[s] * __ldcg(part_acc + (base + s) * HD + e);
-        out[((size_t)b * nh + h) * HD + e] = from_f<T>(a / l);
-    }
-}
-
-// Largest split count per launch (contexts up to 4096 with 64 positions per block, 2048 with
-// 32); the host falls back to the two kernels above it.
-constexpr int PF_MAX_SPLITS = 64;
-__global__ void __launch_bounds__(64 * PD_LPP)
-    paged_fused_f16_128(const __half* q, const __half* k_pool, const __half* v_pool, const uint32_t* table,
-                        const uint32_t* lens, float* part_acc, float* part_ml, uint32_t* counters, __half* out,
-                        int nh, int nkv, int max_len, float scale) {
-    paged_fused<__half, 128, 64, PF_MAX_SPLITS, 16>(q, k_pool, v_pool, table, lens, part_acc, part_ml, counters, out, nh,
-                                                nkv, max_len, scale);
-}
-__global__ void __launch_bounds__(32 * PD_LPP)
-    paged_fused32_f16_128(const __half* q, const __half* k_pool, const __half* v_pool, const uint32_t* table,
-                          const uint32_t* lens, float* part_acc, float* part_ml, uint32_t* counters, __half* out,
-                          int nh, int nkv, int max_len, float scale) {
-    paged_fused<__half, 128, 32, PF_MAX_SPLITS, 16>(q, k_pool, v_pool, table, lens, part_acc, part_ml, counters, out, nh,
-                                                nkv, max_len, scale);
-}
-
-// Decode attention of one row (d = 1) at context `ctx` into `out`: the engine's two kernels
-// (fused = 0, or fused = 0 with no_combine: the part only), paged_fused (1) or its
-// 32-position variant (2), each falling back to the two kernels past PF_MAX_SPLITS splits.
-// part_acc / part_ml hold [nh, ceil(ctx / 32)] parts.
 // The engine's combine before the one-round-trip path (commit ed8a58c), for A/B in the step:
 // block reductions of m and l, then the sum over the parts.
 __global__ void combine_old_f16(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
@@ -348,22 +160,17 @@ __global__ void combine_old_f16(const float* __restrict__ part_acc, const float*
 }
 static bool g_old_combine = false;
 
-static void attention(int fused, bool no_combine, const __half* q, const __half* kp, const __half* vp,
-                      const uint32_t* table, const uint32_t* lens, float* pacc, float* pml, uint32_t* counters,
-                      __half* out, int nh, int nkv, int ctx, int max_len, float scale) {
-    const int split = fused == 2 ? 32 : PD_SPLIT;
-    const int splits = (ctx + split - 1) / split;
-    if (fused && splits <= PF_MAX_SPLITS) {
-        go(fused == 2 ? paged_fused32_f16_128 : paged_fused_f16_128, dim3(nh, 1, splits), dim3(split * PD_LPP), 0, q, kp, vp,
-           table, lens, pacc, pml, counters, out, nh, nkv, max_len, scale);
-        return;
-    }
-    const int s64 = (ctx + PD_SPLIT - 1) / PD_SPLIT;
+// Decode attention of one row (d = 1) at context `ctx` into `out`, over a slot table `max_len`
+// wide (parts past the length are empty): the engine's two kernels (with `no_combine` the part
+// only; with g_old_combine the old combine).
+static void attention(bool no_combine, const __half* q, const __half* kp, const __half* vp, const uint32_t* table,
+                      const uint32_t* lens, float* pacc, float* pml, __half* out, int nh, int nkv, int max_len, float scale) {
+    const int s64 = (max_len + PD_SPLIT - 1) / PD_SPLIT;
     go(silica_paged_part_f16_128, dim3(nh, 1, s64), dim3(PD_THREADS), 0, q, kp, vp, table, lens, pacc, pml, nh, nkv,
        max_len, scale);
     if (!no_combine)
-        go(g_old_combine ? combine_old_f16 : silica_paged_combine_f16, dim3(nh, 1), dim3(128), (size_t)s64 * 4, (const float*)pacc, (const float*)pml, out,
-           nh, s64);
+        go(g_old_combine ? combine_old_f16 : silica_paged_combine_f16, dim3(nh, 1), dim3(128), (size_t)s64 * 4, (const float*)pacc,
+           (const float*)pml, out, nh, s64);
 }
 
 struct Cfg { const char* name; int hidden, inter, layers, nh, nkv, vocab; };
@@ -445,7 +252,6 @@ int main(int argc, char** argv) {
         std::vector<__half*> kp(L), vp(L);
         for (int l = 0; l < L; ++l) { kp[l] = alloc_h((size_t)slots * nkv * hd, 20 + l); vp[l] = alloc_h((size_t)slots * nkv * hd, 60 + l); }
         uint32_t *pos, *slot, *table, *lens;
-        const int splits = (ctx + PD_SPLIT - 1) / PD_SPLIT;
         // KB_CAP: the step's two-kernel attention over a slot table of this many positions (as
         // the engine's graphs, whose capacity is a power of two >= the context: parts past the
         // length are empty).
@@ -453,11 +259,6 @@ int main(int argc, char** argv) {
         const int csplits = (cap + PD_SPLIT - 1) / PD_SPLIT;
         float *pacc, *pml;
         CK(cudaMalloc(&pacc, (size_t)nh * csplits * hd * 4)); CK(cudaMalloc(&pml, (size_t)nh * csplits * 2 * 4));
-        // paged_fused's parts (up to 32 positions each) and its per-head counters, zeroed once.
-        const int splits32 = (ctx + 31) / 32;
-        float *paccf, *pmlf; uint32_t* cnt;
-        CK(cudaMalloc(&paccf, (size_t)nh * splits32 * hd * 4)); CK(cudaMalloc(&pmlf, (size_t)nh * splits32 * 2 * 4));
-        CK(cudaMalloc(&cnt, (size_t)nh * 4)); CK(cudaMemset(cnt, 0, (size_t)nh * 4));
         CK(cudaMalloc(&pos, 4)); CK(cudaMalloc(&slot, 4)); CK(cudaMalloc(&table, 4 * ctx)); CK(cudaMalloc(&lens, 4));
         std::vector<uint32_t> tb(ctx); for (int i = 0; i < ctx; ++i) tb[i] = i;
         uint32_t p0 = ctx - 1, l0 = ctx;
@@ -477,15 +278,7 @@ int main(int argc, char** argv) {
             go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
                (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
                (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l], nh, nkv, hd, eps);
-            if (g_fused_attn || g_no_combine) {
-                attention(g_fused_attn ? (g_fused32 ? 2 : 1) : 0, g_no_combine, q, kp[l], vp[l], table, lens,
-                          g_fused_attn ? paccf : pacc, g_fused_attn ? pmlf : pml, cnt, att, nh, nkv, ctx, ctx, scale);
-            } else {
-            go(silica_paged_part_f16_128, dim3(nh, 1, csplits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
-               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, cap, scale);
-            go(g_old_combine ? combine_old_f16 : silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)csplits * 4, (const float*)pacc,
-               (const float*)pml, att, nh, csplits);
-            }
+            attention(g_no_combine, q, kp[l], vp[l], table, lens, pacc, pml, att, nh, nkv, cap, scale);
             gemv1(att, wo[l], h, H, H);
             if (!g_no_norm)
             go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, x_res, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps);
@@ -509,51 +302,6 @@ int main(int argc, char** argv) {
             return 0;
         }
         printf("== %s, context %d (slot table %d), %.2f GB of weights per step\n", c.name, ctx, cap, bytes / 1e9);
-        {  // paged_fused against the engine's two kernels: q and layer 0's pools (the bench's random data)
-            std::vector<int> cx = {300, 64, 1000};
-            if (std::find(cx.begin(), cx.end(), ctx) == cx.end()) cx.push_back(ctx);
-            const int cmax = *std::max_element(cx.begin(), cx.end()), cs32 = (cmax + 31) / 32, nq = nh * hd;
-            uint32_t *ctab, *clen; float *cacc, *cml; __half* ca[3];
-            __half* cq = alloc_h(nq, 40);
-            CK(cudaMalloc(&ctab, 4 * (size_t)cmax)); CK(cudaMalloc(&clen, 4));
-            CK(cudaMalloc(&cacc, (size_t)nh * cs32 * hd * 4)); CK(cudaMalloc(&cml, (size_t)nh * cs32 * 2 * 4));
-            for (auto& a : ca) CK(cudaMalloc(&a, (size_t)nq * 2));
-            std::vector<uint32_t> ct(cmax);
-            for (int i = 0; i < cmax; ++i) ct[i] = (uint32_t)(((size_t)i * 37 + 11) % slots);  // scattered slots
-            CK(cudaMemcpy(ctab, ct.data(), 4 * (size_t)cmax, cudaMemcpyHostToDevice));
-            CK(cudaDeviceSynchronize());
-            std::vector<__half> ref(nq), got(nq);
-            std::vector<uint32_t> hc(nh);
-            for (int cc : cx) {
-                const uint32_t ln = cc;
-                CK(cudaMemcpyAsync(clen, &ln, 4, cudaMemcpyHostToDevice, g_s));
-                attention(0, false, cq, kp[0], vp[0], ctab, clen, cacc, cml, cnt, ca[0], nh, nkv, cc, cmax, scale);
-                CK(cudaMemcpyAsync(ref.data(), ca[0], (size_t)nq * 2, cudaMemcpyDeviceToHost, g_s));
-                CK(cudaStreamSynchronize(g_s));
-                for (int f = 1; f <= 2; ++f) {
-                    const int split = f == 2 ? 32 : PD_SPLIT, parts = (cc + split - 1) / split;
-                    bool eq = true; float md = 0.f;
-                    for (int rep = 0; rep < 2; ++rep) {  // twice: the second launch needs the counters reset by the first
-                        CK(cudaMemsetAsync(ca[f], 0xff, (size_t)nq * 2, g_s));  // NaNs, so that a missed write shows
-                        attention(f, false, cq, kp[0], vp[0], ctab, clen, cacc, cml, cnt, ca[f], nh, nkv, cc, cmax, scale);
-                        CK(cudaMemcpyAsync(got.data(), ca[f], (size_t)nq * 2, cudaMemcpyDeviceToHost, g_s));
-                        CK(cudaStreamSynchronize(g_s));
-                        eq = eq && memcmp(ref.data(), got.data(), (size_t)nq * 2) == 0;
-                        for (int i = 0; i < nq; ++i) {
-                            const float d = fabsf(__half2float(got[i]) - __half2float(ref[i]));
-                            if (!(d <= md)) md = d;  // a NaN sticks
-                        }
-                    }
-                    CK(cudaMemcpy(hc.data(), cnt, (size_t)nh * 4, cudaMemcpyDeviceToHost));
-                    const bool zero = std::all_of(hc.begin(), hc.end(), [](uint32_t v) { return v == 0; });
-                    printf("check context %d, %d part%s of %d%s: %s bitwise equal: %s, largest abs diff %g, counters back to 0: %s\n",
-                           cc, parts, parts == 1 ? "" : "s", split, parts > PF_MAX_SPLITS ? " (too many: two kernels)" : "",
-                           f == 1 ? "fused attention" : "fused attention (32 per block; other split, so not expected)",
-                           eq ? "yes" : "no", md, zero ? "yes" : "no");
-                }
-            }
-            for (void* p : {(void*)cq, (void*)ctab, (void*)clen, (void*)cacc, (void*)cml, (void*)ca[0], (void*)ca[1], (void*)ca[2]}) CK(cudaFree(p));
-        }
         for (int pdl : {0, 1, 0, 1}) {
             g_pdl = pdl;
             float ms = time_graph(step, 50);
@@ -572,16 +320,13 @@ int main(int argc, char** argv) {
             printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", g_no_norm ? "without the norms" : g_no_rope ? "without qkv_rope" : "all kernels", ms, 1000 / ms);
         }
         g_no_norm = g_no_rope = false;
-        if (splits > PF_MAX_SPLITS || splits32 > PF_MAX_SPLITS)
-            printf("(more than %d parts: the fused variants fall back to the two kernels)\n", PF_MAX_SPLITS);
-        for (int v = 0; v < 10; ++v) {  // interleaved: the GPU's timings drift between runs
-            const char* an[5] = {"attention in two kernels", "attention in two kernels, the old combine", "attention in one kernel",
-                                 "attention in one kernel, 32 positions per block", "attention without the combine"};
-            g_fused_attn = v % 5 == 2 || v % 5 == 3; g_fused32 = v % 5 == 3; g_no_combine = v % 5 == 4; g_old_combine = v % 5 == 1;
+        for (int v = 0; v < 6; ++v) {  // interleaved: the GPU's timings drift between runs
+            const char* an[3] = {"attention in two kernels", "attention in two kernels, the old combine", "attention without the combine"};
+            g_old_combine = v % 3 == 1; g_no_combine = v % 3 == 2;
             float ms = time_graph(step, 50);
-            printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", an[v % 5], ms, 1000 / ms);
+            printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", an[v % 3], ms, 1000 / ms);
         }
-        g_fused_attn = g_fused32 = g_no_combine = g_old_combine = false;
+        g_no_combine = g_old_combine = false;
         for (int pdl : {0, 1}) {
             g_pdl = pdl;
             g_alloc = true;
@@ -596,6 +341,24 @@ int main(int argc, char** argv) {
             float ms = time_graph([&]() { for (int l = 0; l < L; ++l) gemv1(s.x, (*s.w)[l], s.y, s.rows, s.k); }, 20);
             double b = 2.0 * s.rows * s.k;
             printf("gemv %-8s [%6d x %6d] wr %d: %7.2f us  %6.0f GB/s\n", s.n, s.rows, s.k, wr_for(s.rows, s.k), ms * 1000 / L, b / (ms / L) / 1e6);
+        }
+        {  // The same GEMVs for the 4 rows of a 4-beam step, on the tensor cores as fused.rs launches
+           // them (silica_gemv_tc_f16_4: 8 output columns per block of 256 threads), and the head.
+            const size_t kx = (size_t)std::max(H, I), ny = (size_t)std::max(std::max(2 * I, qkvw), c.vocab);
+            __half* x4 = alloc_h(4 * kx, 40); __half* y4; CK(cudaMalloc(&y4, 4 * ny * 2));
+            double all = 0;
+            for (auto& s : shapes) {
+                float ms = time_graph([&]() { for (int l = 0; l < L; ++l)
+                    go(silica_gemv_tc_f16_4, dim3((s.rows + 7) / 8), dim3(256), 0, (const __half*)x4, (const __half*)(*s.w)[l], y4, s.rows, s.k); }, 20);
+                double b = 2.0 * s.rows * s.k;
+                all += ms;
+                printf("gemv tc 4 rows %-8s [%6d x %6d]: %7.2f us  %6.0f GB/s\n", s.n, s.rows, s.k, ms * 1000 / L, b / (ms / L) / 1e6);
+            }
+            float ms = time_graph([&]() { for (int i = 0; i < 4; ++i)
+                go(silica_gemv_tc_f16_4, dim3((c.vocab + 7) / 8), dim3(256), 0, (const __half*)x4, (const __half*)head, y4, c.vocab, H); }, 20);
+            printf("gemv tc 4 rows head     [%6d x %6d]: %7.2f us  %6.0f GB/s\n", c.vocab, H, ms * 1000 / 4, 2.0 * c.vocab * H / (ms / 4) / 1e6);
+            printf("gemv tc 4 rows, every layer's four GEMVs and the head: %.3f ms a step\n", all + ms / 4);
+            CK(cudaFree(x4)); CK(cudaFree(y4));
         }
         {
             float ms = time_graph([&]() { for (int l = 0; l < L; ++l) gemv1_swiglu(normed, wgu[l], act, 2 * I, H); }, 20);
@@ -614,15 +377,11 @@ int main(int argc, char** argv) {
         small("qkv_rope", [&](int l) { go(silica_qkv_rope_f16, dim3(nh + 2 * nkv, 1), dim3(hd), (size_t)(hd + 32) * 4, (const __half*)qkv,
                (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
                (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l], nh, nkv, hd, eps); });
-        small("paged_decode", [&](int l) { go(silica_paged_part_f16_128, dim3(nh, 1, splits), dim3(PD_THREADS), 0, (const __half*)q, (const __half*)kp[l],
-               (const __half*)vp[l], (const uint32_t*)table, (const uint32_t*)lens, pacc, pml, nh, nkv, ctx, scale);
-            go(silica_paged_combine_f16, dim3(nh, 1), dim3(hd), (size_t)splits * 4, (const float*)pacc, (const float*)pml, att, nh, splits); });
-        small("paged_decode fused", [&](int l) { attention(1, false, q, kp[l], vp[l], table, lens, paccf, pmlf, cnt, att, nh, nkv, ctx, ctx, scale); });
-        small("paged_decode fused32", [&](int l) { attention(2, false, q, kp[l], vp[l], table, lens, paccf, pmlf, cnt, att, nh, nkv, ctx, ctx, scale); });
+        small("paged_decode", [&](int l) { attention(false, q, kp[l], vp[l], table, lens, pacc, pml, att, nh, nkv, cap, scale); });
         g_old_combine = true;
-        small("paged_decode (old combine)", [&](int l) { attention(0, false, q, kp[l], vp[l], table, lens, pacc, pml, cnt, att, nh, nkv, ctx, ctx, scale); });
+        small("paged_decode (old combine)", [&](int l) { attention(false, q, kp[l], vp[l], table, lens, pacc, pml, att, nh, nkv, cap, scale); });
         g_old_combine = false;
-        small("paged_part alone", [&](int l) { attention(0, true, q, kp[l], vp[l], table, lens, pacc, pml, cnt, att, nh, nkv, ctx, ctx, scale); });
+        small("paged_part alone", [&](int l) { attention(true, q, kp[l], vp[l], table, lens, pacc, pml, att, nh, nkv, cap, scale); });
         small("add_rmsnorm", [&](int l) { go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps); });
         small("silu_mul", [&](int l) { go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I, 0); });
         {  // next-token selection over this model's vocabulary (random logits, sd 2)
@@ -683,6 +442,29 @@ int main(int argc, char** argv) {
             }
             CK(cudaFree(sp)); CK(cudaFree(gc)); CK(cudaFree(gm)); CK(cudaFree(cuts)); CK(cudaFree(pm));
             ArgPart* ap; CK(cudaMalloc(&ap, 64 * sizeof(ArgPart)));
+            {  // a 4-beam step's selection: the 8 best of each of 4 rows (mode 2, n 8), the five kernels
+                const int R = 4, N = 8;
+                float* lg4; CK(cudaMalloc(&lg4, (size_t)R * c.vocab * 4));
+                for (int r = 0; r < R; ++r) CK(cudaMemcpy(lg4 + (size_t)r * c.vocab, hl.data(), (size_t)c.vocab * 4, cudaMemcpyHostToDevice));
+                SelParam p4[R] = {};
+                for (auto& p : p4) { p.inv_temp = 1.f; p.top_p = 1.f; p.mode = 2; p.n = N; }
+                SelParam* dp4; CK(cudaMalloc(&dp4, sizeof p4)); CK(cudaMemcpy(dp4, p4, sizeof p4, cudaMemcpyHostToDevice));
+                uint32_t* so4; CK(cudaMalloc(&so4, R * N * 2 * 4));
+                SelStats* sp4; uint32_t* gc4; unsigned long long *gm4, *cuts4, *pm4;
+                CK(cudaMalloc(&cuts4, R * 8)); CK(cudaMalloc(&pm4, R * 64 * 8));
+                CK(cudaMalloc(&sp4, R * 64 * sizeof(SelStats))); CK(cudaMalloc(&gc4, R * SEL_BINS * 4)); CK(cudaMalloc(&gm4, R * SEL_BINS * 8));
+                small("select top-8 of 4 rows", [&](int) {
+                    go(silica_select_stats, dim3(64, R), dim3(SEL_PART_THREADS), 0, (const float*)lg4, c.vocab, sp4, gc4, gm4);
+                    go(silica_select_hist, dim3(64, R), dim3(SEL_PART_THREADS), 0, (const float*)lg4, c.vocab, (const SelParam*)dp4,
+                       (const SelStats*)sp4, gc4, gm4);
+                    go(silica_select, dim3(R), dim3(SEL_THREADS), 0, (const float*)lg4, c.vocab, (const SelParam*)dp4, so4, N,
+                       (const SelStats*)sp4, 64, (const uint32_t*)gc4, (const unsigned long long*)gm4, cuts4);
+                    go(silica_select_mass, dim3(64, R), dim3(SEL_PART_THREADS), 0, (const float*)lg4, c.vocab, (const SelParam*)dp4,
+                       (const SelStats*)sp4, (const unsigned long long*)cuts4, pm4);
+                    go(silica_select_draw, dim3(R), dim3(SEL_THREADS), 0, (const float*)lg4, c.vocab, (const SelParam*)dp4,
+                       (const SelStats*)sp4, 64, (const unsigned long long*)cuts4, (const unsigned long long*)pm4, so4, N); });
+                for (void* p : {(void*)lg4, (void*)dp4, (void*)so4, (void*)sp4, (void*)gc4, (void*)gm4, (void*)cuts4, (void*)pm4}) CK(cudaFree(p));
+            }
             small("argmax (64 parts)", [&](int) {
                 go(silica_argmax_part, dim3(64, 1), dim3(ARGMAX_THREADS), 0, (const float*)lg, c.vocab, ap);
                 go(silica_argmax_combine, dim3(1), dim3(32), 0, (const ArgPart*)ap, 64, so); });
@@ -691,7 +473,7 @@ int main(int argc, char** argv) {
         }
         CK(cudaDeviceSynchronize());
         for (auto* v : {&wqkv, &wo, &wgu, &wd, &n1, &n2, &bias, &kp, &vp}) for (auto p : *v) CK(cudaFree(p));
-        for (void* p : {(void*)head, (void*)cosT, (void*)sinT, (void*)pos, (void*)slot, (void*)pacc, (void*)pml, (void*)paccf, (void*)pmlf, (void*)cnt, (void*)table, (void*)lens, (void*)resid, (void*)normed,
+        for (void* p : {(void*)head, (void*)cosT, (void*)sinT, (void*)pos, (void*)slot, (void*)pacc, (void*)pml, (void*)table, (void*)lens, (void*)resid, (void*)normed,
                         (void*)qkv, (void*)q, (void*)att, (void*)h, (void*)an, (void*)gu, (void*)act, (void*)logits}) CK(cudaFree(p));
     }
     return 0;
