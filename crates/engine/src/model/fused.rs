@@ -413,6 +413,10 @@ fn launch_selection(logits: &Tensor, rows: &[crate::sampling::Selection]) -> Res
         // parameters to upload.
         let out = if rows.iter().all(|r| matches!(r, Selection::Greedy)) {
             logits.apply_op1_no_bwd(&imp::ArgmaxOp)?
+        } else if nout <= imp::TOPN_MAX && rows.iter().all(|r| matches!(r, Selection::TopN(_))) {
+            // Every row a beam step's candidates: two kernels; each row's `nout` best (the host
+            // keeps each row's first k once sorted).
+            logits.apply_op1_no_bwd(&imp::TopNOp { n: nout })?
         } else if rows.iter().all(|r| matches!(r, Selection::Sample { .. })) {
             // Every row sampled: one kernel (nout is then 1).
             let params = Tensor::from_vec(params(rows), (rows.len(), 8), logits.device())?;
@@ -1320,6 +1324,58 @@ mod imp {
         }
     }
 
+    /// Most candidates per row of [`TopNOp`] (TOPN_MAX in select.cu).
+    pub(super) const TOPN_MAX: usize = 16;
+    /// Words of select.cu's `TopNPart`: m, s, finite, bad, then TOPN_MAX values and ids.
+    const TOPN_PART_WORDS: usize = 4 + 2 * TOPN_MAX;
+    /// Parts per row of silica_topn_part.
+    const TOPN_PARTS: usize = 64;
+
+    /// `silica_topn_part` + `silica_topn_combine`: logits `[rows, vocab]` f32 → `[rows, n, 2]`
+    /// u32, each row's `n` best tokens and their log-softmax values (as `silica_select` writes
+    /// for SEL_TOPN rows of `n`).
+    pub(super) struct TopNOp {
+        pub n: usize,
+    }
+
+    impl CustomOp1 for TopNOp {
+        fn name(&self) -> &'static str {
+            "silica-topn"
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            cpu_unsupported("silica-topn")
+        }
+        fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = ls.device();
+            let (rows, vocab) = ll.shape().dims2()?;
+            let n = self.n;
+            if ls.dtype() != DType::F32 || n == 0 || n > TOPN_MAX {
+                bail!("silica-topn: logits {:?} {:?}, {n} per row", ll.shape(), ls.dtype());
+            }
+            let logits = input::<f32>(ls, ll)?;
+            let nparts = TOPN_PARTS.min(vocab).max(1);
+            let per = vocab.div_ceil(nparts);
+            // The part's logits in shared memory (48 KB without opting in).
+            if per * 4 > 48 * 1024 {
+                bail!("silica-topn: {per} logits per part, over the shared memory");
+            }
+            // SAFETY: silica_topn_part writes every field of every part before the combine
+            // reads it; the combine writes both words of all n slots of every row.
+            let (parts, out) = unsafe { (dev.alloc::<u32>(rows * nparts * TOPN_PART_WORDS)?, dev.alloc::<u32>(rows * n * 2)?) };
+            let func = dev.get_or_load_custom_func("silica_topn_part", MODULE, PTX)?;
+            let args = [Arg::Ptr(raw_ptr(&logits)), Arg::I32(vocab as i32), Arg::I32(n as i32), Arg::Ptr(slice_ptr(&parts))];
+            let cfg = LaunchConfig { grid_dim: (nparts as u32, rows as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: (per * 4) as u32 };
+            // SAFETY: the arguments match `silica_topn_part` (TOPN_THREADS = 256 threads).
+            unsafe { launch(dev, &func, cfg, &args) }?;
+            let func = dev.get_or_load_custom_func("silica_topn_combine", MODULE, PTX)?;
+            let args = [Arg::Ptr(slice_ptr(&parts)), Arg::I32(nparts as i32), Arg::I32(n as i32), Arg::Ptr(slice_ptr(&out)), Arg::I32(n as i32)];
+            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (nparts * n * 8) as u32 };
+            // SAFETY: the arguments match `silica_topn_combine`; `parts` holds nparts per row.
+            unsafe { launch(dev, &func, cfg, &args) }?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((rows, n * 2))))
+        }
+    }
+
     /// `silica_argmax_part` + `silica_argmax_combine`: logits `[rows, vocab]` f32 → `[rows, 2]`
     /// u32, as `silica_select` writes for greedy rows.
     pub(super) struct ArgmaxOp;
@@ -1505,6 +1561,38 @@ mod cuda_tests {
         let vocab = rows[0].len();
         let flat: Vec<f32> = rows.concat();
         Tensor::from_vec(flat, (rows.len(), vocab), &Device::new_cuda(0).expect("a CUDA device")).unwrap()
+    }
+
+    /// Rows that all want top-n take the two top-n kernels; beside a greedy row they take the
+    /// five-pass selection. The same candidates either way, on rows with ties, holes and fewer
+    /// finite logits than asked, with a different n per row.
+    #[test]
+    fn top_n_rows_alone_equal_top_n_beside_greedy() {
+        for vocab in [1001, 151_936] {
+            let mut rows = rows(vocab, 11);
+            let mut few = vec![f32::NEG_INFINITY; vocab];
+            for (i, v) in few.iter_mut().enumerate().step_by(vocab / 5) {
+                *v = (i % 3) as f32;
+            }
+            rows.push(few);
+            let sel: Vec<Selection> = [1usize, 5, 12, 16, 9].into_iter().map(Selection::TopN).collect();
+            let alone = select(&on_device(&rows), &sel).unwrap();
+            let (mut rows_g, mut sel_g) = (rows.clone(), sel.clone());
+            rows_g.push(rows[0].clone());
+            sel_g.push(Selection::Greedy);
+            let beside = select(&on_device(&rows_g), &sel_g).unwrap();
+            for r in 0..rows.len() {
+                let (Selected::Top(a), Selected::Top(b)) = (&alone[r], &beside[r]) else {
+                    panic!("row {r}, vocab {vocab}: {:?} / {:?}", alone[r], beside[r])
+                };
+                assert_eq!(a.iter().map(|c| c.0).collect::<Vec<_>>(), b.iter().map(|c| c.0).collect::<Vec<_>>(), "row {r}, vocab {vocab}");
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x.1 - y.1).abs() < 1e-4, "row {r} token {}: {} vs {}", x.0, x.1, y.1);
+                }
+            }
+            let Selected::Top(few) = &alone[4] else { panic!("row 4, vocab {vocab}: {:?}", alone[4]) };
+            assert_eq!(few.len(), 6, "vocab {vocab}: the row has 6 finite logits");
+        }
     }
 
     #[test]
