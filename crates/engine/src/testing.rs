@@ -32,6 +32,23 @@ pub fn tiny_config(arch: Arch, tie_word_embeddings: bool) -> ModelConfig {
     }
 }
 
+/// [`tiny_config`] (Qwen2, untied) widened to heads of 64 (`heads` query heads sharing
+/// `kv_heads` K/V heads, hidden 128, intermediate 256, context 1,024): shapes that Silica's
+/// fused CUDA kernels and decode graphs take.
+pub fn tiny_fused_config(heads: usize, kv_heads: usize) -> ModelConfig {
+    let mut cfg = tiny_config(Arch::Qwen2, false);
+    (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (128, 256, heads, kv_heads, 64);
+    cfg.max_position_embeddings = 1024;
+    cfg
+}
+
+/// Writes `cfg` with seeded random weights as an F16 safetensors directory and loads it on
+/// `device` (F16).
+pub fn load_random_f16(cfg: &ModelConfig, seed: u64, dir: &Path, device: &Device) -> Result<crate::model::QwenModel> {
+    write_safetensors_dir(dir, cfg, &random_weights(cfg, seed)?, DType::F16, 1)?;
+    crate::model::QwenModel::load(cfg.clone(), &mut crate::model::WeightSource::safetensors(dir, DType::F16, device)?, device)
+}
+
 /// Random weights with Hugging Face names, F32, deterministic in `seed`.
 pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Vec<(String, Tensor)>> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

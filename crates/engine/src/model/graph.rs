@@ -117,6 +117,19 @@ struct Captured {
 // SAFETY: the graph is only touched under `DecodeGraphs::inner`'s mutex.
 unsafe impl Send for Captured {}
 
+impl Captured {
+    /// Writes the step's inputs (the ids then replaced by `ids`, a device tensor, when given)
+    /// and launches the graph; the logits land in the graph's buffer.
+    fn replay(&self, step: &StepInputs, ids: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        upload(&self.buffers, step)?;
+        if let Some(ids) = ids {
+            self.buffers.ids.slice_set(&ids.contiguous()?, 0, 0)?;
+        }
+        self.graph.launch().map_err(|e| candle_core::Error::Msg(format!("CUDA graph launch: {e}")))?;
+        Ok(self.buffers.logits.clone())
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     captured: HashMap<(usize, usize), Captured>,
@@ -166,17 +179,15 @@ impl DecodeGraphs {
                 }
             }
         }
-        let c = &inner.captured[&key];
-        upload(&c.buffers, step)?;
-        c.graph.launch().map_err(|e| candle_core::Error::Msg(format!("CUDA graph launch: {e}")))?;
-        Ok(Some(c.buffers.logits.clone()))
+        inner.captured[&key].replay(step, None).map(Some)
     }
 
     /// Replays the captured step of this batch's shape with the input ids that `ids()` gives
     /// (`[rows]` u32 on the device, e.g. the previous step's selected tokens, not yet on the
-    /// host; called only when a graph will run); the batch's own tokens are ignored. `Ok(None)` when no graph of that shape is
-    /// captured yet: nothing was launched. The logits stay in the graph's buffer, which the
-    /// next replay of the shape overwrites (stream-ordered).
+    /// host; called only when a graph will run); the batch's own tokens are ignored.
+    /// `Ok(None)` when no graph of that shape is captured yet: nothing was launched. The
+    /// logits stay in the graph's buffer, which the next replay of the shape overwrites
+    /// (stream-ordered).
     pub fn run_ahead(
         &self,
         batch: &[SeqInput<'_>],
@@ -190,10 +201,7 @@ impl DecodeGraphs {
         if ids.dims() != [key.0] || ids.dtype() != DType::U32 {
             candle_core::bail!("run_ahead: ids {:?} {:?} for {} rows", ids.shape(), ids.dtype(), key.0);
         }
-        upload(&c.buffers, &StepInputs::new(batch, kv, key))?;
-        c.buffers.ids.slice_set(&ids.contiguous()?, 0, 0)?;
-        c.graph.launch().map_err(|e| candle_core::Error::Msg(format!("CUDA graph launch: {e}")))?;
-        Ok(Some(c.buffers.logits.clone()))
+        c.replay(&StepInputs::new(batch, kv, key), Some(&ids)).map(Some)
     }
 }
 
@@ -284,24 +292,10 @@ fn capture(
 #[cfg(test)]
 mod tests {
     use crate::kv::{KvCacheConfig, SeqCache};
-    use crate::model::{Arch, ModelConfig, QwenModel, SeqInput, WeightSource};
-    use candle_core::{DType, Device};
+    use crate::model::SeqInput;
+    use candle_core::Device;
 
-    /// A tiny random Qwen2 checkpoint (F16 safetensors in a temporary directory) with
-    /// `heads` query heads of 64 sharing `kv_heads` K/V heads, and a loader for it on `dev`.
-    fn tiny_checkpoint(heads: usize, kv_heads: usize, seed: u64) -> (ModelConfig, tempfile::TempDir) {
-        let mut cfg = crate::testing::tiny_config(Arch::Qwen2, false);
-        (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (128, 256, heads, kv_heads, 64);
-        cfg.max_position_embeddings = 1024;
-        let dir = tempfile::tempdir().unwrap();
-        let weights = crate::testing::random_weights(&cfg, seed).unwrap();
-        crate::testing::write_safetensors_dir(dir.path(), &cfg, &weights, DType::F16, 1).unwrap();
-        (cfg, dir)
-    }
-
-    fn load(cfg: &ModelConfig, dir: &tempfile::TempDir, dev: &Device) -> QwenModel {
-        QwenModel::load(cfg.clone(), &mut WeightSource::safetensors(dir.path(), DType::F16, dev).unwrap(), dev).unwrap()
-    }
+    use crate::testing::{load_random_f16, tiny_fused_config};
 
     #[test]
     fn replayed_decode_steps_equal_eager_ones() {
@@ -320,8 +314,8 @@ mod tests {
     #[test]
     fn copies_of_different_lengths_decode_alike() {
         let dev = Device::new_cuda(0).expect("a CUDA device");
-        let (cfg, dir) = tiny_checkpoint(4, 2, 5);
-        let m = load(&cfg, &dir, &dev);
+        let (cfg, dir) = (tiny_fused_config(4, 2), tempfile::tempdir().unwrap());
+        let m = load_random_f16(&cfg, 5, dir.path(), &dev).unwrap();
         assert!(m.graphs.is_some(), "the fused kernels and graphs apply to this model");
         let tokens: Vec<u32> = (0..300u32).map(|i| (i * 7919 + 13) % cfg.vocab_size as u32).collect();
         let (top, diff) = crate::generate::teacher_forced_decode(&m, &tokens, 1, 150, 4).unwrap();
@@ -334,8 +328,8 @@ mod tests {
 
     fn replay_matches_eager(seqs: usize, steps: usize) {
         let dev = Device::new_cuda(0).expect("a CUDA device");
-        let (cfg, dir) = tiny_checkpoint(2, 1, 3);
-        let (graphs, mut eager) = (load(&cfg, &dir, &dev), load(&cfg, &dir, &dev));
+        let (cfg, dir) = (tiny_fused_config(2, 1), tempfile::tempdir().unwrap());
+        let (graphs, mut eager) = (load_random_f16(&cfg, 3, dir.path(), &dev).unwrap(), load_random_f16(&cfg, 3, dir.path(), &dev).unwrap());
         assert!(graphs.graphs.is_some(), "the fused kernels and graphs apply to this model");
         eager.graphs = None;
         let kv_cfg = KvCacheConfig { block_size: 16, num_blocks: 64 };

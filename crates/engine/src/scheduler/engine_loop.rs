@@ -379,17 +379,21 @@ impl Engine {
         if !rows.iter().all(device_picks) {
             return Ok(None);
         }
-        let mut sel = Vec::with_capacity(rows.len());
-        let mut ids = Vec::with_capacity(rows.len());
-        for r in rows {
-            let req = &mut self.running[r.req];
-            if let Body::Single(s) = &mut req.body {
-                sel.push(s.sampler.device_selection().ok_or_else(|| EngineError::Unavailable("a row's sampler needs the host".into()))?);
-            }
-            ids.push((req.id, r.start, r.len));
-        }
+        let sel = self.device_selections(rows.iter().map(|r| r.req))?;
+        let ids = rows.iter().map(|r| (self.running[r.req].id, r.start, r.len)).collect();
         let selection = crate::model::fused::select_start(logits, &sel, &mut self.readbacks)?;
         Ok(Some(InFlight { rows: ids, selection }))
+    }
+
+    /// Each request's selection for the device, its sampler drawing now (single sequences whose
+    /// samplers are `device_selectable`).
+    fn device_selections(&mut self, reqs: impl Iterator<Item = usize>) -> Result<Vec<crate::sampling::Selection>> {
+        reqs.map(|i| match &mut self.running[i].body {
+            Body::Single(s) => s.sampler.device_selection(),
+            Body::Beams(_) => None,
+        }
+        .ok_or_else(|| EngineError::Unavailable("a row's token needs the host".into())))
+        .collect()
     }
 
     /// Ends an in-flight step. First, when nothing would change the batch, the next decode step
@@ -464,32 +468,24 @@ impl Engine {
                 _ => return Ok(None),
             }
         }
+        // Blocks for the next position, and each cache as it will be once this step's token is
+        // in: one position on.
+        let mut caches = Vec::with_capacity(at.len());
         for &(i, pos) in &at {
             if !self.reserve(i, 0, pos + 1, false)? {
                 return Ok(None);
             }
+            if let Body::Single(s) = &self.running[i].body {
+                caches.push(SeqCache { blocks: s.seq.blocks.clone(), len: pos });
+            }
         }
-        let caches: Vec<SeqCache> = at
-            .iter()
-            .filter_map(|&(i, pos)| match &self.running[i].body {
-                Body::Single(s) => Some(SeqCache { blocks: s.seq.blocks.clone(), len: pos }),
-                Body::Beams(_) => None,
-            })
-            .collect();
         let unknown = [0u32];
         let batch: Vec<SeqInput<'_>> = caches.iter().map(|cache| SeqInput { tokens: &unknown, cache, all_logits: false }).collect();
         let Some(logits) = self.model.model.forward_ahead(&batch, &mut self.kv, || f.selection.tokens())? else {
             return Ok(None);
         };
-        let mut sel = Vec::with_capacity(at.len());
-        let mut rows = Vec::with_capacity(at.len());
-        for &(i, pos) in &at {
-            let req = &mut self.running[i];
-            if let Body::Single(s) = &mut req.body {
-                sel.push(s.sampler.device_selection().ok_or_else(|| EngineError::Unavailable("a row's sampler needs the host".into()))?);
-            }
-            rows.push((req.id, pos, 1));
-        }
+        let sel = self.device_selections(at.iter().map(|&(i, _)| i))?;
+        let rows = at.iter().map(|&(i, pos)| (self.running[i].id, pos, 1)).collect();
         let selection = crate::model::fused::select_start(&logits, &sel, &mut self.readbacks)?;
         #[cfg(all(test, feature = "cuda"))]
         cuda_tests::LAUNCHED_AHEAD.fetch_add(1, Ordering::SeqCst);
@@ -984,11 +980,11 @@ impl Engine {
 pub(super) mod cuda_tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     use crate::generate::{FinishReason, GenerateRequest, Prompt, StopParams};
     use crate::loaded::{LoadedModel, ModelInfo};
-    use crate::model::{Arch, Format, QwenModel, WeightSource};
+    use crate::model::Format;
     use crate::sampling::SamplingParams;
     use crate::scheduler::{collect_blocking, EngineHandle, SchedulerConfig};
     use crate::tokenizer::TextTokenizer;
@@ -999,13 +995,8 @@ pub(super) mod cuda_tests {
     /// A tiny random Qwen2 model (F16, heads of 64: the fused kernels and graphs apply) with a
     /// word-level tokenizer of its vocabulary and no end-of-sequence token.
     fn tiny(dir: &std::path::Path) -> LoadedModel {
-        let mut cfg = crate::testing::tiny_config(Arch::Qwen2, false);
-        (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (128, 256, 4, 2, 64);
-        cfg.max_position_embeddings = 1024;
-        let weights = crate::testing::random_weights(&cfg, 21).unwrap();
-        crate::testing::write_safetensors_dir(dir, &cfg, &weights, DType::F16, 1).unwrap();
-        let dev = Device::new_cuda(0).expect("a CUDA device");
-        let model = QwenModel::load(cfg.clone(), &mut WeightSource::safetensors(dir, DType::F16, &dev).unwrap(), &dev).unwrap();
+        let cfg = crate::testing::tiny_fused_config(4, 2);
+        let model = crate::testing::load_random_f16(&cfg, 21, dir, &Device::new_cuda(0).expect("a CUDA device")).unwrap();
         let vocab = (0..cfg.vocab_size as u32).map(|i| (format!("w{i}"), i)).collect();
         let wl = tokenizers::models::wordlevel::WordLevel::builder().vocab(vocab).unk_token("w0".into()).build().unwrap();
         let tokenizer = TextTokenizer::from_parts(tokenizers::Tokenizer::new(wl), Vec::new(), None, None, None);
