@@ -133,43 +133,18 @@ static bool g_no_norm = false, g_no_rope = false;
 // (the last block of each head combines) was measured and dropped: commit a8fbae6.
 static bool g_no_combine = false;
 
-// The engine's combine before the one-round-trip path (commit ed8a58c), for A/B in the step:
-// block reductions of m and l, then the sum over the parts.
-__global__ void combine_old_f16(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
-                                __half* __restrict__ out, int nh, int splits) {
-    extern __shared__ float wsh[];
-    __shared__ float red[32];
-    pdl_enter();
-    const int h = blockIdx.x, b = blockIdx.y, e = threadIdx.x, hd = blockDim.x;
-    const size_t base = ((size_t)b * nh + h) * splits;
-    float mloc = -INFINITY;
-    for (int s = e; s < splits; s += hd) mloc = fmaxf(mloc, part_ml[2 * (base + s)]);
-    const float mx = block_reduce<true>(mloc, red);
-    float lloc = 0.f;
-    for (int s = e; s < splits; s += hd) {
-        const float m = part_ml[2 * (base + s)];
-        const float w = m == -INFINITY ? 0.f : __expf(m - mx);
-        wsh[s] = w;
-        lloc += w * part_ml[2 * (base + s) + 1];
-    }
-    const float l = block_reduce<false>(lloc, red);
-    float a = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s) a += wsh[s] * part_acc[(base + s) * hd + e];
-    out[((size_t)b * nh + h) * hd + e] = __float2half(a / l);
-}
-static bool g_old_combine = false;
 
 // Decode attention of one row (d = 1) at context `ctx` into `out`, over a slot table `max_len`
 // wide (parts past the length are empty): the engine's two kernels (with `no_combine` the part
-// only; with g_old_combine the old combine).
+// only). The combine before the one-round-trip path was A/B-timed against it here until
+// commit cdfd99c (figures in docs/benchmarks.md, seventh session).
 static void attention(bool no_combine, const __half* q, const __half* kp, const __half* vp, const uint32_t* table,
                       const uint32_t* lens, float* pacc, float* pml, __half* out, int nh, int nkv, int max_len, float scale) {
     const int s64 = (max_len + PD_SPLIT - 1) / PD_SPLIT;
     go(silica_paged_part_f16_128, dim3(nh, 1, s64), dim3(PD_THREADS), 0, q, kp, vp, table, lens, pacc, pml, nh, nkv,
        max_len, scale);
     if (!no_combine)
-        go(g_old_combine ? combine_old_f16 : silica_paged_combine_f16, dim3(nh, 1), dim3(128), (size_t)s64 * 4, (const float*)pacc,
+        go(silica_paged_combine_f16, dim3(nh, 1), dim3(128), (size_t)s64 * 4, (const float*)pacc,
            (const float*)pml, out, nh, s64);
 }
 
@@ -320,13 +295,13 @@ int main(int argc, char** argv) {
             printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", g_no_norm ? "without the norms" : g_no_rope ? "without qkv_rope" : "all kernels", ms, 1000 / ms);
         }
         g_no_norm = g_no_rope = false;
-        for (int v = 0; v < 6; ++v) {  // interleaved: the GPU's timings drift between runs
-            const char* an[3] = {"attention in two kernels", "attention in two kernels, the old combine", "attention without the combine"};
-            g_old_combine = v % 3 == 1; g_no_combine = v % 3 == 2;
+        for (int v = 0; v < 4; ++v) {  // interleaved: the GPU's timings drift between runs
+            g_no_combine = v % 2 == 1;
             float ms = time_graph(step, 50);
-            printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n", an[v % 3], ms, 1000 / ms);
+            printf("step (graph, pdl 1, %s): %.3f ms = %.1f tok/s\n",
+                   g_no_combine ? "attention without the combine" : "attention in two kernels", ms, 1000 / ms);
         }
-        g_no_combine = g_old_combine = false;
+        g_no_combine = false;
         for (int pdl : {0, 1}) {
             g_pdl = pdl;
             g_alloc = true;
@@ -378,9 +353,6 @@ int main(int argc, char** argv) {
                (const __half*)bias[l], (const __half*)nullptr, (const __half*)nullptr, (const __half*)cosT, (const __half*)sinT,
                (const uint32_t*)pos, (const uint32_t*)slot, q, kp[l], vp[l], nh, nkv, hd, eps); });
         small("paged_decode", [&](int l) { attention(false, q, kp[l], vp[l], table, lens, pacc, pml, att, nh, nkv, cap, scale); });
-        g_old_combine = true;
-        small("paged_decode (old combine)", [&](int l) { attention(false, q, kp[l], vp[l], table, lens, pacc, pml, att, nh, nkv, cap, scale); });
-        g_old_combine = false;
         small("paged_part alone", [&](int l) { attention(true, q, kp[l], vp[l], table, lens, pacc, pml, att, nh, nkv, cap, scale); });
         small("add_rmsnorm", [&](int l) { go(silica_add_rmsnorm_f16, dim3(1), dim3(norm_threads), (size_t)(H + 32) * 4, (const __half*)resid, (const __half*)h, (const __half*)n1[l], an, an + H, 1, H, eps); });
         small("silu_mul", [&](int l) { go(silica_silu_mul_f16, dim3((I + 1023) / 1024), dim3(1024), 0, (const __half*)gu, act, (size_t)I, I, 0); });
