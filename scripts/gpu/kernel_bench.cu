@@ -415,6 +415,7 @@ int main(int argc, char** argv) {
             CK(cudaFree(sp)); CK(cudaFree(gc)); CK(cudaFree(gm)); CK(cudaFree(cuts)); CK(cudaFree(pm));
             ArgPart* ap; CK(cudaMalloc(&ap, 64 * sizeof(ArgPart)));
             {  // a 4-beam step's selection: the 8 best of each of 4 rows (mode 2, n 8), the five kernels
+                // (the engine's path for such rows beside other rows)
                 const int R = 4, N = 8;
                 float* lg4; CK(cudaMalloc(&lg4, (size_t)R * c.vocab * 4));
                 for (int r = 0; r < R; ++r) CK(cudaMemcpy(lg4 + (size_t)r * c.vocab, hl.data(), (size_t)c.vocab * 4, cudaMemcpyHostToDevice));
@@ -435,6 +436,14 @@ int main(int argc, char** argv) {
                        (const SelStats*)sp4, (const unsigned long long*)cuts4, pm4);
                     go(silica_select_draw, dim3(R), dim3(SEL_THREADS), 0, (const float*)lg4, c.vocab, (const SelParam*)dp4,
                        (const SelStats*)sp4, 64, (const unsigned long long*)cuts4, (const unsigned long long*)pm4, so4, N); });
+                // the engine's path for such a step (fused.rs TopNOp): 64 part top-n blocks per row,
+                // then one combine block per row
+                const int per = (c.vocab + 63) / 64;
+                TopNPart* tp4; CK(cudaMalloc(&tp4, (size_t)R * 64 * sizeof(TopNPart)));
+                small("select top-8 of 4 rows (two kernels)", [&](int) {
+                    go(silica_topn_part, dim3(64, R), dim3(TOPN_THREADS), (size_t)per * 4, (const float*)lg4, c.vocab, N, tp4);
+                    go(silica_topn_combine, dim3(R), dim3(TOPN_THREADS), (size_t)64 * N * 8, (const TopNPart*)tp4, 64, N, so4, N); });
+                CK(cudaFree(tp4));
                 for (void* p : {(void*)lg4, (void*)dp4, (void*)so4, (void*)sp4, (void*)gc4, (void*)gm4, (void*)cuts4, (void*)pm4}) CK(cudaFree(p));
             }
             small("argmax (64 parts)", [&](int) {
