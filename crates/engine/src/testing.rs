@@ -46,6 +46,11 @@ pub fn tiny_fused_config(heads: usize, kv_heads: usize) -> ModelConfig {
 /// `device` (F16).
 pub fn load_random_f16(cfg: &ModelConfig, seed: u64, dir: &Path, device: &Device) -> Result<crate::model::QwenModel> {
     write_safetensors_dir(dir, cfg, &random_weights(cfg, seed)?, DType::F16, 1)?;
+    load_f16(cfg, dir, device)
+}
+
+/// Loads the F16 safetensors directory that [`load_random_f16`] wrote, once more.
+pub fn load_f16(cfg: &ModelConfig, dir: &Path, device: &Device) -> Result<crate::model::QwenModel> {
     crate::model::QwenModel::load(cfg.clone(), &mut crate::model::WeightSource::safetensors(dir, DType::F16, device)?, device)
 }
 

@@ -723,8 +723,25 @@ mod imp {
         bail!("{name} runs on CUDA only")
     }
 
-    /// `CustomOp1` for an op with `run::<T>(storage, layout)`: f16/bf16 on CUDA only.
+    /// `CustomOp1` for an op with `run::<T>(storage, layout)`: f16/bf16 on CUDA only; with
+    /// `f32`, for an op with `run(storage, layout)` over f32 logits `[rows, vocab]`.
     macro_rules! custom_op1 {
+        ($op:ty, $name:literal, f32) => {
+            impl CustomOp1 for $op {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+                fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+                    cpu_unsupported($name)
+                }
+                fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+                    if s.dtype() != DType::F32 || l.shape().rank() != 2 {
+                        bail!("{}: logits {:?} {:?}, want [rows, vocab] f32", $name, l.shape(), s.dtype());
+                    }
+                    self.run(s, l)
+                }
+            }
+        };
         ($op:ty, $name:literal) => {
             impl CustomOp1 for $op {
                 fn name(&self) -> &'static str {
@@ -1338,19 +1355,13 @@ mod imp {
         pub n: usize,
     }
 
-    impl CustomOp1 for TopNOp {
-        fn name(&self) -> &'static str {
-            "silica-topn"
-        }
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            cpu_unsupported("silica-topn")
-        }
-        fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout) -> Result<(CudaStorage, Shape)> {
+    impl TopNOp {
+        fn run(&self, ls: &CudaStorage, ll: &Layout) -> Result<(CudaStorage, Shape)> {
             let dev = ls.device();
             let (rows, vocab) = ll.shape().dims2()?;
             let n = self.n;
-            if ls.dtype() != DType::F32 || n == 0 || n > TOPN_MAX {
-                bail!("silica-topn: logits {:?} {:?}, {n} per row", ll.shape(), ls.dtype());
+            if n == 0 || n > TOPN_MAX {
+                bail!("silica-topn: {n} per row, want 1..={TOPN_MAX}");
             }
             let logits = input::<f32>(ls, ll)?;
             let nparts = TOPN_PARTS.min(vocab).max(1);
@@ -1383,19 +1394,10 @@ mod imp {
     /// Blocks per row of the argmax (select.cu): ~2.4k logits each on a 152k vocabulary.
     const ARGMAX_PARTS: usize = 64;
 
-    impl CustomOp1 for ArgmaxOp {
-        fn name(&self) -> &'static str {
-            "silica-argmax"
-        }
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            cpu_unsupported("silica-argmax")
-        }
-        fn cuda_fwd(&self, ls: &CudaStorage, ll: &Layout) -> Result<(CudaStorage, Shape)> {
+    impl ArgmaxOp {
+        fn run(&self, ls: &CudaStorage, ll: &Layout) -> Result<(CudaStorage, Shape)> {
             let dev = ls.device();
             let (rows, vocab) = ll.shape().dims2()?;
-            if ls.dtype() != DType::F32 {
-                bail!("silica-argmax: logits {:?} {:?}", ll.shape(), ls.dtype());
-            }
             let logits = input::<f32>(ls, ll)?;
             let parts_n = ARGMAX_PARTS.min(vocab).max(1);
             // SAFETY: every part (16 bytes: ArgPart in select.cu) is written by its block before
@@ -1529,6 +1531,8 @@ mod imp {
     custom_op1!(QkvOp<'_>, "silica-qkv-rope");
     custom_op1!(PagedOp<'_>, "silica-paged-decode");
     custom_op1!(SiluMulOp, "silica-silu-mul");
+    custom_op1!(ArgmaxOp, "silica-argmax", f32);
+    custom_op1!(TopNOp, "silica-topn", f32);
     custom_op2!(GemvOp, "silica-gemv");
     custom_op2!(AddNormOp<'_>, "silica-add-rmsnorm");
 }

@@ -163,10 +163,10 @@ impl QwenModel {
     /// ids `ids()` gives (`[rows]` u32 on the device: the previous step's selected tokens,
     /// which the host has not read yet; called only when the step will run), through the CUDA
     /// graph already captured for the batch's shape. `Ok(None)` when there is none (CPU, other
-    /// devices, a shape not captured yet):
-    /// nothing was launched and the caller runs the step with [`forward`](Self::forward) once
-    /// it knows the tokens. As `forward`, the blocks must be reserved and `SeqCache::len` is
-    /// not advanced; each `SeqInput`'s tokens are ignored (one each).
+    /// devices, a shape not captured yet): nothing was launched and the caller runs the step
+    /// with [`forward`](Self::forward) once it knows the tokens. As `forward`, the blocks must
+    /// be reserved and `SeqCache::len` is not advanced; each `SeqInput`'s tokens are ignored
+    /// (one each).
     pub fn forward_ahead(
         &self,
         batch: &[SeqInput<'_>],

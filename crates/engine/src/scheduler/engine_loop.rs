@@ -30,6 +30,14 @@ struct Single {
     want_logprobs: bool,
 }
 
+impl Single {
+    /// Whether the device picks this sequence's next token: no logprobs, and a sampler without
+    /// penalties, logit bias or invalid parameters.
+    fn device_picks(&self) -> bool {
+        !self.want_logprobs && self.sampler.device_selectable()
+    }
+}
+
 /// A beam-search group: its beams run as rows of the same batched forward.
 struct Beams {
     params: BeamSearchParams,
@@ -251,9 +259,8 @@ impl Engine {
     /// Prepare a submission on the engine thread (template, tokenization, limits).
     fn accept(&mut self, s: Submission) {
         self.counters.requests_total += 1;
-        match self.prepare(&s) {
-            Ok(mut r) => {
-                r.id = self.next_id;
+        match self.prepare(&s, self.next_id) {
+            Ok(r) => {
                 self.next_id += 1;
                 self.waiting.push_back(r);
             }
@@ -265,7 +272,8 @@ impl Engine {
         }
     }
 
-    fn prepare(&self, s: &Submission) -> Result<Request> {
+    /// The request `id` for a submission: template, tokenization, limits.
+    fn prepare(&self, s: &Submission, id: u64) -> Result<Request> {
         let m = &self.model;
         let req = &s.req;
         req.sampling.validate(m.config().vocab_size)?;
@@ -308,7 +316,7 @@ impl Engine {
             }
         };
         Ok(Request {
-            id: 0,
+            id,
             tx: s.tx.clone(),
             arrived: s.arrived,
             admitted: None,
@@ -374,7 +382,7 @@ impl Engine {
             return Ok(None);
         }
         let device_picks = |r: &Row| {
-            r.samples && matches!(&self.running[r.req].body, Body::Single(s) if !s.want_logprobs && s.sampler.device_selectable())
+            r.samples && matches!(&self.running[r.req].body, Body::Single(s) if s.device_picks())
         };
         if !rows.iter().all(device_picks) {
             return Ok(None);
@@ -385,8 +393,8 @@ impl Engine {
         Ok(Some(InFlight { rows: ids, selection }))
     }
 
-    /// Each request's selection for the device, its sampler drawing now (single sequences whose
-    /// samplers are `device_selectable`).
+    /// Each request's selection for the device, its sampler drawing now (single sequences that
+    /// [`Single::device_picks`]).
     fn device_selections(&mut self, reqs: impl Iterator<Item = usize>) -> Result<Vec<crate::sampling::Selection>> {
         reqs.map(|i| match &mut self.running[i].body {
             Body::Single(s) => s.sampler.device_selection(),
@@ -464,7 +472,7 @@ impl Engine {
         for &(id, start, len) in &f.rows {
             let Some(i) = self.index_of(id) else { return Ok(None) };
             match &self.running[i].body {
-                Body::Single(s) if s.out.may_outlast_next() && !s.want_logprobs && s.sampler.device_selectable() => at.push((i, start + len)),
+                Body::Single(s) if s.out.may_outlast_next() && s.device_picks() => at.push((i, start + len)),
                 _ => return Ok(None),
             }
         }
