@@ -148,6 +148,13 @@ static void attention(bool no_combine, const __half* q, const __half* kp, const 
            (const float*)pml, out, nh, s64);
 }
 
+// The 4-row tensor-core GEMV with more warps per block of 8 columns (the engine launches 8):
+// more weight loads in flight per SM where the matrix has few columns (the down projection).
+template <int W>
+__global__ void __launch_bounds__(32 * W) kb_gemv_tc_f16_4(const __half* x, const __half* w, __half* y, int n_out, int k) {
+    gemv_tc<__half, 4, W>(x, w, y, n_out, k);
+}
+
 struct Cfg { const char* name; int hidden, inter, layers, nh, nkv, vocab; };
 
 template <typename F>
@@ -329,6 +336,28 @@ int main(int argc, char** argv) {
                 all += ms;
                 printf("gemv tc 4 rows %-8s [%6d x %6d]: %7.2f us  %6.0f GB/s\n", s.n, s.rows, s.k, ms * 1000 / L, b / (ms / L) / 1e6);
             }
+            for (auto& s : shapes)  // more warps per block of 8 columns
+                for (int wv : {16, 32}) {
+                    float ms = time_graph([&]() { for (int l = 0; l < L; ++l) {
+                        if (wv == 16) go(kb_gemv_tc_f16_4<16>, dim3((s.rows + 7) / 8), dim3(512), 0, (const __half*)x4, (const __half*)(*s.w)[l], y4, s.rows, s.k);
+                        else go(kb_gemv_tc_f16_4<32>, dim3((s.rows + 7) / 8), dim3(1024), 0, (const __half*)x4, (const __half*)(*s.w)[l], y4, s.rows, s.k); } }, 20);
+                    // Against the engine's 8 warps on layer 0 (the sums over k meet in another order).
+                    const size_t ny4 = 4 * (size_t)s.rows;
+                    std::vector<__half> a8(ny4), aw(ny4);
+                    go(silica_gemv_tc_f16_4, dim3((s.rows + 7) / 8), dim3(256), 0, (const __half*)x4, (const __half*)(*s.w)[0], y4, s.rows, s.k);
+                    CK(cudaMemcpyAsync(a8.data(), y4, ny4 * 2, cudaMemcpyDeviceToHost, g_s));
+                    if (wv == 16) go(kb_gemv_tc_f16_4<16>, dim3((s.rows + 7) / 8), dim3(512), 0, (const __half*)x4, (const __half*)(*s.w)[0], y4, s.rows, s.k);
+                    else go(kb_gemv_tc_f16_4<32>, dim3((s.rows + 7) / 8), dim3(1024), 0, (const __half*)x4, (const __half*)(*s.w)[0], y4, s.rows, s.k);
+                    CK(cudaMemcpyAsync(aw.data(), y4, ny4 * 2, cudaMemcpyDeviceToHost, g_s));
+                    CK(cudaStreamSynchronize(g_s));
+                    float dmax = 0, vmax = 0;
+                    for (size_t i = 0; i < ny4; ++i) {
+                        dmax = std::max(dmax, std::fabs(__half2float(a8[i]) - __half2float(aw[i])));
+                        vmax = std::max(vmax, std::fabs(__half2float(a8[i])));
+                    }
+                    printf("gemv tc 4 rows %-8s [%6d x %6d], %d warps a block: %7.2f us  %6.0f GB/s (largest difference from 8 warps %.2g of %.2g)\n",
+                           s.n, s.rows, s.k, wv, ms * 1000 / L, 2.0 * s.rows * s.k / (ms / L) / 1e6, dmax, vmax);
+                }
             float ms = time_graph([&]() { for (int i = 0; i < 4; ++i)
                 go(silica_gemv_tc_f16_4, dim3((c.vocab + 7) / 8), dim3(256), 0, (const __half*)x4, (const __half*)head, y4, c.vocab, H); }, 20);
             printf("gemv tc 4 rows head     [%6d x %6d]: %7.2f us  %6.0f GB/s\n", c.vocab, H, ms * 1000 / 4, 2.0 * c.vocab * H / (ms / 4) / 1e6);

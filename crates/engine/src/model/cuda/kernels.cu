@@ -456,8 +456,8 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
 // y = x W^T for 3-8 rows on the tensor cores (mma m16n8k16, f32 accumulate): the CUDA-core
 // GEMV converts and multiplies every weight once per row, so by 4 rows it is bound by
 // instructions. x: [M, k], w: [n_out, k] (k % 8 == 0, 16-byte aligned), y: [M, n_out]. A block
-// of 8 warps takes 8 output columns, its warps splitting k (sums met in shared memory, in a
-// fixed order). The mma's A is x (rows M..15 zero), B is W^T: lane (g, t) holds column n0 + g's
+// of WARPS warps (the engine launches 8; kernel_bench times more) takes 8 output columns, its
+// warps splitting k (sums met in shared memory, in a fixed order). The mma's A is x (rows M..15 zero), B is W^T: lane (g, t) holds column n0 + g's
 // and x row g's 16-byte unit i (8 consecutive k) and feeds halves 0-3 to one mma and 4-7 to the
 // next; since A and B take the same k positions, the order of k inside the mma does not matter.
 // D's lane (g, t) then holds y[g][n0 + 2t], y[g][n0 + 2t + 1]. Loops are uniform across a warp
@@ -483,16 +483,16 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 MMA_16816(__half, "f16")
 MMA_16816(__nv_bfloat16, "bf16")
 
-template <typename T, int M>
+template <typename T, int M, int WARPS = 8>
 __device__ void gemv_tc(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n_out, int k) {
-    __shared__ float part[8][32][2];
+    __shared__ float part[WARPS][32][2];
     pdl_trigger();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int n0 = blockIdx.x * 8, n = n0 + g;
     const int kv = k / 8, kv_n = n < n_out ? kv : 0, kv_x = g < M ? kv : 0;
     const uint4* row = reinterpret_cast<const uint4*>(w + (size_t)(n < n_out ? n : 0) * k);
     const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)(g < M ? g : 0) * k);
-    constexpr int STRIDE = 32;  // units per warp-iteration of the block: 8 warps x 4 lanes
+    constexpr int STRIDE = WARPS * 4;  // units per warp-iteration of the block: 4 lanes a warp
     float d[4] = {0.f, 0.f, 0.f, 0.f};
     uint4 v[GEMV_LOADS];
     int wb = warp * 4;
@@ -527,7 +527,7 @@ __device__ void gemv_tc(const T* __restrict__ x, const T* __restrict__ w, T* __r
     if (warp == 0 && g < M) {
         float s0 = 0.f, s1 = 0.f;
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {
+        for (int q = 0; q < WARPS; ++q) {
             s0 += part[q][lane][0];
             s1 += part[q][lane][1];
         }
