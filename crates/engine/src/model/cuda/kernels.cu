@@ -456,7 +456,7 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
 // y = x W^T for 3-8 rows on the tensor cores (mma m16n8k16, f32 accumulate): the CUDA-core
 // GEMV converts and multiplies every weight once per row, so by 4 rows it is bound by
 // instructions. x: [M, k], w: [n_out, k] (k % 8 == 0, 16-byte aligned), y: [M, n_out]. A block
-// of WARPS warps (8, or 16 for matrices of few columns) takes 8 output columns, its
+// of WARPS warps (the engine launches 8; kernel_bench times more) takes 8 output columns, its
 // warps splitting k (sums met in shared memory, in a fixed order). The mma's A is x (rows M..15 zero), B is W^T: lane (g, t) holds column n0 + g's
 // and x row g's 16-byte unit i (8 consecutive k) and feeds halves 0-3 to one mma and 4-7 to the
 // next; since A and B take the same k positions, the order of k inside the mma does not matter.
@@ -621,16 +621,10 @@ ADD_RMSNORM(__nv_bfloat16, bf16)
                                           int wr_log2) {                                        \
         gemv<T, M, true>(x, w, y, n_out, k, wr_log2);                                           \
     }
-// silica_gemv_tc16_*: 16 warps per block of 8 columns, for matrices of few columns (fused.rs
-// GemvOp::launch): more weight loads in flight per SM.
 #define GEMV_TC(T, SUFFIX, M)                                                                   \
     extern "C" __global__ void __launch_bounds__(256)                                           \
         silica_gemv_tc_##SUFFIX##_##M(const T* x, const T* w, T* y, int n_out, int k) {         \
         gemv_tc<T, M>(x, w, y, n_out, k);                                                       \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(512)                                           \
-        silica_gemv_tc16_##SUFFIX##_##M(const T* x, const T* w, T* y, int n_out, int k) {       \
-        gemv_tc<T, M, 16>(x, w, y, n_out, k);                                                   \
     }
 GEMV_TC(__half, f16, 1) GEMV_TC(__half, f16, 2) GEMV_TC(__half, f16, 3) GEMV_TC(__half, f16, 4)
 GEMV_TC(__half, f16, 5) GEMV_TC(__half, f16, 6) GEMV_TC(__half, f16, 7) GEMV_TC(__half, f16, 8)
