@@ -726,23 +726,21 @@ mod imp {
     /// `CustomOp1` for an op with `run::<T>(storage, layout)`: f16/bf16 on CUDA only; with
     /// `f32`, for an op with `run(storage, layout)` over f32 logits `[rows, vocab]`.
     macro_rules! custom_op1 {
-        ($op:ty, $name:literal, f32) => {
-            impl CustomOp1 for $op {
-                fn name(&self) -> &'static str {
-                    $name
-                }
-                fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-                    cpu_unsupported($name)
-                }
-                fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-                    if s.dtype() != DType::F32 || l.shape().rank() != 2 {
-                        bail!("{}: logits {:?} {:?}, want [rows, vocab] f32", $name, l.shape(), s.dtype());
-                    }
-                    self.run(s, l)
-                }
+        // The dispatch inside `cuda_fwd` (`self` comes in as a token, for hygiene).
+        (@fwd $this:ident, $s:ident, $l:ident, $name:literal, f32) => {{
+            if $s.dtype() != DType::F32 || $l.shape().rank() != 2 {
+                bail!("{}: logits {:?} {:?}, want [rows, vocab] f32", $name, $l.shape(), $s.dtype());
+            }
+            $this.run($s, $l)
+        }};
+        (@fwd $this:ident, $s:ident, $l:ident, $name:literal) => {
+            match $s.dtype() {
+                DType::F16 => $this.run::<half::f16>($s, $l),
+                DType::BF16 => $this.run::<half::bf16>($s, $l),
+                other => bail!("{}: unsupported dtype {other:?}", $name),
             }
         };
-        ($op:ty, $name:literal) => {
+        ($op:ty, $name:literal $(, $kind:ident)?) => {
             impl CustomOp1 for $op {
                 fn name(&self) -> &'static str {
                     $name
@@ -751,11 +749,7 @@ mod imp {
                     cpu_unsupported($name)
                 }
                 fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-                    match s.dtype() {
-                        DType::F16 => self.run::<half::f16>(s, l),
-                        DType::BF16 => self.run::<half::bf16>(s, l),
-                        other => bail!("{}: unsupported dtype {other:?}", $name),
-                    }
+                    custom_op1!(@fwd self, s, l, $name $(, $kind)?)
                 }
             }
         };
