@@ -338,16 +338,18 @@ int main(int argc, char** argv) {
             }
             for (auto& s : shapes)  // more warps per block of 8 columns
                 for (int wv : {16, 32}) {
-                    float ms = time_graph([&]() { for (int l = 0; l < L; ++l) {
-                        if (wv == 16) go(kb_gemv_tc_f16_4<16>, dim3((s.rows + 7) / 8), dim3(512), 0, (const __half*)x4, (const __half*)(*s.w)[l], y4, s.rows, s.k);
-                        else go(kb_gemv_tc_f16_4<32>, dim3((s.rows + 7) / 8), dim3(1024), 0, (const __half*)x4, (const __half*)(*s.w)[l], y4, s.rows, s.k); } }, 20);
+                    auto run_w = [&](const __half* w) {
+                        const dim3 grid((s.rows + 7) / 8), block(32 * wv);
+                        if (wv == 16) go(kb_gemv_tc_f16_4<16>, grid, block, 0, (const __half*)x4, w, y4, s.rows, s.k);
+                        else go(kb_gemv_tc_f16_4<32>, grid, block, 0, (const __half*)x4, w, y4, s.rows, s.k);
+                    };
+                    float ms = time_graph([&]() { for (int l = 0; l < L; ++l) run_w((*s.w)[l]); }, 20);
                     // Against the engine's 8 warps on layer 0 (the sums over k meet in another order).
                     const size_t ny4 = 4 * (size_t)s.rows;
                     std::vector<__half> a8(ny4), aw(ny4);
                     go(silica_gemv_tc_f16_4, dim3((s.rows + 7) / 8), dim3(256), 0, (const __half*)x4, (const __half*)(*s.w)[0], y4, s.rows, s.k);
                     CK(cudaMemcpyAsync(a8.data(), y4, ny4 * 2, cudaMemcpyDeviceToHost, g_s));
-                    if (wv == 16) go(kb_gemv_tc_f16_4<16>, dim3((s.rows + 7) / 8), dim3(512), 0, (const __half*)x4, (const __half*)(*s.w)[0], y4, s.rows, s.k);
-                    else go(kb_gemv_tc_f16_4<32>, dim3((s.rows + 7) / 8), dim3(1024), 0, (const __half*)x4, (const __half*)(*s.w)[0], y4, s.rows, s.k);
+                    run_w((*s.w)[0]);
                     CK(cudaMemcpyAsync(aw.data(), y4, ny4 * 2, cudaMemcpyDeviceToHost, g_s));
                     CK(cudaStreamSynchronize(g_s));
                     float dmax = 0, vmax = 0;
