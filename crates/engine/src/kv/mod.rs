@@ -222,6 +222,21 @@ impl KvCache {
         seq.clone()
     }
 
+    /// A free block, now in use (one reference), or `None` when the pool has none free.
+    pub fn allocate_block(&mut self) -> Option<u32> {
+        self.alloc.allocate()
+    }
+
+    /// Every layer's K pools, then every layer's V pools (what [`flush_copies`](Self::flush_copies) copies in).
+    pub(crate) fn pools(&self) -> impl Iterator<Item = &Tensor> {
+        self.k.iter().chain(self.v.iter())
+    }
+
+    /// Whether block copies run as one kernel on the device ([`crate::model::fused::copy_blocks_applies`]).
+    pub(crate) fn copies_on_device(&self) -> bool {
+        self.batch_copies
+    }
+
     /// Add a reference to a block in use (prefix cache, forks).
     pub fn retain_block(&mut self, b: u32) {
         self.alloc.retain(b);
@@ -271,7 +286,7 @@ impl KvCache {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let pools: Vec<&Tensor> = self.k.iter().chain(self.v.iter()).collect();
+        let pools: Vec<&Tensor> = self.pools().collect();
         crate::model::fused::copy_blocks(&pools, &self.pending, self.block_size)?;
         self.pending.clear();
         Ok(())

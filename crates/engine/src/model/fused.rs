@@ -472,28 +472,25 @@ pub(crate) struct Readbacks {
 pub(crate) struct PendingSelection {
     rows: Vec<crate::sampling::Selection>,
     vocab: usize,
-    /// `[rows, 2]` u32 on the device: each row's token, then a word the host does not need.
+    /// `[rows, nout * 2]` u32 on the device: each row's token (or its `nout` best tokens, for
+    /// top-n rows) and value bits.
     out: Tensor,
+    nout: usize,
     #[cfg(feature = "cuda")]
     readback: imp::Readback,
 }
 
-/// [`select`] for rows that each take one token (greedy or sampled, no top-n), without
-/// waiting for the result: see [`PendingSelection`].
+/// [`select`] without waiting for the result: see [`PendingSelection`].
 pub(crate) fn select_start(logits: &Tensor, rows: &[crate::sampling::Selection], pool: &mut Readbacks) -> Result<PendingSelection> {
-    use crate::sampling::Selection;
-    if rows.iter().any(|r| matches!(r, Selection::TopN(_))) {
-        candle_core::bail!("select_start: top-n rows are read with select");
-    }
-    let (out, _, vocab) = launch_selection(logits, rows)?;
+    let (out, nout, vocab) = launch_selection(logits, rows)?;
     #[cfg(feature = "cuda")]
     {
         let readback = imp::Readback::copy(&out, pool)?;
-        Ok(PendingSelection { rows: rows.to_vec(), vocab, out, readback })
+        Ok(PendingSelection { rows: rows.to_vec(), vocab, out, nout, readback })
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (pool, out, vocab);
+        let _ = (pool, out, vocab, nout);
         unreachable!("launch_selection fails without the `cuda` feature")
     }
 }
@@ -501,10 +498,18 @@ pub(crate) fn select_start(logits: &Tensor, rows: &[crate::sampling::Selection],
 impl PendingSelection {
     /// The rows' tokens on the device, `[rows]` u32, for the next step's input ids: a row that
     /// is not finite (which the host fails when it reads the result) gives the vocabulary's
-    /// last id rather than an index outside the embedding.
+    /// last id rather than an index outside the embedding. Rows that take one token only.
     pub fn tokens(&self) -> Result<Tensor> {
         let rows = self.rows.len();
+        if self.nout != 1 {
+            candle_core::bail!("tokens() of a top-{} selection", self.nout);
+        }
         self.out.narrow(1, 0, 1)?.minimum((self.vocab - 1) as u32)?.reshape(rows)
+    }
+
+    /// The selection's output on the device (`[rows, nout * 2]` u32), and `nout`.
+    pub fn output(&self) -> (&Tensor, usize) {
+        (&self.out, self.nout)
     }
 
     /// Waits for the copy to the host and reads each row's result; the buffer goes back to
@@ -512,8 +517,8 @@ impl PendingSelection {
     pub fn wait(self, pool: &mut Readbacks) -> Result<Vec<Selected>> {
         #[cfg(feature = "cuda")]
         {
-            let words = self.readback.words(2 * self.rows.len())?;
-            let picked = read_selection(&self.rows, &words, 1, self.vocab);
+            let words = self.readback.words(2 * self.nout * self.rows.len())?;
+            let picked = read_selection(&self.rows, &words, self.nout, self.vocab);
             pool.free.push(self.readback);
             Ok(picked)
         }
@@ -531,6 +536,56 @@ impl PendingSelection {
         pool.free.push(self.readback);
         #[cfg(not(feature = "cuda"))]
         let _ = pool;
+    }
+}
+
+/// Words a read-back buffer holds ([`select_start`], [`read_start`]): the results of up to 64
+/// rows of one token, or 4 rows of 16 candidates.
+pub(crate) const READBACK_WORDS: usize = 128;
+
+/// A few u32 words of a device tensor on their way to the host ([`read_start`]).
+pub(crate) struct PendingWords {
+    n: usize,
+    #[cfg(feature = "cuda")]
+    readback: imp::Readback,
+}
+
+/// Enqueues the copy of `t` (contiguous u32, at most [`READBACK_WORDS`]) to the host, without
+/// waiting.
+pub(crate) fn read_start(t: &Tensor, pool: &mut Readbacks) -> Result<PendingWords> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(PendingWords { n: t.elem_count(), readback: imp::Readback::copy(t, pool)? })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = pool;
+        candle_core::bail!("read-back of {} words needs the `cuda` feature", t.elem_count())
+    }
+}
+
+impl PendingWords {
+    /// Waits for the copy and returns the words; the buffer goes back to `pool`.
+    pub fn wait(self, pool: &mut Readbacks) -> Result<Vec<u32>> {
+        #[cfg(feature = "cuda")]
+        {
+            let words = self.readback.words(self.n);
+            pool.free.push(self.readback);
+            words
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (pool, self.n);
+            unreachable!("a PendingWords exists only with the `cuda` feature")
+        }
+    }
+
+    /// Drops words that are not needed, keeping the buffer.
+    pub fn discard(self, pool: &mut Readbacks) {
+        #[cfg(feature = "cuda")]
+        pool.free.push(self.readback);
+        #[cfg(not(feature = "cuda"))]
+        let _ = (pool, self.n);
     }
 }
 
@@ -559,6 +614,62 @@ pub fn copy_blocks(pools: &[&Tensor], pairs: &[(u32, u32)], block_size: usize) -
     {
         let _ = block_bytes;
         candle_core::bail!("batched block copies need the `cuda` feature")
+    }
+}
+
+/// What the host knows of a beam step whose successor [`beam_advance`] prepares on the device.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct BeamAdvance<'a> {
+    /// Candidates per row (`BeamSearch::candidates_per_row`); the selection's rows hold them.
+    pub k: usize,
+    pub num_beams: usize,
+    /// Each live beam's sum of logprobs (the step's rows, in order).
+    pub cum: &'a [f32],
+    /// A fresh block per row: the next step's last block of that row.
+    pub spares: &'a [u32],
+    pub eos: &'a [u32],
+    /// Each live beam's blocks; those over positions `0..pos` are used.
+    pub blocks: &'a [&'a [u32]],
+    /// The next step's position (every live beam's length once this step is in).
+    pub pos: usize,
+    pub block_size: usize,
+}
+
+/// The next beam step's inputs decided and written on the device (select.cu,
+/// `silica_beam_advance`, then `silica_copy_blocks` for the parents' partial last blocks), from
+/// this step's top-n selection `top` (`[rows, nout * 2]`, [`PendingSelection::output`]) into a
+/// captured graph's buffers: `ids`, `write_slots`, `table` (`[rows * capacity]`). Returns the
+/// decision on the device: `[rows * 4 + 1]` u32, the copy pairs, (parent, token) per row, then 1
+/// when `num_beams` beams were taken.
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn beam_advance(top: &Tensor, nout: usize, a: &BeamAdvance<'_>, ids: &Tensor, write_slots: &Tensor, table: &Tensor, capacity: usize, pools: &[&Tensor]) -> Result<Tensor> {
+    let rows = a.cum.len();
+    let nblk = a.pos.div_ceil(a.block_size);
+    if rows == 0 || rows > 8 || a.spares.len() != rows || a.blocks.len() != rows || a.k == 0 || a.k > nout || rows * a.k > 256 {
+        candle_core::bail!("beam_advance: {rows} rows, {} spares, {} block lists, {} of {nout} candidates", a.spares.len(), a.blocks.len(), a.k);
+    }
+    if top.dims2()? != (rows, nout * 2) || ids.dims1()? != rows || write_slots.dims1()? != rows || table.elem_count() != rows * capacity || a.pos >= capacity {
+        candle_core::bail!("beam_advance: top {:?}, ids {:?}, table {:?}, position {} of {capacity}", top.shape(), ids.shape(), table.shape(), a.pos);
+    }
+    if a.blocks.iter().any(|b| b.len() < nblk) {
+        candle_core::bail!("beam_advance: a live beam has fewer than the {nblk} blocks of {} positions", a.pos);
+    }
+    let Some(first) = pools.first() else { candle_core::bail!("beam_advance: no cache pools") };
+    let slots = first.dim(0)?;
+    let max_block = a.spares.iter().chain(a.blocks.iter().flat_map(|b| &b[..nblk])).copied().max().unwrap_or(0) as usize;
+    if (max_block + 1) * a.block_size > slots {
+        candle_core::bail!("beam_advance: block {max_block} outside the pool of {slots} slots");
+    }
+    let block_bytes = first.elem_count() / slots * a.block_size * first.dtype().size_in_bytes();
+    #[cfg(feature = "cuda")]
+    {
+        imp::beam_advance(top, nout, a, (ids, write_slots, table, capacity), pools, block_bytes)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = block_bytes;
+        candle_core::bail!("beam steps decided on the device need the `cuda` feature")
     }
 }
 
@@ -1454,6 +1565,71 @@ mod imp {
         Ok(())
     }
 
+    /// See [`super::beam_advance`] (arguments checked there).
+    pub(super) fn beam_advance(
+        top: &Tensor,
+        nout: usize,
+        a: &super::BeamAdvance<'_>,
+        (ids, write_slots, table, capacity): (&Tensor, &Tensor, &Tensor, usize),
+        pools: &[&Tensor],
+        block_bytes: usize,
+    ) -> Result<Tensor> {
+        let candle_core::Device::Cuda(dev) = top.device() else { bail!("beam_advance: not on CUDA") };
+        if block_bytes % 16 != 0 {
+            bail!("beam_advance: blocks of {block_bytes} bytes are not whole 16-byte units");
+        }
+        let rows = a.cum.len();
+        let nblk = a.pos.div_ceil(a.block_size);
+        // One upload: the pools' addresses (two words each, for silica_copy_blocks), then the
+        // kernel's `prm`: cum, spares, eos, blocks.
+        let mut words = Vec::with_capacity(2 * pools.len() + 2 * rows + a.eos.len() + rows * nblk);
+        for p in pools {
+            let at = addr(p, "kv pool")?;
+            words.extend([at as u32, (at >> 32) as u32]);
+        }
+        words.extend(a.cum.iter().map(|c| c.to_bits()));
+        words.extend_from_slice(a.spares);
+        words.extend_from_slice(a.eos);
+        for b in a.blocks {
+            words.extend_from_slice(&b[..nblk]);
+        }
+        let n = words.len();
+        let prm = Tensor::from_vec(words, n, top.device())?;
+        let out = Tensor::zeros(4 * rows + 1, DType::U32, top.device())?;
+        let (pools_at, out_at) = (addr(&prm, "beam parameters")?, addr(&out, "beam decision")?);
+        let func = dev.get_or_load_custom_func("silica_beam_advance", MODULE, PTX)?;
+        let args = [
+            Arg::Ptr(addr(&top.contiguous()?, "beam candidates")?),
+            Arg::I32(rows as i32),
+            Arg::I32(nout as i32),
+            Arg::I32(a.k as i32),
+            Arg::I32(a.num_beams as i32),
+            Arg::Ptr(pools_at + 8 * pools.len() as u64),
+            Arg::I32(a.eos.len() as i32),
+            Arg::I32(nblk as i32),
+            Arg::I32(a.pos as i32),
+            Arg::I32(a.block_size as i32),
+            Arg::I32(capacity as i32),
+            Arg::Ptr(addr(ids, "graph ids")?),
+            Arg::Ptr(addr(write_slots, "graph write slots")?),
+            Arg::Ptr(addr(table, "graph slot table")?),
+            Arg::Ptr(out_at),
+        ];
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `silica_beam_advance` (BEAM_THREADS = 256); sizes and
+        // block ids checked by the caller; `top`, `prm` and `out` live on (candle frees through
+        // the stream, after the kernel).
+        unsafe { launch(dev, &func, cfg, &args) }?;
+        let func = dev.get_or_load_custom_func("silica_copy_blocks", MODULE, PTX)?;
+        let args = [Arg::Ptr(pools_at), Arg::Ptr(out_at), Arg::U64((block_bytes / 16) as u64)];
+        let cfg = LaunchConfig { grid_dim: (rows as u32, pools.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `silica_copy_blocks`; the pairs are (a parent's block, a
+        // row's spare) or (spare, spare): no block is both the source of one pair and the
+        // destination of another.
+        unsafe { launch(dev, &func, cfg, &args) }?;
+        Ok(out)
+    }
+
     /// A page-locked host buffer for a few u32 words and the event recorded after the copy
     /// into it (see `super::Readbacks`).
     pub(crate) struct Readback {
@@ -1461,8 +1637,7 @@ mod imp {
         done: candle_core::cuda_backend::cudarc::driver::CudaEvent,
     }
 
-    /// Words a read-back buffer holds: the results of up to 64 rows.
-    const READBACK_WORDS: usize = 128;
+    use super::READBACK_WORDS;
 
     impl Readback {
         /// Enqueues the copy of `out` (contiguous u32, at most READBACK_WORDS) into a buffer of

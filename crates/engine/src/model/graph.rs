@@ -32,6 +32,23 @@ pub(crate) fn max_rows() -> usize {
 /// Smallest capacity bucket, in positions.
 const MIN_CAPACITY: usize = 256;
 
+use super::Patch;
+
+/// Sets a step's input ids to `ids` (`[rows]` u32 on the device).
+pub(crate) fn set_ids(b: &Buffers, ids: &Tensor) -> candle_core::Result<()> {
+    if ids.dims() != b.ids.dims() || ids.dtype() != DType::U32 {
+        candle_core::bail!("run_ahead: ids {:?} {:?} for {:?}", ids.shape(), ids.dtype(), b.ids.shape());
+    }
+    b.ids.slice_set(&ids.contiguous()?, 0, 0)
+}
+
+/// Decides a beam step on the device from the step before's top-n selection and writes the
+/// next step's ids, write slots and slot table into `b` ([`super::fused::beam_advance`]);
+/// returns the decision on the device.
+pub(crate) fn advance_beams(b: &Buffers, top: &Tensor, nout: usize, a: &super::fused::BeamAdvance<'_>, pools: &[&Tensor]) -> candle_core::Result<Tensor> {
+    super::fused::beam_advance(top, nout, a, &b.ids, &b.write_slots, &b.table, b.capacity, pools)
+}
+
 /// The persistent inputs and output of one captured shape. The inputs are views of one u32
 /// buffer (each part starting on a 16-byte boundary), written with one copy per step.
 pub(crate) struct Buffers {
@@ -118,12 +135,12 @@ struct Captured {
 unsafe impl Send for Captured {}
 
 impl Captured {
-    /// Writes the step's inputs (the ids then replaced by `ids`, a device tensor, when given)
-    /// and launches the graph; the logits land in the graph's buffer.
-    fn replay(&self, step: &StepInputs, ids: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    /// Writes the step's inputs (then changed on the device by `patch`, when given) and
+    /// launches the graph; the logits land in the graph's buffer.
+    fn replay(&self, step: &StepInputs, patch: Option<Patch<'_>>) -> candle_core::Result<Tensor> {
         upload(&self.buffers, step)?;
-        if let Some(ids) = ids {
-            self.buffers.ids.slice_set(&ids.contiguous()?, 0, 0)?;
+        if let Some(patch) = patch {
+            patch(&self.buffers)?;
         }
         self.graph.launch().map_err(|e| candle_core::Error::Msg(format!("CUDA graph launch: {e}")))?;
         Ok(self.buffers.logits.clone())
@@ -182,26 +199,17 @@ impl DecodeGraphs {
         inner.captured[&key].replay(step, None).map(Some)
     }
 
-    /// Replays the captured step of this batch's shape with the input ids that `ids()` gives
-    /// (`[rows]` u32 on the device, e.g. the previous step's selected tokens, not yet on the
-    /// host; called only when a graph will run); the batch's own tokens are ignored.
-    /// `Ok(None)` when no graph of that shape is captured yet: nothing was launched. The
-    /// logits stay in the graph's buffer, which the next replay of the shape overwrites
-    /// (stream-ordered).
-    pub fn run_ahead(
-        &self,
-        batch: &[SeqInput<'_>],
-        kv: &KvCache,
-        ids: impl FnOnce() -> candle_core::Result<Tensor>,
-    ) -> candle_core::Result<Option<Tensor>> {
+    /// Replays the captured step of this batch's shape with inputs that the device finishes:
+    /// the batch's are uploaded, then `patch` (called only when a graph will run) changes them
+    /// on the device before the launch, e.g. the input ids to the previous step's selected
+    /// tokens, not yet on the host (the batch's own tokens are then ignored). `Ok(None)` when
+    /// no graph of that shape is captured yet: nothing was launched. The logits stay in the
+    /// graph's buffer, which the next replay of the shape overwrites (stream-ordered).
+    pub fn run_ahead(&self, batch: &[SeqInput<'_>], kv: &KvCache, patch: Patch<'_>) -> candle_core::Result<Option<Tensor>> {
         let Some(key) = StepInputs::shape_of(batch) else { return Ok(None) };
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let Some(c) = inner.captured.get(&key) else { return Ok(None) };
-        let ids = ids()?;
-        if ids.dims() != [key.0] || ids.dtype() != DType::U32 {
-            candle_core::bail!("run_ahead: ids {:?} {:?} for {} rows", ids.shape(), ids.dtype(), key.0);
-        }
-        c.replay(&StepInputs::new(batch, kv, key), Some(&ids)).map(Some)
+        c.replay(&StepInputs::new(batch, kv, key), Some(patch)).map(Some)
     }
 }
 

@@ -18,6 +18,27 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 pub use batch::SeqInput;
+
+#[cfg(feature = "cuda")]
+pub(crate) use graph::{advance_beams, set_ids, Buffers as GraphBuffers};
+
+/// A captured decode step's input buffers (CUDA graphs only).
+#[cfg(not(feature = "cuda"))]
+pub(crate) enum GraphBuffers {}
+
+/// Changes a captured step's uploaded inputs on the device before its launch (see
+/// [`qwen::QwenModel::forward_ahead`]).
+pub(crate) type Patch<'a> = Box<dyn FnOnce(&GraphBuffers) -> candle_core::Result<()> + 'a>;
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn set_ids(b: &GraphBuffers, _: &candle_core::Tensor) -> candle_core::Result<()> {
+    match *b {}
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn advance_beams(b: &GraphBuffers, _: &candle_core::Tensor, _: usize, _: &fused::BeamAdvance<'_>, _: &[&candle_core::Tensor]) -> candle_core::Result<candle_core::Tensor> {
+    match *b {}
+}
 pub use config::{Arch, ModelConfig};
 pub use qwen::QwenModel;
 pub use weights::WeightSource;

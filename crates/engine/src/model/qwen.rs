@@ -159,19 +159,19 @@ impl QwenModel {
         Ok(self.run(&meta, kv)?)
     }
 
-    /// A decode step launched ahead of the host: one new position per sequence, whose input
-    /// ids `ids()` gives (`[rows]` u32 on the device: the previous step's selected tokens,
-    /// which the host has not read yet; called only when the step will run), through the CUDA
-    /// graph already captured for the batch's shape. `Ok(None)` when there is none (CPU, other
+    /// A decode step launched ahead of the host: one new position per sequence, whose inputs
+    /// `patch` finishes on the device (the input ids: the previous step's selected tokens,
+    /// which the host has not read yet; for a beam step also the rows' slots; called only when
+    /// the step will run), through the CUDA graph already captured for the batch's shape. `Ok(None)` when there is none (CPU, other
     /// devices, a shape not captured yet): nothing was launched and the caller runs the step
     /// with [`forward`](Self::forward) once it knows the tokens. As `forward`, the blocks must
     /// be reserved and `SeqCache::len` is not advanced; each `SeqInput`'s tokens are ignored
     /// (one each).
-    pub fn forward_ahead(
+    pub(crate) fn forward_ahead(
         &self,
         batch: &[SeqInput<'_>],
         kv: &mut KvCache,
-        ids: impl FnOnce() -> candle_core::Result<Tensor>,
+        patch: super::Patch<'_>,
     ) -> Result<Option<Tensor>> {
         #[cfg(feature = "cuda")]
         if let Some(graphs) = &self.graphs {
@@ -180,9 +180,9 @@ impl QwenModel {
                 return Ok(None);
             }
             kv.flush_copies()?;
-            return Ok(graphs.run_ahead(batch, kv, ids)?);
+            return Ok(graphs.run_ahead(batch, kv, patch)?);
         }
-        let _ = (batch, kv, ids);
+        let _ = (batch, kv, patch);
         Ok(None)
     }
 

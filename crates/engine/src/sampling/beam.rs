@@ -194,6 +194,11 @@ impl BeamSearch {
         self.finished
     }
 
+    /// The live beams' sums of token logprobs, in the order of the last step's beams.
+    pub fn live_scores(&self) -> Vec<f32> {
+        self.live.iter().map(|b| b.score).collect()
+    }
+
     /// Finished hypotheses kept so far (at most `num_beams`), in insertion order.
     pub fn hypotheses(&self) -> &[BeamHypothesis] {
         &self.hyps

@@ -15,7 +15,7 @@ use crate::error::{EngineError, Result};
 use crate::generate::{beam_results, prepare_prompt, token_budget, FinishReason, SequenceOutput, TokenLogprob, Usage};
 use crate::kv::{KvCache, KvCacheConfig, ReserveError, SeqCache};
 use crate::loaded::LoadedModel;
-use crate::model::fused::{PendingSelection, Readbacks};
+use crate::model::fused::{PendingSelection, PendingWords, Readbacks};
 use crate::model::SeqInput;
 use crate::sampling::beam::{BeamSearch, BeamSearchParams};
 use crate::sampling::{Sampled, Sampler};
@@ -47,6 +47,8 @@ struct Beams {
     live: Vec<SeqCache>,
     /// The token each live beam must feed next (empty while prefilling).
     next: Vec<u32>,
+    /// The live beam each live beam continues (the last step's parents).
+    parents: Vec<u32>,
 }
 
 enum Body {
@@ -95,9 +97,25 @@ struct HostLogits {
 /// their way to the host (CUDA; see [`Engine::land`]).
 struct InFlight {
     /// Per row: its request's id (indices into `running` move as requests end) and the
-    /// positions the row computes, `start..start + len`.
+    /// positions the row computes, `start..start + len`. A beam step's rows are its live
+    /// beams, in order.
     rows: Vec<(u64, usize, usize)>,
     selection: PendingSelection,
+    /// A beam step launched ahead ([`Engine::launch_beams_ahead`]).
+    beams: Option<AheadBeams>,
+}
+
+/// A beam step launched before the host had read the step before: the device decided that
+/// step (its live beams and their tokens) and wrote this one's inputs. The host makes the
+/// same decision when it reads the step before and keeps this one only where both agree
+/// ([`Engine::confirm_beams`]).
+struct AheadBeams {
+    /// A fresh block per row: the row's last block in this step (the parent's partial last
+    /// block copied into it on the device).
+    spares: Vec<u32>,
+    /// The device's decision: copy pairs, (parent, token) per row, then 1 when it took a full
+    /// set of beams (`fused::beam_advance`).
+    decision: PendingWords,
 }
 
 /// One row group of the step: a request's tokens to compute for one of its sequences.
@@ -312,7 +330,7 @@ impl Engine {
                 }
                 let params = BeamSearchParams { max_new_tokens: budget, ..b.clone() };
                 let search = BeamSearch::new(params.clone(), eos.clone())?;
-                Body::Beams(Box::new(Beams { params, eos, search, live: vec![SeqCache::default()], next: Vec::new() }))
+                Body::Beams(Box::new(Beams { params, eos, search, live: vec![SeqCache::default()], next: Vec::new(), parents: Vec::new() }))
             }
         };
         Ok(Request {
@@ -357,7 +375,11 @@ impl Engine {
             self.model.model.forward(&inputs, &mut self.kv)?
         };
         let t2 = Instant::now();
-        if let Some(f) = self.start_in_flight(&rows, &logits)? {
+        let in_flight = match self.start_in_flight(&rows, &logits)? {
+            Some(f) => Some(f),
+            None => self.start_beams_in_flight(&rows, &logits)?,
+        };
+        if let Some(f) = in_flight {
             if let Some(p) = &mut self.profile {
                 p.add(rows.len(), [t1 - t0, t2 - t1, std::time::Duration::ZERO, std::time::Duration::ZERO]);
             }
@@ -390,7 +412,32 @@ impl Engine {
         let sel = self.device_selections(rows.iter().map(|r| r.req))?;
         let ids = rows.iter().map(|r| (self.running[r.req].id, r.start, r.len)).collect();
         let selection = crate::model::fused::select_start(logits, &sel, &mut self.readbacks)?;
-        Ok(Some(InFlight { rows: ids, selection }))
+        Ok(Some(InFlight { rows: ids, selection, beams: None }))
+    }
+
+    /// The top-n selection of a beam step launched without waiting, when the step is one beam
+    /// search's decode step and nothing else (CUDA): [`land`](Self::land) may then launch the
+    /// next beam step before it reads this one ([`launch_beams_ahead`](Self::launch_beams_ahead)).
+    fn start_beams_in_flight(&mut self, rows: &[Row], logits: &candle_core::Tensor) -> Result<Option<InFlight>> {
+        let Some(first) = rows.first() else { return Ok(None) };
+        if !self.run_ahead || !crate::model::fused::select_applies(self.model.model.device()) || !self.kv.copies_on_device() {
+            return Ok(None);
+        }
+        let Body::Beams(b) = &self.running[first.req].body else { return Ok(None) };
+        let one_group = rows.len() == b.live.len() && !b.next.is_empty();
+        if !one_group || !rows.iter().enumerate().all(|(k, r)| r.req == first.req && r.beam == k && r.len == 1 && r.samples) {
+            return Ok(None);
+        }
+        // The candidates come back in one read-back buffer.
+        let k = b.search.candidates_per_row();
+        if 2 * k * rows.len() > crate::model::fused::READBACK_WORDS {
+            return Ok(None);
+        }
+        let sel = vec![crate::sampling::Selection::TopN(k); rows.len()];
+        let id = self.running[first.req].id;
+        let ids = rows.iter().map(|r| (id, r.start, 1)).collect();
+        let selection = crate::model::fused::select_start(logits, &sel, &mut self.readbacks)?;
+        Ok(Some(InFlight { rows: ids, selection, beams: None }))
     }
 
     /// Each request's selection for the device, its sampler drawing now (single sequences that
@@ -411,43 +458,62 @@ impl Engine {
     /// step no longer adds to it. Then this step's tokens are read and postprocessed as any
     /// step's. A row whose request has ended since (finished on its previous token, cancelled)
     /// is dropped with its token.
-    fn land(&mut self, f: InFlight) -> Result<()> {
+    fn land(&mut self, mut f: InFlight) -> Result<()> {
         use crate::model::fused::Selected;
         let t0 = Instant::now();
         self.reap_cancelled();
         let next = match self.launch_ahead(&f) {
             Ok(next) => next,
             Err(e) => {
-                f.selection.discard(&mut self.readbacks);
+                self.discard(f);
                 return Err(e);
             }
         };
         let t1 = Instant::now();
+        debug_assert!(f.beams.is_none(), "a beam step is confirmed before it lands");
+        let ids = std::mem::take(&mut f.rows);
         let picked = f.selection.wait(&mut self.readbacks);
         let t2 = Instant::now();
         let result = picked.map_err(EngineError::from).and_then(|picked| {
-            let mut rows = Vec::with_capacity(f.rows.len());
-            let n = f.rows.len();
+            let n = ids.len();
+            let mut rows = Vec::with_capacity(n);
             let mut logits = HostLogits { dense: Vec::new(), offsets: Vec::with_capacity(n), picked: Vec::with_capacity(n), top: Vec::with_capacity(n) };
-            for (&(id, start, len), p) in f.rows.iter().zip(picked) {
+            for (k, (&(id, start, len), p)) in ids.iter().zip(picked).enumerate() {
                 let Some(req) = self.index_of(id) else { continue };
-                let Selected::Token(token) = p else {
+                // A beam step's rows are its live beams, in order.
+                let beam = if matches!(self.running[req].body, Body::Beams(_)) { k } else { 0 };
+                let (token, top) = match p {
+                    Selected::Token(token) => (Some(token), None),
+                    Selected::Top(top) => (None, Some(top)),
                     // As the host sampler on such a row: the step fails.
-                    return Err(EngineError::invalid("logits", "a logit of this step is NaN or +inf, or every logit is -inf: no token can be chosen"));
+                    Selected::NonFinite => {
+                        return Err(EngineError::invalid("logits", "a logit of this step is NaN or +inf, or every logit is -inf: no token can be chosen"))
+                    }
                 };
-                rows.push(Row { req, beam: 0, start, len, samples: true });
+                rows.push(Row { req, beam, start, len, samples: true });
                 logits.offsets.push(None);
-                logits.picked.push(Some(token));
-                logits.top.push(None);
+                logits.picked.push(token);
+                logits.top.push(top);
             }
             let vocab = self.model.config().vocab_size;
             self.postprocess(&rows, &logits, vocab).map(|()| rows.len())
         });
-        // The next step is kept while one of its requests is still running.
+        // The next step is kept while one of its requests is still running (a beam step: and
+        // the device decided this step as the host did).
         self.in_flight = match next {
-            Some(next) if result.is_ok() && next.rows.iter().any(|&(id, ..)| self.index_of(id).is_some()) => Some(next),
+            Some(mut next) if result.is_ok() && next.rows.iter().any(|&(id, ..)| self.index_of(id).is_some()) => match self.confirm_beams(&mut next) {
+                Ok(true) => Some(next),
+                Ok(false) => {
+                    self.discard(next);
+                    None
+                }
+                Err(e) => {
+                    self.discard(next);
+                    return Err(e);
+                }
+            },
             Some(next) => {
-                next.selection.discard(&mut self.readbacks);
+                self.discard(next);
                 None
             }
             None => None,
@@ -467,6 +533,11 @@ impl Engine {
     fn launch_ahead(&mut self, f: &InFlight) -> Result<Option<InFlight>> {
         if !self.waiting.is_empty() || self.pending.load(Ordering::SeqCst) > 0 {
             return Ok(None);
+        }
+        if let Some(i) = f.rows.first().and_then(|&(id, ..)| self.index_of(id)) {
+            if matches!(self.running[i].body, Body::Beams(_)) {
+                return self.launch_beams_ahead(f, i);
+            }
         }
         let mut at = Vec::with_capacity(f.rows.len());
         for &(id, start, len) in &f.rows {
@@ -489,7 +560,8 @@ impl Engine {
         }
         let unknown = [0u32];
         let batch: Vec<SeqInput<'_>> = caches.iter().map(|cache| SeqInput { tokens: &unknown, cache, all_logits: false }).collect();
-        let Some(logits) = self.model.model.forward_ahead(&batch, &mut self.kv, || f.selection.tokens())? else {
+        let set_ids = Box::new(|g: &crate::model::GraphBuffers| crate::model::set_ids(g, &f.selection.tokens()?));
+        let Some(logits) = self.model.model.forward_ahead(&batch, &mut self.kv, set_ids)? else {
             return Ok(None);
         };
         let sel = self.device_selections(at.iter().map(|&(i, _)| i))?;
@@ -497,7 +569,148 @@ impl Engine {
         let selection = crate::model::fused::select_start(&logits, &sel, &mut self.readbacks)?;
         #[cfg(all(test, feature = "cuda"))]
         cuda_tests::LAUNCHED_AHEAD.fetch_add(1, Ordering::SeqCst);
-        Ok(Some(InFlight { rows, selection }))
+        Ok(Some(InFlight { rows, selection, beams: None }))
+    }
+
+    /// Launches the beam step after the in-flight one `f` (request `i`'s live beams) before
+    /// the host has read `f`'s candidates: the device decides `f`'s step as the host will
+    /// (`fused::beam_advance`: the same candidates, the same ranking), copies each parent's
+    /// partial last block into a fresh block per row, writes the step's ids and slots, and
+    /// replays the captured step; its top-n selection follows. `Ok(None)`: nothing was
+    /// launched (the search ends at `f` by its length, no graph of the shape, too few free
+    /// blocks). The host keeps the step only where its own decision agrees
+    /// ([`confirm_beams`](Self::confirm_beams)).
+    fn launch_beams_ahead(&mut self, f: &InFlight, i: usize) -> Result<Option<InFlight>> {
+        use crate::sampling::Selection;
+        let bs = self.kv.block_size();
+        let id = self.running[i].id;
+        let Body::Beams(b) = &self.running[i].body else { return Ok(None) };
+        let rows = f.rows.len();
+        // Every live beam is at the same length; the next step writes position `pos`.
+        let pos = b.live.first().map_or(0, |c| c.len + 1);
+        let full = rows == b.params.num_beams && rows == b.live.len() && b.next.len() == rows;
+        if !full || b.search.steps() + 1 >= b.params.max_new_tokens || b.live.iter().any(|c| c.len + 1 != pos) {
+            return Ok(None);
+        }
+        if self.kv.num_free_blocks() < rows || b.live.iter().any(|c| c.blocks.len() < pos.div_ceil(bs)) {
+            return Ok(None);
+        }
+        let spares: Vec<u32> = (0..rows).filter_map(|_| self.kv.allocate_block()).collect();
+        // The step's caches as if each row continued itself: the shape, positions and lengths
+        // are right; the device rewrites the ids, write slots and tables.
+        let caches: Vec<SeqCache> = b
+            .live
+            .iter()
+            .zip(&spares)
+            .map(|(c, &spare)| SeqCache { blocks: c.blocks[..pos / bs].iter().copied().chain([spare]).collect(), len: pos })
+            .collect();
+        let blocks: Vec<&[u32]> = b.live.iter().map(|c| c.blocks.as_slice()).collect();
+        let cum = b.search.live_scores();
+        let k = b.search.candidates_per_row();
+        let (top, nout) = f.selection.output();
+        let advance = crate::model::fused::BeamAdvance { k, num_beams: b.params.num_beams, cum: &cum, spares: &spares, eos: &b.eos, blocks: &blocks, pos, block_size: bs };
+        let pools: Vec<candle_core::Tensor> = self.kv.pools().cloned().collect();
+        let unknown = [0u32];
+        let batch: Vec<SeqInput<'_>> = caches.iter().map(|cache| SeqInput { tokens: &unknown, cache, all_logits: false }).collect();
+        let mut decision = None;
+        let readbacks = &mut self.readbacks;
+        let patch = Box::new(|g: &crate::model::GraphBuffers| {
+            let pools: Vec<&candle_core::Tensor> = pools.iter().collect();
+            let d = crate::model::advance_beams(g, top, nout, &advance, &pools)?;
+            decision = Some(crate::model::fused::read_start(&d, readbacks)?);
+            Ok(())
+        });
+        let launched = self.model.model.forward_ahead(&batch, &mut self.kv, patch).and_then(|logits| {
+            let Some(logits) = logits else { return Ok(None) };
+            let sel = vec![Selection::TopN(k); rows];
+            Ok(Some(crate::model::fused::select_start(&logits, &sel, &mut self.readbacks)?))
+        });
+        match (launched, decision) {
+            (Ok(Some(selection)), Some(decision)) => {
+                #[cfg(all(test, feature = "cuda"))]
+                cuda_tests::BEAMS_AHEAD.fetch_add(1, Ordering::SeqCst);
+                Ok(Some(InFlight { rows: vec![(id, pos, 1); rows], selection, beams: Some(AheadBeams { spares, decision }) }))
+            }
+            (launched, decision) => {
+                if let Some(d) = decision {
+                    d.discard(&mut self.readbacks);
+                }
+                for s in spares {
+                    self.kv.release_block(s);
+                }
+                match launched {
+                    Ok(Some(selection)) => {
+                        selection.discard(&mut self.readbacks);
+                        Ok(None)
+                    }
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Keeps the beam step `next` launched ahead ([`launch_beams_ahead`](Self::launch_beams_ahead))
+    /// when the device decided the step before as the host just did (the same parents and
+    /// tokens, a full set of beams): the rows' caches then become what the device wrote, each
+    /// its parent's blocks below the last one and its spare block. `Ok(false)`: the step must
+    /// be discarded (the host then runs the next step itself). Other steps are kept as they are.
+    fn confirm_beams(&mut self, next: &mut InFlight) -> Result<bool> {
+        let Some(ahead) = next.beams.take() else { return Ok(true) };
+        let words = ahead.decision.wait(&mut self.readbacks)?;
+        let bs = self.kv.block_size();
+        let rows = ahead.spares.len();
+        let i = next.rows.first().and_then(|&(id, ..)| self.index_of(id));
+        let beams = match i.map(|i| &mut self.running[i].body) {
+            Some(Body::Beams(b)) => Some(b),
+            _ => None,
+        };
+        let agree = beams.as_ref().is_some_and(|b| {
+            words.len() == 4 * rows + 1
+                && words[4 * rows] == 1
+                && b.next.len() == rows
+                && b.parents.len() == rows
+                && b.live.len() == rows
+                && (0..rows).all(|r| words[2 * rows + 2 * r] == b.parents[r] && words[2 * rows + 2 * r + 1] == b.next[r])
+        });
+        match beams {
+            Some(b) if agree => {
+                for (c, &spare) in b.live.iter_mut().zip(&ahead.spares) {
+                    // `c` is a fork of its parent, `c.len` positions in: the parent's partial
+                    // last block (if any) was copied into the spare on the device.
+                    for block in c.blocks.drain(c.len / bs..) {
+                        self.kv.release_block(block);
+                    }
+                    c.blocks.push(spare);
+                }
+                Ok(true)
+            }
+            beams => {
+                if beams.is_some() && words.get(4 * rows) == Some(&1) {
+                    // Both decided from the same candidates: a disagreement on a full set of
+                    // beams is a fault of the device's decision (the host's stands).
+                    tracing::warn!(device = ?words.get(2 * rows..4 * rows), "the device decided a beam step otherwise than the host; the host runs the next step");
+                    #[cfg(all(test, feature = "cuda"))]
+                    cuda_tests::BEAMS_DISAGREED.fetch_add(1, Ordering::SeqCst);
+                }
+                for s in ahead.spares {
+                    self.kv.release_block(s);
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Drops a launched step whose results are not wanted: its buffers go back, and a beam
+    /// step's spare blocks (which only it wrote) are freed.
+    fn discard(&mut self, f: InFlight) {
+        f.selection.discard(&mut self.readbacks);
+        if let Some(a) = f.beams {
+            a.decision.discard(&mut self.readbacks);
+            for s in a.spares {
+                self.kv.release_block(s);
+            }
+        }
     }
 
     fn index_of(&self, id: u64) -> Option<usize> {
@@ -574,6 +787,7 @@ impl Engine {
                 b.search = BeamSearch::new(b.params.clone(), b.eos.clone()).expect("params were validated");
                 b.live = vec![SeqCache::default()];
                 b.next.clear();
+                b.parents.clear();
             }
         }
         r.prompt_cached = 0;
@@ -884,6 +1098,7 @@ impl Engine {
                             self.kv.free(&mut old);
                         }
                         b.next = step.beams.iter().map(|c| c.token).collect();
+                        b.parents = step.beams.iter().map(|c| c.parent as u32).collect();
                     }
                 }
             }
@@ -1000,6 +1215,11 @@ pub(super) mod cuda_tests {
     /// Steps launched by `launch_ahead` in this process.
     pub(crate) static LAUNCHED_AHEAD: AtomicUsize = AtomicUsize::new(0);
 
+    /// Beam steps launched by `launch_beams_ahead`, and confirmations that found the device's
+    /// decision otherwise than the host's.
+    pub(crate) static BEAMS_AHEAD: AtomicUsize = AtomicUsize::new(0);
+    pub(crate) static BEAMS_DISAGREED: AtomicUsize = AtomicUsize::new(0);
+
     /// A tiny random Qwen2 model (F16, heads of 64: the fused kernels and graphs apply) with a
     /// word-level tokenizer of its vocabulary and no end-of-sequence token.
     fn tiny(dir: &std::path::Path) -> LoadedModel {
@@ -1072,6 +1292,46 @@ pub(super) mod cuda_tests {
         assert!(waited.iter().any(|(t, r)| *r == FinishReason::Length && t.len() == 60), "no request used its whole budget");
         for (i, (a, w)) in ahead.iter().zip(&waited).enumerate() {
             assert_eq!(a, w, "request {i}: run ahead {:?} against waited {:?}", a, w);
+        }
+    }
+
+    /// Four 4-beam searches, one at a time: without and with end-of-sequence ids (three, so
+    /// that hypotheses finish and a step may keep its beams from 16 candidates a row), early
+    /// stopping on the last. Each result as text: the best beam's tokens, the finish reason
+    /// and every returned beam.
+    fn run_beams(ahead: bool) -> Vec<String> {
+        use crate::sampling::beam::BeamSearchParams;
+        std::env::set_var("SILICA_RUN_AHEAD", if ahead { "1" } else { "0" });
+        let dir = tempfile::tempdir().unwrap();
+        let h = EngineHandle::start(tiny(dir.path()), SchedulerConfig::default()).unwrap();
+        let mut out = Vec::new();
+        for i in 0..4u32 {
+            let prompt: Vec<u32> = (0..30 + 7 * i).map(|j| (j * 53 + 3 * i + 1) % 320).collect();
+            let stop_token_ids = if i % 2 == 1 { vec![3 + i, 40 + i, 200 + i] } else { Vec::new() };
+            let stop = StopParams { max_tokens: Some(48), stop_token_ids, ..Default::default() };
+            let beam = Some(BeamSearchParams { num_beams: 4, length_penalty: 1.0, early_stopping: i == 3, max_new_tokens: 48 });
+            let req = GenerateRequest { prompt: Prompt::Tokens(prompt), sampling: SamplingParams::default(), stop, beam };
+            let (tokens, fin) = collect_blocking(h.submit(req).unwrap()).expect("the beam search succeeds");
+            let tokens: Vec<u32> = tokens.iter().flat_map(|t| t.token_ids.clone()).collect();
+            out.push(format!("{tokens:?} {:?} {:?}", fin.reason, fin.beams));
+        }
+        h.shutdown();
+        std::env::remove_var("SILICA_RUN_AHEAD");
+        out
+    }
+
+    #[test]
+    fn beam_steps_decided_on_the_device_change_no_output() {
+        let before = BEAMS_AHEAD.load(Ordering::SeqCst);
+        let waited = run_beams(false);
+        assert_eq!(BEAMS_AHEAD.load(Ordering::SeqCst), before, "SILICA_RUN_AHEAD=0 launched beam steps ahead");
+        let ahead = run_beams(true);
+        let launched = BEAMS_AHEAD.load(Ordering::SeqCst) - before;
+        // Four searches of up to 48 steps; the first decode step of each runs from the host.
+        assert!(launched > 60, "only {launched} beam steps were launched ahead");
+        assert_eq!(BEAMS_DISAGREED.load(Ordering::SeqCst), 0, "the device decided a beam step otherwise than the host");
+        for (i, (a, w)) in ahead.iter().zip(&waited).enumerate() {
+            assert_eq!(a, w, "search {i}: run ahead against waited");
         }
     }
 }

@@ -1243,3 +1243,112 @@ extern "C" __global__ void __launch_bounds__(TOPN_THREADS)
         }
     }
 }
+
+// A 4-beam search step decided on the device, so that the next beam step can be launched
+// before the host has read this one's candidates (the host decides the same step from the
+// same candidates and checks that both agree; engine_loop.rs, `launch_beams_ahead`).
+//
+// top: [rows, nout, 2] from silica_topn_combine, each row's k best (token, log-softmax bits),
+// best first (token 0xffffffff past the finite ones; the first 0xffffffff for a row that is
+// not finite). prm: cum[rows] (f32 bits, the live beams' sums), spare[rows] (a fresh block per
+// row for the next step's last block), eos[neos], then blocks[rows, nblk] (each live beam's
+// blocks over positions 0..P-1). The same step as BeamSearch::advance (sampling/beam.rs):
+// candidates cum[r] + value, ranked by (sum descending in Rust's total order, row, token),
+// truncated to k; walking the ranks, an EOS token is skipped (it becomes a hypothesis on the
+// host), any other one continues as the next live beam until nb are taken.
+// Writes the next step's graph inputs for row r = its beam: ids[r] = token, write_slots[r] =
+// the slot of position P in spare[r], table[r, 0..capacity] = the parent's slots below the
+// last block, spare[r]'s from there to P, padded with the row's first slot; out = (src, dst)
+// block pairs for silica_copy_blocks (the parent's partial last block into spare[r]; the
+// spare onto itself when P starts a block), then (parent, token) per row, then 1 when nb beams
+// were taken (0: the host discards the step). One block of BEAM_THREADS; rows * k <= BEAM_THREADS.
+#define BEAM_THREADS 256
+
+__device__ __forceinline__ uint32_t total_order_key(float x) {
+    const uint32_t b = __float_as_uint(x);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+extern "C" __global__ void __launch_bounds__(BEAM_THREADS)
+    silica_beam_advance(const uint32_t* __restrict__ top, int rows, int nout, int k, int nb,
+                        const uint32_t* __restrict__ prm, int neos, int nblk, int P, int bs, int capacity,
+                        uint32_t* __restrict__ ids, uint32_t* __restrict__ write_slots,
+                        uint32_t* __restrict__ table, uint32_t* __restrict__ out) {
+    __shared__ uint32_t key[BEAM_THREADS];
+    __shared__ int valid[BEAM_THREADS];
+    __shared__ int order[BEAM_THREADS];
+    __shared__ int parent[8];
+    __shared__ uint32_t token[8];
+    __shared__ int taken;
+    pdl_enter();
+    const int tid = threadIdx.x, nc = rows * k;
+    const uint32_t* cum = prm;
+    const uint32_t* spare = prm + rows;
+    const uint32_t* eos = prm + 2 * rows;
+    const uint32_t* blocks = prm + 2 * rows + neos;
+    if (tid < nc) {
+        const int r = tid / k, j = tid % k;
+        const uint32_t t = top[((size_t)r * nout + j) * 2];
+        const float v = __uint_as_float(top[((size_t)r * nout + j) * 2 + 1]);
+        const bool ok = t != 0xffffffffu && v > -INFINITY && v == v && v != INFINITY;
+        valid[tid] = ok;
+        key[tid] = ok ? total_order_key(__fadd_rn(__uint_as_float(cum[r]), v)) : 0u;
+        order[tid] = -1;
+    }
+    if (tid < 8) {
+        parent[tid] = tid < rows ? tid : 0;
+        token[tid] = 0;
+    }
+    __syncthreads();
+    if (tid < nc && valid[tid]) {
+        // Rank: the valid candidates before this one (larger sum; equal sums: lower row, then
+        // lower token; the ids of one row are distinct).
+        const uint32_t kt = key[tid], tt = top[((size_t)(tid / k) * nout + tid % k) * 2];
+        const int rt = tid / k;
+        int rank = 0;
+        for (int c = 0; c < nc; ++c) {
+            if (c == tid || !valid[c]) continue;
+            const int rc = c / k;
+            const uint32_t tc = top[((size_t)rc * nout + c % k) * 2];
+            rank += key[c] > kt || (key[c] == kt && (rc < rt || (rc == rt && tc < tt)));
+        }
+        order[rank] = tid;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int n = 0;
+        for (int rank = 0; rank < k && rank < nc && n < nb; ++rank) {
+            const int c = order[rank];
+            if (c < 0) break;
+            const uint32_t t = top[((size_t)(c / k) * nout + c % k) * 2];
+            bool is_eos = false;
+            for (int e = 0; e < neos; ++e) is_eos |= eos[e] == t;
+            if (is_eos) continue;
+            if (n < rows) {
+                parent[n] = c / k;
+                token[n] = t;
+            }
+            ++n;
+        }
+        taken = n;
+    }
+    __syncthreads();
+    const int tail = (P / bs) * bs;
+    for (int i = tid; i < rows * capacity; i += BEAM_THREADS) {
+        const int r = i / capacity, p = i % capacity;
+        const uint32_t* pb = blocks + (size_t)parent[r] * nblk;
+        const int q = p <= P ? p : 0;
+        const uint32_t slot = q < tail ? pb[q / bs] * bs + q % bs : spare[r] * bs + q % bs;
+        table[i] = slot;
+    }
+    if (tid < rows) {
+        ids[tid] = token[tid];
+        write_slots[tid] = spare[tid] * bs + P % bs;
+        const uint32_t src = P % bs ? blocks[(size_t)parent[tid] * nblk + P / bs] : spare[tid];
+        out[2 * tid] = src;
+        out[2 * tid + 1] = spare[tid];
+        out[2 * rows + 2 * tid] = parent[tid];
+        out[2 * rows + 2 * tid + 1] = token[tid];
+    }
+    if (tid == 0) out[4 * rows] = taken == nb && nb == rows;
+}
