@@ -150,9 +150,9 @@ static void attention(bool no_combine, const __half* q, const __half* kp, const 
 
 // The 4-row tensor-core GEMV with more warps per block of 8 columns (the engine launches 8):
 // more weight loads in flight per SM where the matrix has few columns (the down projection).
-template <int W>
+template <int W, bool XPRE = true>
 __global__ void __launch_bounds__(32 * W) kb_gemv_tc_f16_4(const __half* x, const __half* w, __half* y, int n_out, int k) {
-    gemv_tc<__half, 4, W>(x, w, y, n_out, k);
+    gemv_tc<__half, 4, W, false, XPRE>(x, w, y, n_out, k);
 }
 
 struct Cfg { const char* name; int hidden, inter, layers, nh, nkv, vocab; };
@@ -337,11 +337,14 @@ int main(int argc, char** argv) {
                 printf("gemv tc 4 rows %-8s [%6d x %6d]: %7.2f us  %6.0f GB/s\n", s.n, s.rows, s.k, ms * 1000 / L, b / (ms / L) / 1e6);
             }
             for (auto& s : shapes)  // more warps per block of 8 columns
-                for (int wv : {16, 32}) {
+                for (int var : {16, 32, 8 + 1, 16 + 1}) {  // warps, + 1: x loaded at each iteration's start
+                    const int wv = var & ~1;
                     auto run_w = [&](const __half* w) {
                         const dim3 grid((s.rows + 7) / 8), block(32 * wv);
-                        if (wv == 16) go(kb_gemv_tc_f16_4<16>, grid, block, 0, (const __half*)x4, w, y4, s.rows, s.k);
-                        else go(kb_gemv_tc_f16_4<32>, grid, block, 0, (const __half*)x4, w, y4, s.rows, s.k);
+                        if (var == 16) go(kb_gemv_tc_f16_4<16>, grid, block, 0, (const __half*)x4, w, y4, s.rows, s.k);
+                        else if (var == 32) go(kb_gemv_tc_f16_4<32>, grid, block, 0, (const __half*)x4, w, y4, s.rows, s.k);
+                        else if (var == 9) go(kb_gemv_tc_f16_4<8, false>, grid, block, 0, (const __half*)x4, w, y4, s.rows, s.k);
+                        else go(kb_gemv_tc_f16_4<16, false>, grid, block, 0, (const __half*)x4, w, y4, s.rows, s.k);
                     };
                     float ms = time_graph([&]() { for (int l = 0; l < L; ++l) run_w((*s.w)[l]); }, 20);
                     // Against the engine's 8 warps on layer 0 (the sums over k meet in another order).
@@ -357,8 +360,8 @@ int main(int argc, char** argv) {
                         dmax = std::max(dmax, std::fabs(__half2float(a8[i]) - __half2float(aw[i])));
                         vmax = std::max(vmax, std::fabs(__half2float(a8[i])));
                     }
-                    printf("gemv tc 4 rows %-8s [%6d x %6d], %d warps a block: %7.2f us  %6.0f GB/s (largest difference from 8 warps %.2g of %.2g)\n",
-                           s.n, s.rows, s.k, wv, ms * 1000 / L, 2.0 * s.rows * s.k / (ms / L) / 1e6, dmax, vmax);
+                    printf("gemv tc 4 rows %-8s [%6d x %6d], %d warps a block%s: %7.2f us  %6.0f GB/s (largest difference from 8 warps %.2g of %.2g)\n",
+                           s.n, s.rows, s.k, wv, var & 1 ? ", x at each iteration's start" : "", ms * 1000 / L, 2.0 * s.rows * s.k / (ms / L) / 1e6, dmax, vmax);
                 }
             float ms = time_graph([&]() { for (int i = 0; i < 4; ++i)
                 go(silica_gemv_tc_f16_4, dim3((c.vocab + 7) / 8), dim3(256), 0, (const __half*)x4, (const __half*)head, y4, c.vocab, H); }, 20);

@@ -128,10 +128,10 @@ pub(crate) fn gemv_tc_rows() -> usize {
     })
 }
 
-/// Whether [`gemv_swiglu`] takes `x` (rows below the tensor-core GEMV's, which has no SwiGLU
-/// epilogue).
+/// Whether [`gemv_swiglu`] takes `x`: every row count the GEMV takes (the CUDA-core and the
+/// tensor-core kernels both have the SwiGLU epilogue).
 pub fn gemv_swiglu_applies(x: &Tensor) -> bool {
-    x.dim(0).is_ok_and(|rows| rows < gemv_tc_rows())
+    x.dim(0).is_ok_and(|rows| (1..=gemv_rows()).contains(&rows))
 }
 
 /// Whether `x W^T` goes to Silica's GEMV kernel: on CUDA in f16/bf16, 1 to
@@ -1154,15 +1154,14 @@ mod imp {
                 bail!("silica-gemv: x [{rows}, {k}], w [{n}, {wk}]");
             }
             if rows >= super::gemv_tc_rows() {
-                if self.swiglu {
-                    bail!("silica-gemv: SwiGLU for {rows} rows (the tensor-core GEMV has none)");
-                }
-                let func = dev.get_or_load_custom_func(&format!("silica_gemv_tc_{}_{rows}", suffix(dtype)?), MODULE, PTX)?;
+                let kind = if self.swiglu { "gemv_tc_swiglu" } else { "gemv_tc" };
+                let func = dev.get_or_load_custom_func(&format!("silica_{kind}_{}_{rows}", suffix(dtype)?), MODULE, PTX)?;
                 let args = [Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(out), Arg::I32(n as i32), Arg::I32(k as i32)];
-                // A block of 8 warps per 8 output columns (kernels.cu, gemv_tc).
+                // A block of 8 warps per 8 output columns (kernels.cu, gemv_tc); with SwiGLU the
+                // 4 (gate, up) pairs among them.
                 let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-                // SAFETY: the arguments match `silica_gemv_tc_*`; alignment as below; `out`
-                // holds rows * n.
+                // SAFETY: the arguments match `silica_gemv_tc_*` / `silica_gemv_tc_swiglu_*`;
+                // alignment as below; `out` holds rows * n (rows * n / 2).
                 return unsafe { launch(dev, &func, cfg, &args) };
             }
             let kind = if self.swiglu { "gemv_swiglu" } else { "gemv" };
@@ -1974,7 +1973,8 @@ mod cuda_tests {
         let dev = Device::new_cuda(0).expect("a CUDA device");
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         for (k, inter) in [(2048usize, 100usize), (3584, 37)] {
-            for rows in [1usize, 2] {
+            // 4 rows: the tensor-core kernel.
+            for rows in [1usize, 2, 4] {
                 let mut uni = |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| (rng.random::<f32>() - 0.5) * s).collect() };
                 let t = |v: Vec<f32>, shape: (usize, usize)| Tensor::from_vec(v, shape, &dev).unwrap().to_dtype(DType::F16).unwrap();
                 let x = t(uni(rows * k, 2.0), (rows, k));
@@ -1984,7 +1984,7 @@ mod cuda_tests {
                 let want = f32s(&silu_mul(&gemv(&x, &stacked, None).unwrap(), false, None).unwrap());
                 // The interleaved product through the SwiGLU kernel's interleaved mode too.
                 let via_interleaved = f32s(&silu_mul(&gemv(&x, &inter_w, None).unwrap(), true, None).unwrap());
-                let dims = ScratchDims { rows: 2, max_len: 64, hidden: 64, num_heads: 1, num_kv_heads: 1, head_dim: 64, intermediate: inter };
+                let dims = ScratchDims { rows: 4, max_len: 64, hidden: 64, num_heads: 1, num_kv_heads: 1, head_dim: 64, intermediate: inter };
                 let scratch = Scratch::new(dims, DType::F16, &dev).unwrap();
                 let fused = f32s(&gemv_swiglu(&x, &inter_w, None).unwrap());
                 let into = f32s(&gemv_swiglu(&x, &inter_w, Some(&scratch)).unwrap());
