@@ -1263,17 +1263,25 @@ pub(super) mod cuda_tests {
     /// Each request's tokens and finish reason: one at a time (graph steps of one row), then
     /// three at once.
     fn run(ahead: bool) -> Vec<(Vec<u32>, FinishReason)> {
-        // Read by the engine when it starts.
+        with_engine(ahead, |h| {
+            let result = |rx| {
+                let (tokens, fin) = collect_blocking(rx).expect("the request succeeds");
+                (tokens.iter().flat_map(|t| t.token_ids.clone()).collect::<Vec<u32>>(), fin.reason)
+            };
+            let mut out: Vec<_> = requests().into_iter().map(|r| result(h.submit(r).unwrap())).collect();
+            let together: Vec<_> = requests().into_iter().skip(2).map(|r| h.submit(r).unwrap()).collect();
+            out.extend(together.into_iter().map(result));
+            out
+        })
+    }
+
+    /// `f` against an engine on the tiny model, running ahead or not (`SILICA_RUN_AHEAD`, read
+    /// by the engine when it starts).
+    fn with_engine<T>(ahead: bool, f: impl FnOnce(&EngineHandle) -> T) -> T {
         std::env::set_var("SILICA_RUN_AHEAD", if ahead { "1" } else { "0" });
         let dir = tempfile::tempdir().unwrap();
         let h = EngineHandle::start(tiny(dir.path()), SchedulerConfig::default()).unwrap();
-        let result = |rx| {
-            let (tokens, fin) = collect_blocking(rx).expect("the request succeeds");
-            (tokens.iter().flat_map(|t| t.token_ids.clone()).collect::<Vec<u32>>(), fin.reason)
-        };
-        let mut out: Vec<_> = requests().into_iter().map(|r| result(h.submit(r).unwrap())).collect();
-        let together: Vec<_> = requests().into_iter().skip(2).map(|r| h.submit(r).unwrap()).collect();
-        out.extend(together.into_iter().map(result));
+        let out = f(&h);
         h.shutdown();
         std::env::remove_var("SILICA_RUN_AHEAD");
         out
@@ -1301,23 +1309,20 @@ pub(super) mod cuda_tests {
     /// and every returned beam.
     fn run_beams(ahead: bool) -> Vec<String> {
         use crate::sampling::beam::BeamSearchParams;
-        std::env::set_var("SILICA_RUN_AHEAD", if ahead { "1" } else { "0" });
-        let dir = tempfile::tempdir().unwrap();
-        let h = EngineHandle::start(tiny(dir.path()), SchedulerConfig::default()).unwrap();
-        let mut out = Vec::new();
-        for i in 0..4u32 {
-            let prompt: Vec<u32> = (0..30 + 7 * i).map(|j| (j * 53 + 3 * i + 1) % 320).collect();
-            let stop_token_ids = if i % 2 == 1 { vec![3 + i, 40 + i, 200 + i] } else { Vec::new() };
-            let stop = StopParams { max_tokens: Some(48), stop_token_ids, ..Default::default() };
-            let beam = Some(BeamSearchParams { num_beams: 4, length_penalty: 1.0, early_stopping: i == 3, max_new_tokens: 48 });
-            let req = GenerateRequest { prompt: Prompt::Tokens(prompt), sampling: SamplingParams::default(), stop, beam };
-            let (tokens, fin) = collect_blocking(h.submit(req).unwrap()).expect("the beam search succeeds");
-            let tokens: Vec<u32> = tokens.iter().flat_map(|t| t.token_ids.clone()).collect();
-            out.push(format!("{tokens:?} {:?} {:?}", fin.reason, fin.beams));
-        }
-        h.shutdown();
-        std::env::remove_var("SILICA_RUN_AHEAD");
-        out
+        with_engine(ahead, |h| {
+            (0..4u32)
+                .map(|i| {
+                    let prompt: Vec<u32> = (0..30 + 7 * i).map(|j| (j * 53 + 3 * i + 1) % 320).collect();
+                    let stop_token_ids = if i % 2 == 1 { vec![3 + i, 40 + i, 200 + i] } else { Vec::new() };
+                    let stop = StopParams { max_tokens: Some(48), stop_token_ids, ..Default::default() };
+                    let beam = Some(BeamSearchParams { num_beams: 4, length_penalty: 1.0, early_stopping: i == 3, max_new_tokens: 48 });
+                    let req = GenerateRequest { prompt: Prompt::Tokens(prompt), sampling: SamplingParams::default(), stop, beam };
+                    let (tokens, fin) = collect_blocking(h.submit(req).unwrap()).expect("the beam search succeeds");
+                    let tokens: Vec<u32> = tokens.iter().flat_map(|t| t.token_ids.clone()).collect();
+                    format!("{tokens:?} {:?} {:?}", fin.reason, fin.beams)
+                })
+                .collect()
+        })
     }
 
     #[test]
