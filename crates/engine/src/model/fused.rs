@@ -118,6 +118,7 @@ fn tc_ptx() -> bool {
 /// From how many rows the GEMV runs on the tensor cores (`silica_gemv_tc_*`):
 /// `SILICA_GEMV_TC_ROWS` (default 3). The CUDA-core kernel converts and multiplies every weight
 /// once per row, so by 4 rows it is bound by instructions (measured slower than cuBLAS).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn gemv_tc_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
@@ -476,23 +477,15 @@ pub(crate) struct PendingSelection {
     /// top-n rows) and value bits.
     out: Tensor,
     nout: usize,
-    #[cfg(feature = "cuda")]
-    readback: imp::Readback,
+    /// `out` on its way to the host.
+    words: PendingWords,
 }
 
 /// [`select`] without waiting for the result: see [`PendingSelection`].
 pub(crate) fn select_start(logits: &Tensor, rows: &[crate::sampling::Selection], pool: &mut Readbacks) -> Result<PendingSelection> {
     let (out, nout, vocab) = launch_selection(logits, rows)?;
-    #[cfg(feature = "cuda")]
-    {
-        let readback = imp::Readback::copy(&out, pool)?;
-        Ok(PendingSelection { rows: rows.to_vec(), vocab, out, nout, readback })
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (pool, out, vocab, nout);
-        unreachable!("launch_selection fails without the `cuda` feature")
-    }
+    let words = read_start(&out, pool)?;
+    Ok(PendingSelection { rows: rows.to_vec(), vocab, out, nout, words })
 }
 
 impl PendingSelection {
@@ -515,27 +508,14 @@ impl PendingSelection {
     /// Waits for the copy to the host and reads each row's result; the buffer goes back to
     /// `pool`.
     pub fn wait(self, pool: &mut Readbacks) -> Result<Vec<Selected>> {
-        #[cfg(feature = "cuda")]
-        {
-            let words = self.readback.words(2 * self.nout * self.rows.len())?;
-            let picked = read_selection(&self.rows, &words, self.nout, self.vocab);
-            pool.free.push(self.readback);
-            Ok(picked)
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = pool;
-            unreachable!("a PendingSelection exists only with the `cuda` feature")
-        }
+        let words = self.words.wait(pool)?;
+        Ok(read_selection(&self.rows, &words, self.nout, self.vocab))
     }
 
     /// Drops a selection whose result is not needed, keeping its buffer for the next one (a
     /// later copy into it is ordered after this one on the stream).
     pub fn discard(self, pool: &mut Readbacks) {
-        #[cfg(feature = "cuda")]
-        pool.free.push(self.readback);
-        #[cfg(not(feature = "cuda"))]
-        let _ = pool;
+        self.words.discard(pool);
     }
 }
 
@@ -598,14 +578,10 @@ pub fn copy_blocks_applies(device: &Device, dtype: DType, position_elems: usize)
 /// Copies whole cache blocks `(src, dst)` inside every pool `[blocks * block_size, ...]` with one
 /// kernel launch. The pairs must not overlap (no block both read and written).
 pub fn copy_blocks(pools: &[&Tensor], pairs: &[(u32, u32)], block_size: usize) -> Result<()> {
-    let Some(first) = pools.first() else { return Ok(()) };
-    let slots = first.dim(0)?;
-    let block_bytes = first.elem_count() / slots * block_size * first.dtype().size_in_bytes();
-    for &(s, d) in pairs {
-        if (s.max(d) as usize + 1) * block_size > slots {
-            candle_core::bail!("copy_blocks: block {} outside the pool of {slots} slots", s.max(d));
-        }
+    if pools.is_empty() {
+        return Ok(());
     }
+    let block_bytes = block_bytes_checked(pools, block_size, pairs.iter().map(|&(s, d)| s.max(d)), "copy_blocks")?;
     #[cfg(feature = "cuda")]
     {
         imp::copy_blocks(pools, pairs, block_bytes)
@@ -615,6 +591,17 @@ pub fn copy_blocks(pools: &[&Tensor], pairs: &[(u32, u32)], block_size: usize) -
         let _ = block_bytes;
         candle_core::bail!("batched block copies need the `cuda` feature")
     }
+}
+
+/// The bytes of one block of `pools[0]` (`[blocks * block_size, ...]`), after checking that every
+/// block of `blocks` lies inside the pools.
+fn block_bytes_checked(pools: &[&Tensor], block_size: usize, blocks: impl Iterator<Item = u32>, what: &str) -> Result<usize> {
+    let Some(first) = pools.first() else { candle_core::bail!("{what}: no cache pools") };
+    let slots = first.dim(0)?;
+    if let Some(b) = blocks.max().filter(|&b| (b as usize + 1) * block_size > slots) {
+        candle_core::bail!("{what}: block {b} outside the pool of {slots} slots");
+    }
+    Ok(first.elem_count() / slots * block_size * first.dtype().size_in_bytes())
 }
 
 /// What the host knows of a beam step whose successor [`beam_advance`] prepares on the device.
@@ -639,8 +626,8 @@ pub(crate) struct BeamAdvance<'a> {
 /// `silica_beam_advance`, then `silica_copy_blocks` for the parents' partial last blocks), from
 /// this step's top-n selection `top` (`[rows, nout * 2]`, [`PendingSelection::output`]) into a
 /// captured graph's buffers: `ids`, `write_slots`, `table` (`[rows * capacity]`). Returns the
-/// decision on the device: `[rows * 4 + 1]` u32, the copy pairs, (parent, token) per row, then 1
-/// when `num_beams` beams were taken.
+/// decision on the device: `[rows * 2 + 1]` u32, (parent, token) per row, then 1 when
+/// `num_beams` beams were taken.
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn beam_advance(top: &Tensor, nout: usize, a: &BeamAdvance<'_>, ids: &Tensor, write_slots: &Tensor, table: &Tensor, capacity: usize, pools: &[&Tensor]) -> Result<Tensor> {
@@ -655,13 +642,8 @@ pub(crate) fn beam_advance(top: &Tensor, nout: usize, a: &BeamAdvance<'_>, ids: 
     if a.blocks.iter().any(|b| b.len() < nblk) {
         candle_core::bail!("beam_advance: a live beam has fewer than the {nblk} blocks of {} positions", a.pos);
     }
-    let Some(first) = pools.first() else { candle_core::bail!("beam_advance: no cache pools") };
-    let slots = first.dim(0)?;
-    let max_block = a.spares.iter().chain(a.blocks.iter().flat_map(|b| &b[..nblk])).copied().max().unwrap_or(0) as usize;
-    if (max_block + 1) * a.block_size > slots {
-        candle_core::bail!("beam_advance: block {max_block} outside the pool of {slots} slots");
-    }
-    let block_bytes = first.elem_count() / slots * a.block_size * first.dtype().size_in_bytes();
+    let blocks = a.spares.iter().chain(a.blocks.iter().flat_map(|b| &b[..nblk])).copied();
+    let block_bytes = block_bytes_checked(pools, a.block_size, blocks, "beam_advance")?;
     #[cfg(feature = "cuda")]
     {
         imp::beam_advance(top, nout, a, (ids, write_slots, table, capacity), pools, block_bytes)
@@ -1535,33 +1517,47 @@ mod imp {
         })
     }
 
-    pub(super) fn copy_blocks(pools: &[&Tensor], pairs: &[(u32, u32)], block_bytes: usize) -> Result<()> {
-        let candle_core::Device::Cuda(dev) = pools[0].device() else { bail!("copy_blocks: pools are not on CUDA") };
+    /// The CUDA device of the pools and the words that start every upload for
+    /// `silica_copy_blocks`: each pool's address (two words), `extra` words of room after them.
+    fn pool_words(pools: &[&Tensor], block_bytes: usize, extra: usize) -> Result<(CudaDevice, Vec<u32>)> {
+        let candle_core::Device::Cuda(dev) = pools[0].device() else { bail!("kv pools are not on CUDA") };
         if block_bytes % 16 != 0 {
-            bail!("copy_blocks: blocks of {block_bytes} bytes are not whole 16-byte units");
+            bail!("blocks of {block_bytes} bytes are not whole 16-byte units");
         }
-        // One upload: the pools' addresses (two words each), then the pairs.
-        let mut words = Vec::with_capacity(2 * pools.len() + 2 * pairs.len());
+        let mut words = Vec::with_capacity(2 * pools.len() + extra);
         for p in pools {
             let a = addr(p, "kv pool")?;
             words.extend([a as u32, (a >> 32) as u32]);
         }
+        Ok((dev.clone(), words))
+    }
+
+    /// Launches `silica_copy_blocks`: `npairs` (src, dst) block pairs at `pairs_at` in each of the
+    /// `npools` pools whose addresses are at `pools_at`.
+    ///
+    /// SAFETY: both addresses hold what they say on the device until the kernel has run; every
+    /// block is inside its pool and no block is the source of one pair and the destination of
+    /// another.
+    unsafe fn launch_copy_blocks(dev: &CudaDevice, (pools_at, npools): (u64, usize), (pairs_at, npairs): (u64, usize), block_bytes: usize) -> Result<()> {
+        let func = dev.get_or_load_custom_func("silica_copy_blocks", MODULE, PTX)?;
+        let args = [Arg::Ptr(pools_at), Arg::Ptr(pairs_at), Arg::U64((block_bytes / 16) as u64)];
+        let cfg = LaunchConfig { grid_dim: (npairs as u32, npools as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match `silica_copy_blocks`; the rest is the caller's.
+        unsafe { launch(dev, &func, cfg, &args) }
+    }
+
+    pub(super) fn copy_blocks(pools: &[&Tensor], pairs: &[(u32, u32)], block_bytes: usize) -> Result<()> {
+        // One upload: the pools' addresses, then the pairs.
+        let (dev, mut words) = pool_words(pools, block_bytes, 2 * pairs.len())?;
         for &(s, d) in pairs {
             words.extend([s, d]);
         }
         let n = words.len();
         let table = Tensor::from_vec(words, n, pools[0].device())?;
-        let (t_s, t_l) = table.storage_and_layout();
-        let table_v = view::<u32>(&t_s, t_l, "copy table")?;
-        let pairs_v = table_v.slice(2 * pools.len()..);
-        let func = dev.get_or_load_custom_func("silica_copy_blocks", MODULE, PTX)?;
-        let units = (block_bytes / 16) as u64;
-        let args = [Arg::Ptr(raw_ptr(&table_v)), Arg::Ptr(raw_ptr(&pairs_v)), Arg::U64(units)];
-        let cfg = LaunchConfig { grid_dim: (pairs.len() as u32, pools.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: the arguments match `silica_copy_blocks`; every block is inside its pool (checked
-        // by the caller) and no block is both a source and a destination.
-        unsafe { launch(dev, &func, cfg, &args) }?;
-        Ok(())
+        let at = addr(&table, "copy table")?;
+        // SAFETY: `table` lives on (candle frees through the stream, after the kernel); blocks
+        // checked by the caller, and no block is both a source and a destination.
+        unsafe { launch_copy_blocks(&dev, (at, pools.len()), (at + 8 * pools.len() as u64, pairs.len()), block_bytes) }
     }
 
     /// See [`super::beam_advance`] (arguments checked there).
@@ -1573,19 +1569,11 @@ mod imp {
         pools: &[&Tensor],
         block_bytes: usize,
     ) -> Result<Tensor> {
-        let candle_core::Device::Cuda(dev) = top.device() else { bail!("beam_advance: not on CUDA") };
-        if block_bytes % 16 != 0 {
-            bail!("beam_advance: blocks of {block_bytes} bytes are not whole 16-byte units");
-        }
         let rows = a.cum.len();
         let nblk = a.pos.div_ceil(a.block_size);
-        // One upload: the pools' addresses (two words each, for silica_copy_blocks), then the
-        // kernel's `prm`: cum, spares, eos, blocks.
-        let mut words = Vec::with_capacity(2 * pools.len() + 2 * rows + a.eos.len() + rows * nblk);
-        for p in pools {
-            let at = addr(p, "kv pool")?;
-            words.extend([at as u32, (at >> 32) as u32]);
-        }
+        // One upload: the pools' addresses (for silica_copy_blocks), then the kernel's `prm`:
+        // cum, spares, eos, blocks.
+        let (dev, mut words) = pool_words(pools, block_bytes, 2 * rows + a.eos.len() + rows * nblk)?;
         words.extend(a.cum.iter().map(|c| c.to_bits()));
         words.extend_from_slice(a.spares);
         words.extend_from_slice(a.eos);
@@ -1618,15 +1606,13 @@ mod imp {
         // SAFETY: the arguments match `silica_beam_advance` (BEAM_THREADS = 256); sizes and
         // block ids checked by the caller; `top`, `prm` and `out` live on (candle frees through
         // the stream, after the kernel).
-        unsafe { launch(dev, &func, cfg, &args) }?;
-        let func = dev.get_or_load_custom_func("silica_copy_blocks", MODULE, PTX)?;
-        let args = [Arg::Ptr(pools_at), Arg::Ptr(out_at), Arg::U64((block_bytes / 16) as u64)];
-        let cfg = LaunchConfig { grid_dim: (rows as u32, pools.len() as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: the arguments match `silica_copy_blocks`; the pairs are (a parent's block, a
-        // row's spare) or (spare, spare): no block is both the source of one pair and the
+        unsafe { launch(&dev, &func, cfg, &args) }?;
+        // SAFETY: `prm` and `out` live on; the pairs (out's first words) are (a parent's block,
+        // a row's spare) or (spare, spare): no block is both the source of one pair and the
         // destination of another.
-        unsafe { launch(dev, &func, cfg, &args) }?;
-        Ok(out)
+        unsafe { launch_copy_blocks(&dev, (pools_at, pools.len()), (out_at, rows), block_bytes) }?;
+        // What the host reads: (parent, token) per row, then the flag.
+        out.narrow(0, 2 * rows, 2 * rows + 1)
     }
 
     /// A page-locked host buffer for a few u32 words and the event recorded after the copy

@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 pub use batch::SeqInput;
+pub use config::{Arch, ModelConfig};
+pub use qwen::QwenModel;
+pub use weights::WeightSource;
 
 #[cfg(feature = "cuda")]
 pub(crate) use graph::{advance_beams, set_ids, Buffers as GraphBuffers};
@@ -39,9 +42,6 @@ pub(crate) fn set_ids(b: &GraphBuffers, _: &candle_core::Tensor) -> candle_core:
 pub(crate) fn advance_beams(b: &GraphBuffers, _: &candle_core::Tensor, _: usize, _: &fused::BeamAdvance<'_>, _: &[&candle_core::Tensor]) -> candle_core::Result<candle_core::Tensor> {
     match *b {}
 }
-pub use config::{Arch, ModelConfig};
-pub use qwen::QwenModel;
-pub use weights::WeightSource;
 
 use crate::device::DTypeSpec;
 use crate::error::{EngineError, Result};

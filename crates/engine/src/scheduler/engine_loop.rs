@@ -113,8 +113,8 @@ struct AheadBeams {
     /// A fresh block per row: the row's last block in this step (the parent's partial last
     /// block copied into it on the device).
     spares: Vec<u32>,
-    /// The device's decision: copy pairs, (parent, token) per row, then 1 when it took a full
-    /// set of beams (`fused::beam_advance`).
+    /// The device's decision: (parent, token) per row, then 1 when it took a full set of beams
+    /// (`fused::beam_advance`).
     decision: PendingWords,
 }
 
@@ -632,20 +632,14 @@ impl Engine {
                 Ok(Some(InFlight { rows: vec![(id, pos, 1); rows], selection, beams: Some(AheadBeams { spares, decision }) }))
             }
             (launched, decision) => {
-                if let Some(d) = decision {
-                    d.discard(&mut self.readbacks);
+                // Nothing kept: the buffers go back and the spares (written at most by a step
+                // that is dropped) are freed.
+                decision.into_iter().for_each(|d| d.discard(&mut self.readbacks));
+                spares.into_iter().for_each(|s| self.kv.release_block(s));
+                if let Some(selection) = launched? {
+                    selection.discard(&mut self.readbacks);
                 }
-                for s in spares {
-                    self.kv.release_block(s);
-                }
-                match launched {
-                    Ok(Some(selection)) => {
-                        selection.discard(&mut self.readbacks);
-                        Ok(None)
-                    }
-                    Ok(None) => Ok(None),
-                    Err(e) => Err(e),
-                }
+                Ok(None)
             }
         }
     }
@@ -666,12 +660,12 @@ impl Engine {
             _ => None,
         };
         let agree = beams.as_ref().is_some_and(|b| {
-            words.len() == 4 * rows + 1
-                && words[4 * rows] == 1
+            words.len() == 2 * rows + 1
+                && words[2 * rows] == 1
                 && b.next.len() == rows
                 && b.parents.len() == rows
                 && b.live.len() == rows
-                && (0..rows).all(|r| words[2 * rows + 2 * r] == b.parents[r] && words[2 * rows + 2 * r + 1] == b.next[r])
+                && (0..rows).all(|r| words[2 * r] == b.parents[r] && words[2 * r + 1] == b.next[r])
         });
         match beams {
             Some(b) if agree => {
@@ -686,10 +680,10 @@ impl Engine {
                 Ok(true)
             }
             beams => {
-                if beams.is_some() && words.get(4 * rows) == Some(&1) {
+                if beams.is_some() && words.get(2 * rows) == Some(&1) {
                     // Both decided from the same candidates: a disagreement on a full set of
                     // beams is a fault of the device's decision (the host's stands).
-                    tracing::warn!(device = ?words.get(2 * rows..4 * rows), "the device decided a beam step otherwise than the host; the host runs the next step");
+                    tracing::warn!(device = ?words.get(..2 * rows), "the device decided a beam step otherwise than the host; the host runs the next step");
                     #[cfg(all(test, feature = "cuda"))]
                     cuda_tests::BEAMS_DISAGREED.fetch_add(1, Ordering::SeqCst);
                 }
